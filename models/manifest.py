@@ -1,0 +1,210 @@
+"""The ecosystem manifest (`ecosystem.yaml`) and its validation.
+
+A model repository holds one folder per ecosystem::
+
+    <repository>/<ecosystem>/ecosystem.yaml
+    <repository>/<ecosystem>/<member>/<version>/model.onnx
+    <repository>/<ecosystem>/heldout.npz          (optional: the held-out split)
+
+This module knows nothing of ONNX Runtime, Ray or HTTP: it only reads and
+validates the manifest, so a bad manifest fails with the file, the field and the
+bad value before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ManifestError",
+    "TensorSpec",
+    "MemberSpec",
+    "EcosystemManifest",
+    "MANIFEST_NAME",
+    "load_manifest",
+    "list_ecosystems",
+]
+
+MANIFEST_NAME = "ecosystem.yaml"
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_DTYPES = ("float32", "float64", "int64", "int32")
+
+
+class ManifestError(ValueError):
+    """A manifest could not be read or is invalid; the message names file, field and value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    """One input tensor: name, shape (-1 = any size, first axis is the batch), dtype."""
+
+    name: str = Field(min_length=1, description="tensor name as in the ONNX graph")
+    shape: tuple[int, ...] = Field(min_length=1, description="shape, -1 for the batch axis")
+    dtype: Literal["float32", "float64", "int64", "int32"] = Field(description="element type")
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if shape[0] != -1:
+            raise ValueError(f"first axis must be the batch axis -1, got {shape[0]}")
+        for d in shape[1:]:
+            if d <= 0:
+                raise ValueError(f"non-batch dimensions must be positive, got {d}")
+        return shape
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return self.shape[1:]
+
+
+class MemberSpec(_Strict):
+    """One member version of an ecosystem."""
+
+    name: str = Field(description="member name, lower-case identifier")
+    version: str = Field(min_length=1, max_length=32, description="version string")
+    path: str = Field(description="path of model.onnx relative to the ecosystem folder")
+    compressed: bool = Field(default=False, description="a compressed (e.g. quantized) variant")
+    family: str = Field(default="", description="model family, for people reading the manifest")
+    compressed_from: str | None = Field(default=None, description="member it was compressed from")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"must match {_NAME.pattern}, got {v!r}")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        p = Path(v)
+        if p.is_absolute() or ".." in p.parts or p.name != "model.onnx":
+            raise ValueError(f"must be a relative path ending in model.onnx, got {v!r}")
+        return v
+
+
+class EcosystemManifest(_Strict):
+    """The manifest of one ecosystem (one endpoint)."""
+
+    name: str = Field(description="ecosystem name; the folder name")
+    task: Literal["classification"] = Field(description="task kind")
+    description: str = ""
+    input: TensorSpec
+    label_output: str = Field(default="label", description="ONNX output holding the class")
+    probability_output: str | None = Field(default="probabilities", description="ONNX output of class scores")
+    classes: tuple[str, ...] = Field(min_length=2, description="class labels, index = class id")
+    members: tuple[MemberSpec, ...] = Field(min_length=1)
+    subgroups: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict, description="declared subgroup attributes and their allowed values"
+    )
+    intersections: tuple[tuple[str, ...], ...] = Field(
+        default=(), description="declared intersections of subgroup attributes"
+    )
+    heldout: str | None = Field(default=None, description="held-out split (.npz), relative path")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"must match {_NAME.pattern}, got {v!r}")
+        return v
+
+    @field_validator("subgroups")
+    @classmethod
+    def _subgroups(cls, v: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for attr, values in v.items():
+            if not _NAME.match(attr):
+                raise ValueError(f"attribute name must match {_NAME.pattern}, got {attr!r}")
+            if len(values) < 1 or len(set(values)) != len(values):
+                raise ValueError(f"attribute {attr!r} needs distinct values, got {list(values)}")
+            if "other" in values:
+                raise ValueError(f"attribute {attr!r}: 'other' is reserved for undeclared values")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> EcosystemManifest:
+        seen: set[tuple[str, str]] = set()
+        for m in self.members:
+            key = (m.name, m.version)
+            if key in seen:
+                raise ValueError(f"member {m.name!r} version {m.version!r} is listed twice")
+            seen.add(key)
+        names = {m.name for m in self.members}
+        for m in self.members:
+            if m.compressed_from is not None and m.compressed_from not in names:
+                raise ValueError(f"member {m.name!r}: compressed_from {m.compressed_from!r} is not a member")
+        for combo in self.intersections:
+            for attr in combo:
+                if attr not in self.subgroups:
+                    raise ValueError(f"intersection {list(combo)} names undeclared attribute {attr!r}")
+            if len(combo) < 2:
+                raise ValueError(f"intersection {list(combo)} needs at least two attributes")
+        return self
+
+    @property
+    def member_keys(self) -> list[str]:
+        """Members as `name` (latest listed version wins when a name repeats)."""
+        return list(dict.fromkeys(m.name for m in self.members))
+
+    def current_members(self) -> list[MemberSpec]:
+        """One version per member name: the last one listed (the current version)."""
+        latest: dict[str, MemberSpec] = {}
+        for m in self.members:
+            latest[m.name] = m
+        return list(latest.values())
+
+    def member(self, name: str, version: str | None = None) -> MemberSpec:
+        for m in reversed(self.members):
+            if m.name == name and (version is None or m.version == version):
+                return m
+        raise KeyError(f"ecosystem {self.name!r} has no member {name!r}" + (f" version {version!r}" if version else ""))
+
+
+def _describe(err: ValidationError, source: Path) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        bad = e.get("input")
+        shown = repr(bad) if not isinstance(bad, dict) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"{source}: field '{loc}': {e['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def load_manifest(path: str | Path) -> EcosystemManifest:
+    """Read and validate one `ecosystem.yaml` (or an ecosystem folder holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / MANIFEST_NAME
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{p}: no such manifest") from exc
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{p}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{p}: field '(top level)': expected a mapping (got {type(raw).__name__})")
+    try:
+        manifest = EcosystemManifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ManifestError(_describe(exc, p)) from exc
+    if manifest.name != p.parent.name:
+        raise ManifestError(f"{p}: field 'name': must equal the folder name {p.parent.name!r} (got {manifest.name!r})")
+    return manifest
+
+
+def list_ecosystems(repository: str | Path) -> list[str]:
+    """Names of the ecosystems in a model repository (folders holding a manifest)."""
+    root = Path(repository)
+    if not root.is_dir():
+        return []
+    return sorted(d.name for d in root.iterdir() if (d / MANIFEST_NAME).is_file())

@@ -1,0 +1,143 @@
+"""The `ecoserve` command: one entry point, one subcommand per task.
+
+Every subcommand imports what it needs when it runs (no work at import time), and
+turns expected errors into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+DEFAULT_REPOSITORY = "model_repository"
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, exit status 2."""
+
+
+def _cmd_build_models(args: argparse.Namespace) -> int:
+    warnings.filterwarnings("ignore")  # sklearn convergence and quantizer advice are not the user's concern
+    logging.getLogger().setLevel(logging.ERROR)
+    from models.build import build_models
+
+    try:
+        results = build_models(args.repository, args.ecosystem or None, force=args.force)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    for r in results:
+        state = f"built in {r.seconds:.1f} s" if r.built else "up to date"
+        accs = ", ".join(f"{m} {a:.3f}" for m, a in r.accuracies.items())
+        print(f"{r.ecosystem}: {state} -> {Path(args.repository) / r.ecosystem}  (held-out accuracy: {accs})")
+    return 0
+
+
+def _cmd_predictions(args: argparse.Namespace) -> int:
+    from models.heldout import write_predictions_csv
+    from models.manifest import ManifestError
+
+    try:
+        n = write_predictions_csv(Path(args.repository) / args.ecosystem, args.out, args.provider)
+    except (ManifestError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from exc
+    print(f"wrote {n} rows of held-out predictions to {args.out}")
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from telemetry.analysis import AnalysisError, AnalysisOptions, analyze_csv, format_table
+
+    opts = AnalysisOptions(
+        label_column=args.label_column,
+        group_columns=tuple(args.group_column or ()),
+        members=tuple(m for part in (args.members or ()) for m in part.split(",") if m),
+        mode=args.mode,
+        served_column=args.served_column,
+        propensity_column=args.propensity_column,
+        reward_column=args.reward_column,
+        reference=args.reference,
+        compressed=tuple(m for part in (args.compressed or ()) for m in part.split(",") if m),
+        epsilon=args.epsilon,
+    )
+    try:
+        result = analyze_csv(args.file, opts)
+    except AnalysisError as exc:
+        raise CliError(str(exc)) from exc
+    print(json.dumps(result, indent=None if args.compact else 2) if args.json else format_table(result))
+    return 0
+
+
+def _cmd_providers(args: argparse.Namespace) -> int:
+    import onnxruntime as ort
+
+    from models.runtime import cuda_device_count, resolve_providers
+
+    print(f"onnxruntime {ort.__version__}: built with {', '.join(ort.get_available_providers())}")
+    print(f"CUDA devices visible: {cuda_device_count()}")
+    print(f"provider 'auto' resolves to: {resolve_providers('auto')[0]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ecoserve",
+        description="Serve an ecosystem of ONNX models behind one endpoint and watch it as an ecosystem.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("build-models", help="train and export the demo ecosystems into a model repository")
+    p.add_argument("--repository", default=DEFAULT_REPOSITORY, help="model repository folder (default: %(default)s)")
+    p.add_argument("--ecosystem", action="append", help="build only this ecosystem (repeatable)")
+    p.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    p.set_defaults(func=_cmd_build_models)
+
+    p = sub.add_parser("predictions", help="write a held-out predictions CSV for an ecosystem (input of analyze)")
+    p.add_argument("ecosystem")
+    p.add_argument("--repository", default=DEFAULT_REPOSITORY)
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--provider", choices=["auto", "cuda", "cpu"], default="cpu")
+    p.set_defaults(func=_cmd_predictions)
+
+    p = sub.add_parser("analyze", help="ecosystem metrics of a per-instance predictions table (CSV)")
+    p.add_argument("file", help="CSV: one row per instance, a label column, one column per member")
+    p.add_argument("--label-column", default="label", help="default: %(default)s")
+    p.add_argument("--group-column", action="append", help="subgroup column (repeatable)")
+    p.add_argument("--members", action="append", help="member columns, comma-separated (default: all others)")
+    p.add_argument("--mode", choices=["ground_truth", "bandit"], default="ground_truth")
+    p.add_argument("--served-column", help="column naming the served member (bandit logs)")
+    p.add_argument("--propensity-column", help="column with the served member's logged propensity")
+    p.add_argument("--reward-column", help="column with the reward of the served output (bandit mode)")
+    p.add_argument("--reference", help="reference member for ambiguity/discrepancy (default: first member)")
+    p.add_argument("--compressed", action="append", help="compressed member columns, comma-separated (for CIE)")
+    p.add_argument("--epsilon", type=float, default=0.05, help="Rashomon-set accuracy tolerance (default: 0.05)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--compact", action="store_true", help="with --json: on one line")
+    p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("providers", help="report which ONNX Runtime execution provider 'auto' picks here")
+    p.set_defaults(func=_cmd_providers)
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        print(f"ecoserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

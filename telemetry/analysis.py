@@ -1,0 +1,266 @@
+"""Offline analysis of a per-instance predictions table (`ecoserve analyze FILE.csv`).
+
+One row per instance: a label column, one column per member (its predicted
+class), optional subgroup columns; for bandit logs a served-member column, its
+propensity and the reward. An empty member cell is a missing output; an empty
+label is an unlabeled instance. Errors are `AnalysisError` with one line naming
+the file, the line and the column.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from telemetry.counts import EcosystemCounts, EcosystemShape, correctness
+from telemetry.exploration import ExplorationCounts
+from telemetry.summary import DEFAULT_RASHOMON_EPSILON, summarize
+
+__all__ = ["AnalysisError", "AnalysisOptions", "analyze_csv", "format_table"]
+
+
+class AnalysisError(ValueError):
+    """The table cannot be analysed; the message is one line naming the problem."""
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    label_column: str = "label"
+    group_columns: tuple[str, ...] = ()
+    members: tuple[str, ...] = ()  # empty: every column not otherwise named
+    mode: Literal["ground_truth", "bandit"] = "ground_truth"
+    served_column: str | None = None
+    propensity_column: str | None = None
+    reward_column: str | None = None
+    reference: str | None = None
+    compressed: tuple[str, ...] = ()  # member columns that are compressed variants (for CIE)
+    epsilon: float = DEFAULT_RASHOMON_EPSILON
+
+
+def _read(path: Path) -> tuple[list[str], list[list[str]]]:
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except FileNotFoundError as exc:
+        raise AnalysisError(f"{path}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise AnalysisError(f"{path}: is a directory, not a CSV file") from exc
+    except UnicodeDecodeError as exc:
+        raise AnalysisError(f"{path}: not a UTF-8 text file") from exc
+    except csv.Error as exc:
+        raise AnalysisError(f"{path}: not valid CSV: {exc}") from exc
+    rows = [r for r in rows if r]  # blank lines
+    if not rows:
+        raise AnalysisError(f"{path}: the file is empty (no header)")
+    header = [h.strip() for h in rows[0]]
+    if len(set(header)) != len(header):
+        dup = next(h for h in header if header.count(h) > 1)
+        raise AnalysisError(f"{path}: column {dup!r} appears twice in the header")
+    body = rows[1:]
+    if not body:
+        raise AnalysisError(f"{path}: no data rows after the header")
+    for i, r in enumerate(body, start=2):
+        if len(r) != len(header):
+            raise AnalysisError(f"{path}: line {i} has {len(r)} fields, the header has {len(header)}")
+    return header, body
+
+
+def _column(path: Path, header: list[str], body: list[list[str]], name: str, role: str) -> list[str]:
+    if name not in header:
+        raise AnalysisError(f"{path}: {role} column {name!r} not found (columns: {', '.join(header)})")
+    j = header.index(name)
+    return [r[j].strip() for r in body]
+
+
+def _numbers(path: Path, values: list[str], name: str) -> np.ndarray:
+    out = np.empty(len(values))
+    for i, v in enumerate(values):
+        try:
+            out[i] = float(v) if v != "" else math.nan
+        except ValueError as exc:
+            raise AnalysisError(f"{path}: line {i + 2}: column {name!r} must be a number, got {v!r}") from exc
+    return out
+
+
+def _class_order(values: set[str]) -> list[str]:
+    try:
+        return sorted(values, key=float)
+    except ValueError:
+        return sorted(values)
+
+
+def analyze_csv(path: str | Path, opts: AnalysisOptions) -> dict[str, Any]:
+    """Every ecosystem metric of the table, as the JSON object `ecoserve analyze --json` prints."""
+    p = Path(path)
+    header, body = _read(p)
+    named = {opts.label_column, *opts.group_columns}
+    named |= {c for c in (opts.served_column, opts.propensity_column, opts.reward_column) if c}
+    members = list(opts.members) or [h for h in header if h not in named]
+    if len(members) < 2:
+        raise AnalysisError(f"{p}: need at least 2 member columns, found {members}")
+    member_cols = [_column(p, header, body, m, "member") for m in members]
+    bandit = opts.mode == "bandit"
+    if bandit:
+        for flag, col in (
+            ("--served-column", opts.served_column),
+            ("--propensity-column", opts.propensity_column),
+            ("--reward-column", opts.reward_column),
+        ):
+            if not col:
+                raise AnalysisError(f"{p}: bandit mode needs {flag}")
+        label_col = None
+    else:
+        label_col = _column(p, header, body, opts.label_column, "label")
+    values = {v for col in member_cols for v in col if v != ""}
+    if label_col is not None:
+        values |= {v for v in label_col if v != ""}
+    classes = _class_order(values)
+    if not classes:
+        raise AnalysisError(f"{p}: every member cell is empty")
+    index = {c: i for i, c in enumerate(classes)}
+    preds = np.array([[index[v] if v != "" else -1 for v in col] for col in member_cols], dtype=np.int64).T
+    n = preds.shape[0]
+
+    served = None
+    if opts.served_column:
+        names = _column(p, header, body, opts.served_column, "served")
+        bad = next((i for i, v in enumerate(names) if v not in members), None)
+        if bad is not None:
+            raise AnalysisError(
+                f"{p}: line {bad + 2}: column {opts.served_column!r} must name a member, got {names[bad]!r}"
+            )
+        served = np.array([members.index(v) for v in names], dtype=np.int64)
+    propensity = None
+    if opts.propensity_column:
+        propensity = _numbers(p, _column(p, header, body, opts.propensity_column, "propensity"), opts.propensity_column)
+        bad_p = np.flatnonzero(~((propensity > 0) & (propensity <= 1)))
+        if bad_p.size:
+            i = int(bad_p[0])
+            raise AnalysisError(
+                f"{p}: line {i + 2}: column {opts.propensity_column!r} must be in (0, 1], got {propensity[i]}"
+            )
+    rewards = None
+    if opts.reward_column:
+        rewards = _numbers(p, _column(p, header, body, opts.reward_column, "reward"), opts.reward_column)
+
+    if bandit:
+        assert served is not None and rewards is not None
+        correct = correctness(preds, served=served, rewards=rewards)
+    else:
+        assert label_col is not None
+        labels = np.array([index[v] if v != "" else -1 for v in label_col], dtype=np.int64)
+        correct = correctness(preds, labels)
+        if served is not None:
+            rows = np.arange(n)
+            c_served = correct[rows, served]
+            rewards = np.where(c_served >= 0, c_served.astype(float), np.nan)
+
+    groups = {g: _column(p, header, body, g, "group") for g in opts.group_columns}
+    reference = 0
+    if opts.reference is not None:
+        if opts.reference not in members:
+            raise AnalysisError(f"{p}: --reference {opts.reference!r} is not a member column ({', '.join(members)})")
+        reference = members.index(opts.reference)
+    unknown = [c for c in opts.compressed if c not in members]
+    if unknown:
+        raise AnalysisError(f"{p}: --compressed {unknown[0]!r} is not a member column ({', '.join(members)})")
+    shape = EcosystemShape(
+        members=tuple(members),
+        n_classes=len(classes),
+        reference=reference,
+        compressed=tuple(m in opts.compressed for m in members) if opts.compressed else (),
+        subgroups={g: tuple(sorted(set(v))) for g, v in groups.items()},
+        # with two or more group columns, their full intersection is analysed too
+        intersections=(tuple(groups),) if len(groups) >= 2 else (),
+    )
+    counts = EcosystemCounts.from_arrays(shape, preds, correct, groups or None)
+    result = summarize(counts, opts.epsilon)
+    result["classes"] = classes
+    result["mode"] = opts.mode
+    if served is not None and propensity is not None and rewards is not None:
+        ok = ~np.isnan(rewards)
+        exp = ExplorationCounts.from_arrays(
+            members, len(classes), preds[ok], served[ok], rewards[ok], propensity[ok]
+        )
+        result["exploration"] = exp.summary()
+    return result
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def _row(cells: Sequence[str], widths: Sequence[int]) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A readable, one-screen rendering of `analyze_csv`'s result."""
+    lines = [
+        f"outcomes: {result['n_outcomes']}   labeled: {result['n']}   complete: {result['n_complete']}"
+        f"   incomplete (missing outputs): {result['n_incomplete']}   mode: {result['mode']}",
+        "",
+    ]
+    base = result["independence_baseline"]
+    excess = result["homogeneity_excess"]
+    summary_rows = [
+        ("systemic failure rate", result["systemic_failure_rate"], base["systemic_failure_rate"],
+         excess["systemic_failure_rate"]),
+        ("consistent success rate", result["consistent_success_rate"], base["consistent_success_rate"],
+         excess["consistent_success_rate"]),
+        ("homogeneous outcome rate", result["homogeneous_outcome_rate"], None, None),
+        ("unanimity rate (label-free)", result["unanimity_rate"], None, None),
+        (f"ambiguity (ref {result['reference']})", result["ambiguity"], None, None),
+        ("discrepancy", result["discrepancy"], None, None),
+    ]
+    if result.get("cie_rate") is not None:
+        summary_rows.append(("CIE rate", result["cie_rate"], None, None))
+    table = [["metric", "observed", "independent", "excess"]] + [
+        [name, _fmt(o), _fmt(b), _fmt(e)] for name, o, b, e in summary_rows
+    ]
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    lines += [_row(r, widths) for r in table]
+    lines.append("")
+    members = result["members"]
+    kap = result["kappa"]
+    mt = [["member", "accuracy", "mean kappa"]]
+    for m in members:
+        ks = [kap[m][o] for o in members if o != m and kap[m][o] is not None]
+        mt.append([m, _fmt(result["accuracy"][m]), _fmt(sum(ks) / len(ks) if ks else None)])
+    widths = [max(len(r[i]) for r in mt) for i in range(3)]
+    lines += [_row(r, widths) for r in mt]
+    fpi = result["failures_per_instance"]
+    if fpi["observed"] is not None:
+        lines += ["", "failures per instance k:  " + "  ".join(f"{k:>6}" for k in range(len(fpi["observed"])))]
+        lines.append("  observed                " + "  ".join(f"{v:6.4f}" for v in fpi["observed"]))
+        lines.append("  independent             " + "  ".join(f"{v:6.4f}" for v in fpi["independent"]))
+    for key, values in result.get("groups", {}).items():
+        lines += ["", f"by {key}:"]
+        gt = [["value", "n", "SFR", "baseline", "excess", "unanimity"]]
+        for value, g in values.items():
+            gt.append([
+                value, str(g["n"]), _fmt(g["systemic_failure_rate"]),
+                _fmt(g["independence_baseline"]["systemic_failure_rate"]),
+                _fmt(g["homogeneity_excess"]["systemic_failure_rate"]), _fmt(g["unanimity_rate"]),
+            ])
+        widths = [max(len(r[i]) for r in gt) for i in range(6)]
+        lines += ["  " + _row(r, widths) for r in gt]
+    if "exploration" in result:
+        ex = result["exploration"]
+        lines += ["", f"exploration: min propensity {_fmt(ex['min_propensity'])}"]
+        et = [["member", "served share", "IPS", "SNIPS", "ESS"]]
+        for m, v in ex["members"].items():
+            et.append([m, _fmt(v["served_share"]), _fmt(v["ips"]), _fmt(v["snips"]), _fmt(v["effective_sample_size"])])
+        widths = [max(len(r[i]) for r in et) for i in range(5)]
+        lines += ["  " + _row(r, widths) for r in et]
+    return "\n".join(lines)

@@ -1,0 +1,363 @@
+"""Additive ecosystem counts: the one state every ecosystem metric is derived from.
+
+Counts are sums, so shards add up (`a + b`) and PromQL can take any window over
+them. They come from two paths that must agree exactly:
+
+- `EcosystemCounts.from_arrays(...)`: vectorised (numpy) over a batch of outcomes;
+- `EcosystemCounts.add_outcome(...)`: one outcome at a time (the streaming path).
+
+Conventions (DESIGN.md section 3):
+
+- predictions are class ids `>= 0`; `-1` marks a missing output (error, timeout);
+- correctness is `1`/`0`, and `-1` where unknown: a missing output, an unlabeled
+  outcome, or in bandit mode a member whose output differs from the served one;
+- a member's accuracy counts the outcomes where its correctness is known;
+- cross-member label metrics (failures per instance, systemic failure, consistent
+  success, the baseline's error rates) use only *complete* outcomes, where every
+  member's correctness is known; the others are counted as incomplete, never as
+  failures;
+- label-free metrics (agreement, kappa, unanimity, ambiguity, discrepancy, CIE)
+  use the outcomes where every member produced an output.
+
+Knows nothing of Ray, HTTP or storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["EcosystemShape", "EcosystemCounts", "correctness", "OTHER", "group_keys"]
+
+OTHER = "other"
+MISSING = -1
+
+
+@dataclass(frozen=True)
+class EcosystemShape:
+    """What the counts are counted over: fixed for the life of a `EcosystemCounts`."""
+
+    members: tuple[str, ...]
+    n_classes: int
+    reference: int = 0  # index of the served/primary member (multiplicity reference)
+    compressed: tuple[bool, ...] = ()  # per member; empty = none compressed
+    subgroups: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    intersections: tuple[tuple[str, ...], ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.members) < 2:
+            raise ValueError(f"an ecosystem needs at least 2 members, got {len(self.members)}")
+        if len(set(self.members)) != len(self.members):
+            raise ValueError(f"member names must be distinct, got {list(self.members)}")
+        if self.n_classes < 1:
+            raise ValueError(f"n_classes must be >= 1, got {self.n_classes}")
+        if not 0 <= self.reference < len(self.members):
+            raise ValueError(f"reference index {self.reference} out of range for {len(self.members)} members")
+        if self.compressed and len(self.compressed) != len(self.members):
+            raise ValueError("compressed needs one flag per member")
+
+    @property
+    def m(self) -> int:
+        return len(self.members)
+
+    @property
+    def has_cie(self) -> bool:
+        return bool(self.compressed) and any(self.compressed) and not all(self.compressed)
+
+
+def group_keys(shape: EcosystemShape) -> list[tuple[str, tuple[str, ...]]]:
+    """(group key, attributes) for every declared attribute and intersection, e.g. ('sex&age_group', ...)."""
+    keys = [(attr, (attr,)) for attr in shape.subgroups]
+    keys += [("&".join(combo), combo) for combo in shape.intersections]
+    return keys
+
+
+def _bounded(shape: EcosystemShape, attr: str, value: object) -> str:
+    allowed = shape.subgroups.get(attr, ())
+    v = str(value)
+    return v if v in allowed else OTHER
+
+
+def correctness(
+    preds: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    served: np.ndarray | None = None,
+    rewards: np.ndarray | None = None,
+) -> np.ndarray:
+    """Correctness matrix (N, M) of int8: 1, 0, or -1 (unknown).
+
+    Ground-truth mode: pass `labels` (class ids, -1 = no label).
+    Bandit mode: pass `served` (member index per row) and `rewards`; a member's
+    correctness is known only where its output equals the served output, and a
+    positive reward counts as success (NaN reward = no label).
+    """
+    preds = np.asarray(preds)
+    if labels is not None:
+        labels = np.asarray(labels)
+        c = (preds == labels[:, None]).astype(np.int8)
+        c[(preds < 0) | (labels < 0)[:, None]] = -1
+        return c
+    if served is None or rewards is None:
+        raise ValueError("pass labels (ground_truth mode) or served and rewards (bandit mode)")
+    rows = np.arange(preds.shape[0])
+    served_out = preds[rows, served]
+    rewards = np.asarray(rewards, dtype=np.float64)
+    success = (rewards > 0).astype(np.int8)
+    c = np.where(preds == served_out[:, None], success[:, None], np.int8(-1)).astype(np.int8)
+    c[(preds < 0) | np.isnan(rewards)[:, None] | (served_out < 0)[:, None]] = -1
+    return c
+
+
+@dataclass
+class EcosystemCounts:
+    """Additive counts for one ecosystem (and, nested, for each subgroup value)."""
+
+    shape: EcosystemShape
+    # label part
+    n_labeled: int = 0  # outcomes with at least one known correctness
+    n_complete: int = 0  # outcomes with every member's correctness known
+    member_n: np.ndarray = field(default=None)  # type: ignore[assignment]
+    member_correct: np.ndarray = field(default=None)  # type: ignore[assignment]
+    complete_correct: np.ndarray = field(default=None)  # type: ignore[assignment]
+    k_hist: np.ndarray = field(default=None)  # type: ignore[assignment]
+    # label-free part
+    n_outcomes: int = 0
+    n_predicted: int = 0  # outcomes where every member produced an output
+    agree: np.ndarray = field(default=None)  # type: ignore[assignment]  # (M, M), symmetric, diag = n_predicted
+    class_counts: np.ndarray = field(default=None)  # type: ignore[assignment]  # (M, C) on predicted outcomes
+    unanimous: int = 0
+    disagree_patterns: dict[int, int] = field(default_factory=dict)  # bitmask of members != reference -> count
+    cie: int = 0
+    groups: dict[str, dict[str, EcosystemCounts]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        m, c = self.shape.m, self.shape.n_classes
+        if self.member_n is None:
+            self.member_n = np.zeros(m, dtype=np.int64)
+            self.member_correct = np.zeros(m, dtype=np.int64)
+            self.complete_correct = np.zeros(m, dtype=np.int64)
+            self.k_hist = np.zeros(m + 1, dtype=np.int64)
+            self.agree = np.zeros((m, m), dtype=np.int64)
+            self.class_counts = np.zeros((m, c), dtype=np.int64)
+
+    # ------------------------------------------------------------------ batch
+    @classmethod
+    def from_arrays(
+        cls,
+        shape: EcosystemShape,
+        preds: np.ndarray,
+        correct: np.ndarray | None = None,
+        groups: Mapping[str, Sequence[object] | np.ndarray] | None = None,
+        *,
+        _nested: bool = False,
+    ) -> EcosystemCounts:
+        """Counts over N outcomes: preds (N, M) class ids (-1 missing), correct (N, M) in {1, 0, -1}."""
+        preds = np.asarray(preds, dtype=np.int64)
+        n, m = preds.shape if preds.ndim == 2 else (0, 0)
+        if preds.ndim != 2 or m != shape.m:
+            raise ValueError(f"preds must have shape (N, {shape.m}), got {preds.shape}")
+        if preds.size and preds.max() >= shape.n_classes:
+            raise ValueError(f"class id {int(preds.max())} out of range for {shape.n_classes} classes")
+        out = cls(shape)
+        out.n_outcomes = n
+        if correct is not None:
+            correct = np.asarray(correct, dtype=np.int8)
+            if correct.shape != preds.shape:
+                raise ValueError(f"correct must have shape {preds.shape}, got {correct.shape}")
+            known = correct >= 0
+            ok = correct == 1
+            any_known = known.any(axis=1)
+            complete = known.all(axis=1)
+            out.n_labeled = int(any_known.sum())
+            out.n_complete = int(complete.sum())
+            out.member_n = known.sum(axis=0).astype(np.int64)
+            out.member_correct = ok.sum(axis=0).astype(np.int64)
+            cc = ok[complete]
+            out.complete_correct = cc.sum(axis=0).astype(np.int64)
+            k = m - cc.sum(axis=1)
+            out.k_hist = np.bincount(k, minlength=m + 1).astype(np.int64)
+        predicted = (preds >= 0).all(axis=1)
+        p = preds[predicted]
+        out.n_predicted = int(p.shape[0])
+        for a in range(m):
+            out.class_counts[a] = np.bincount(p[:, a], minlength=shape.n_classes)
+            out.agree[a, a] = out.n_predicted
+            for b in range(a + 1, m):
+                same = int(np.count_nonzero(p[:, a] == p[:, b]))
+                out.agree[a, b] = out.agree[b, a] = same
+        if out.n_predicted:
+            out.unanimous = int(np.count_nonzero((p == p[:, :1]).all(axis=1)))
+            diff = p != p[:, shape.reference : shape.reference + 1]
+            bits = (diff.astype(np.int64) << np.arange(m, dtype=np.int64)).sum(axis=1)
+            values, counts = np.unique(bits, return_counts=True)
+            out.disagree_patterns = {int(v): int(c) for v, c in zip(values, counts)}
+            if shape.has_cie:
+                out.cie = int(np.count_nonzero(cie_mask(p, shape)))
+        if groups and not _nested:
+            for key, attrs in group_keys(shape):
+                cols = []
+                for attr in attrs:
+                    if attr not in groups:
+                        raise ValueError(f"group column {attr!r} missing")
+                    col = np.asarray(groups[attr]).astype(str)
+                    if col.shape != (n,):
+                        raise ValueError(f"group column {attr!r} must have {n} values, got shape {col.shape}")
+                    allowed = np.asarray(list(shape.subgroups[attr]), dtype=str)
+                    cols.append(np.where(np.isin(col, allowed), col, OTHER))
+                joined = cols[0] if len(cols) == 1 else np.char.add(np.char.add(cols[0], "&"), cols[1])
+                for extra in cols[2:]:
+                    joined = np.char.add(np.char.add(joined, "&"), extra)
+                sub: dict[str, EcosystemCounts] = {}
+                for value in np.unique(joined):
+                    sel = joined == value
+                    sub[str(value)] = cls.from_arrays(
+                        shape, preds[sel], None if correct is None else correct[sel], _nested=True
+                    )
+                out.groups[key] = sub
+        return out
+
+    # ------------------------------------------------------------ incremental
+    def add_outcome(
+        self,
+        preds: Sequence[int],
+        correct: Sequence[int] | None = None,
+        groups: Mapping[str, object] | None = None,
+    ) -> None:
+        """Fold one outcome in: preds (M,) class ids (-1 missing), correct (M,) in {1, 0, -1}."""
+        shape = self.shape
+        m = shape.m
+        p = [int(v) for v in preds]
+        if len(p) != m:
+            raise ValueError(f"expected {m} predictions, got {len(p)}")
+        self.n_outcomes += 1
+        if correct is not None:
+            c = [int(v) for v in correct]
+            if len(c) != m:
+                raise ValueError(f"expected {m} correctness values, got {len(c)}")
+            n_known = 0
+            n_ok = 0
+            member_n, member_correct = self.member_n, self.member_correct
+            for a, v in enumerate(c):
+                if v >= 0:
+                    n_known += 1
+                    member_n[a] += 1
+                    if v == 1:
+                        n_ok += 1
+                        member_correct[a] += 1
+            if n_known:
+                self.n_labeled += 1
+            if n_known == m:
+                self.n_complete += 1
+                self.k_hist[m - n_ok] += 1
+                cc = self.complete_correct
+                for a, v in enumerate(c):
+                    if v == 1:
+                        cc[a] += 1
+        if min(p) >= 0:
+            if max(p) >= shape.n_classes:
+                raise ValueError(f"class id {max(p)} out of range for {shape.n_classes} classes")
+            self.n_predicted += 1
+            agree, cls_counts = self.agree, self.class_counts
+            ref = p[shape.reference]
+            bits = 0
+            for a in range(m):
+                pa = p[a]
+                cls_counts[a, pa] += 1
+                agree[a, a] += 1
+                for b in range(a + 1, m):
+                    if pa == p[b]:
+                        agree[a, b] += 1
+                        agree[b, a] += 1
+                if pa != ref:
+                    bits |= 1 << a
+            if all(v == p[0] for v in p):
+                self.unanimous += 1
+            self.disagree_patterns[bits] = self.disagree_patterns.get(bits, 0) + 1
+            if shape.has_cie and _is_cie(p, shape.compressed):
+                self.cie += 1
+        if groups is not None and shape.subgroups:
+            for key, attrs in group_keys(shape):
+                value = "&".join(_bounded(shape, a, groups.get(a)) for a in attrs)
+                sub = self.groups.setdefault(key, {})
+                if value not in sub:
+                    sub[value] = EcosystemCounts(shape)
+                sub[value].add_outcome(p, correct, None)
+
+    # -------------------------------------------------------------- algebra
+    def __add__(self, other: EcosystemCounts) -> EcosystemCounts:
+        if other.shape != self.shape:
+            raise ValueError("cannot add counts of different ecosystem shapes")
+        out = EcosystemCounts(self.shape)
+        for name in ("n_labeled", "n_complete", "n_outcomes", "n_predicted", "unanimous", "cie"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        for name in ("member_n", "member_correct", "complete_correct", "k_hist", "agree", "class_counts"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        pats = dict(self.disagree_patterns)
+        for k, v in other.disagree_patterns.items():
+            pats[k] = pats.get(k, 0) + v
+        out.disagree_patterns = pats
+        for key in set(self.groups) | set(other.groups):
+            mine, theirs = self.groups.get(key, {}), other.groups.get(key, {})
+            merged: dict[str, EcosystemCounts] = {}
+            for value in set(mine) | set(theirs):
+                if value in mine and value in theirs:
+                    merged[value] = mine[value] + theirs[value]
+                else:
+                    merged[value] = mine.get(value) or theirs[value]
+            out.groups[key] = merged
+        return out
+
+    def equals(self, other: EcosystemCounts) -> bool:
+        """Exact equality of every count, nested groups included (zero-count patterns ignored)."""
+        scalars = ("n_labeled", "n_complete", "n_outcomes", "n_predicted", "unanimous", "cie")
+        arrays = ("member_n", "member_correct", "complete_correct", "k_hist", "agree", "class_counts")
+        if any(getattr(self, s) != getattr(other, s) for s in scalars):
+            return False
+        if any(not np.array_equal(getattr(self, a), getattr(other, a)) for a in arrays):
+            return False
+        if {k: v for k, v in self.disagree_patterns.items() if v} != {
+            k: v for k, v in other.disagree_patterns.items() if v
+        }:
+            return False
+        if set(self.groups) != set(other.groups):
+            return False
+        for key, sub in self.groups.items():
+            if set(sub) != set(other.groups[key]):
+                return False
+            if not all(sub[v].equals(other.groups[key][v]) for v in sub):
+                return False
+        return True
+
+
+def _modal(preds: np.ndarray, cols: np.ndarray, n_classes: int) -> np.ndarray:
+    """Modal class per row over the given member columns; ties go to the smallest class id."""
+    votes = np.zeros((preds.shape[0], n_classes), dtype=np.int32)
+    rows = np.arange(preds.shape[0])
+    for col in cols:
+        np.add.at(votes, (rows, preds[:, col]), 1)
+    return votes.argmax(axis=1)
+
+
+def _modal_one(values: list[int]) -> int:
+    counts: dict[int, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    best = max(counts.values())
+    return min(v for v, c in counts.items() if c == best)
+
+
+def _is_cie(p: list[int], compressed: tuple[bool, ...]) -> bool:
+    comp = [v for v, f in zip(p, compressed) if f]
+    full = [v for v, f in zip(p, compressed) if not f]
+    return _modal_one(comp) != _modal_one(full)
+
+
+def cie_mask(preds: np.ndarray, shape: EcosystemShape) -> np.ndarray:
+    """Compression-identified exemplars (Hooker et al. 2019): modal prediction of the
+    compressed members differs from the modal prediction of the uncompressed ones."""
+    flags = np.asarray(shape.compressed, dtype=bool)
+    comp, full = np.flatnonzero(flags), np.flatnonzero(~flags)
+    return _modal(preds, comp, shape.n_classes) != _modal(preds, full, shape.n_classes)

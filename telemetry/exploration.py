@@ -1,0 +1,179 @@
+"""Randomized-exploration quantities from logged propensities (DESIGN.md section 3).
+
+Off-policy value of serving member m, from outcomes logged under a randomized
+routing policy (Horvitz-Thompson / inverse propensity scoring; SNIPS from
+Swaminathan & Joachims 2015):
+
+- output level (the full propensity vector pi(a|x) is logged):
+  P_i(y) = sum_{a: yhat_ia = y} pi_ia, and w_im = [yhat_im = yhat_i,served] / P_i(yhat_im):
+  a member is credited wherever the served *output* equals its own;
+- action level (only pi(served|x) is logged): w_im = [served_i = m] / pi_i.
+
+IPS_m = sum_i w_im r_i / N_m; SNIPS_m = sum_i w_im r_i / sum_i w_im;
+ESS_m = (sum w)^2 / sum w^2; N_m counts rows where member m produced an output.
+In ground_truth mode the reward of row i is the served member's correctness, so
+IPS can be checked against the true accuracy; in bandit mode it is the logged reward.
+
+All sums are additive: shards add up, incremental equals batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ExplorationCounts"]
+
+
+@dataclass
+class ExplorationCounts:
+    members: tuple[str, ...]
+    n_classes: int
+    n: int = 0
+    explored: int = 0  # served member differs from the greedy one (when greedy is logged)
+    n_greedy_known: int = 0
+    min_propensity: float = math.inf
+    member_n: np.ndarray = field(default=None)  # type: ignore[assignment]
+    sum_w: np.ndarray = field(default=None)  # type: ignore[assignment]
+    sum_wr: np.ndarray = field(default=None)  # type: ignore[assignment]
+    sum_w2: np.ndarray = field(default=None)  # type: ignore[assignment]
+    served: np.ndarray = field(default=None)  # type: ignore[assignment]
+    served_propensity: np.ndarray = field(default=None)  # type: ignore[assignment]
+    served_outputs: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        m = len(self.members)
+        if self.member_n is None:
+            self.member_n = np.zeros(m, dtype=np.int64)
+            self.sum_w = np.zeros(m)
+            self.sum_wr = np.zeros(m)
+            self.sum_w2 = np.zeros(m)
+            self.served = np.zeros(m, dtype=np.int64)
+            self.served_propensity = np.zeros(m)
+            self.served_outputs = np.zeros(self.n_classes, dtype=np.int64)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        members: Sequence[str],
+        n_classes: int,
+        preds: np.ndarray,
+        served: np.ndarray,
+        rewards: np.ndarray,
+        served_propensity: np.ndarray,
+        propensities: np.ndarray | None = None,
+        greedy: np.ndarray | None = None,
+    ) -> ExplorationCounts:
+        """preds (N, M), served (N,) member index, rewards (N,), served_propensity (N,) in (0, 1],
+        propensities (N, M) for output-level weights, greedy (N,) member index or -1 unknown."""
+        preds = np.asarray(preds, dtype=np.int64)
+        served = np.asarray(served, dtype=np.int64)
+        rewards = np.asarray(rewards, dtype=np.float64)
+        pi = np.asarray(served_propensity, dtype=np.float64)
+        n, m = preds.shape
+        _check_propensity(pi)
+        out = cls(tuple(members), n_classes)
+        out.n = n
+        rows = np.arange(n)
+        served_out = preds[rows, served]
+        if propensities is not None:
+            pis = np.asarray(propensities, dtype=np.float64)
+            w = np.zeros((n, m))
+            for a in range(m):
+                same = preds == preds[:, a : a + 1]
+                p_out = (pis * same).sum(axis=1)
+                hit = (preds[:, a] == served_out) & (preds[:, a] >= 0)
+                w[:, a] = np.where(hit, 1.0 / np.where(p_out > 0, p_out, 1.0), 0.0)
+        else:
+            w = np.zeros((n, m))
+            w[rows, served] = 1.0 / pi
+        present = preds >= 0
+        w = np.where(present, w, 0.0)
+        out.member_n = present.sum(axis=0).astype(np.int64)
+        out.sum_w = w.sum(axis=0)
+        out.sum_wr = (w * rewards[:, None]).sum(axis=0)
+        out.sum_w2 = (w * w).sum(axis=0)
+        out.served = np.bincount(served, minlength=m).astype(np.int64)
+        out.served_propensity = np.bincount(served, weights=pi, minlength=m)
+        out.served_outputs = np.bincount(served_out[served_out >= 0], minlength=n_classes).astype(np.int64)
+        out.min_propensity = float(pi.min()) if n else math.inf
+        if greedy is not None:
+            g = np.asarray(greedy, dtype=np.int64)
+            known = g >= 0
+            out.n_greedy_known = int(known.sum())
+            out.explored = int(np.count_nonzero(known & (g != served)))
+        return out
+
+    def add(
+        self,
+        preds: Sequence[int],
+        served: int,
+        reward: float,
+        served_propensity: float,
+        propensities: Sequence[float] | None = None,
+        greedy: int | None = None,
+    ) -> None:
+        """Fold one logged decision in."""
+        _check_propensity(np.asarray([served_propensity]))
+        m = len(self.members)
+        p = [int(v) for v in preds]
+        self.n += 1
+        y_served = p[served]
+        for a in range(m):
+            if p[a] < 0:
+                continue
+            self.member_n[a] += 1
+            if propensities is not None:
+                if p[a] != y_served:
+                    continue
+                p_out = sum(propensities[b] for b in range(m) if p[b] == p[a])
+                w = 1.0 / p_out if p_out > 0 else 0.0
+            else:
+                if a != served:
+                    continue
+                w = 1.0 / served_propensity
+            self.sum_w[a] += w
+            self.sum_wr[a] += w * reward
+            self.sum_w2[a] += w * w
+        self.served[served] += 1
+        self.served_propensity[served] += served_propensity
+        if y_served >= 0:
+            self.served_outputs[y_served] += 1
+        self.min_propensity = min(self.min_propensity, served_propensity)
+        if greedy is not None and greedy >= 0:
+            self.n_greedy_known += 1
+            if greedy != served:
+                self.explored += 1
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"n": self.n}
+        per: dict[str, dict[str, float | None]] = {}
+        for a, name in enumerate(self.members):
+            sw, swr, sw2, nm = self.sum_w[a], self.sum_wr[a], self.sum_w2[a], self.member_n[a]
+            per[name] = {
+                "ips": float(swr / nm) if nm else None,
+                "snips": float(swr / sw) if sw > 0 else None,
+                "effective_sample_size": float(sw * sw / sw2) if sw2 > 0 else None,
+                "served_share": float(self.served[a] / self.n) if self.n else None,
+                "mean_propensity": float(self.served_propensity[a] / self.served[a]) if self.served[a] else None,
+            }
+        out["members"] = per
+        out["min_propensity"] = None if math.isinf(self.min_propensity) else self.min_propensity
+        out["exploration_rate"] = self.explored / self.n_greedy_known if self.n_greedy_known else None
+        total = self.served_outputs.sum()
+        if total:
+            q = self.served_outputs[self.served_outputs > 0] / total
+            out["served_output_entropy_bits"] = float(-(q * np.log2(q)).sum())
+        else:
+            out["served_output_entropy_bits"] = None
+        return out
+
+
+def _check_propensity(pi: np.ndarray) -> None:
+    if pi.size and (not np.all(np.isfinite(pi)) or pi.min() <= 0 or pi.max() > 1):
+        bad = pi[~np.isfinite(pi) | (pi <= 0) | (pi > 1)][0]
+        raise ValueError(f"propensities must lie in (0, 1], got {bad}")
