@@ -322,9 +322,11 @@ class EcosystemCounts:
             k: v for k, v in other.disagree_patterns.items() if v
         }:
             return False
-        if set(self.groups) != set(other.groups):
+        mine = {k: v for k, v in self.groups.items() if v}
+        theirs = {k: v for k, v in other.groups.items() if v}
+        if set(mine) != set(theirs):
             return False
-        for key, sub in self.groups.items():
+        for key, sub in mine.items():
             if set(sub) != set(other.groups[key]):
                 return False
             if not all(sub[v].equals(other.groups[key][v]) for v in sub):

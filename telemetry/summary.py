@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from telemetry.counts import EcosystemCounts
+from telemetry.counts import EcosystemCounts, group_keys
 from telemetry.poisson_binomial import poisson_binomial_pmf
 
 __all__ = ["summarize", "kappa_matrix", "DEFAULT_RASHOMON_EPSILON"]
@@ -134,8 +134,12 @@ def summarize(
     out.update(_label_part(counts))
     out.update(_label_free_part(counts, epsilon))
     if include_groups:
+        # every declared attribute and intersection is present, empty when nothing was counted
         out["groups"] = {
-            key: {value: summarize(sub, epsilon, include_groups=False) for value, sub in sorted(values.items())}
-            for key, values in counts.groups.items()
+            key: {
+                value: summarize(sub, epsilon, include_groups=False)
+                for value, sub in sorted(counts.groups.get(key, {}).items())
+            }
+            for key, _attrs in group_keys(counts.shape)
         }
     return out

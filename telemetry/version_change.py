@@ -31,7 +31,9 @@ class VersionChangeCounts:
     def from_arrays(cls, old: np.ndarray, new: np.ndarray, others: np.ndarray) -> VersionChangeCounts:
         """old, new: (N,) correctness of the two versions; others: (N, K) of the other members."""
         old, new = np.asarray(old), np.asarray(new)
-        others = np.asarray(others).reshape(old.shape[0], -1)
+        others = np.asarray(others)
+        if others.ndim == 1:
+            others = others[:, None]
         known = (old >= 0) & (new >= 0) & (others >= 0).all(axis=1)
         o, w, rest = old[known], new[known], others[known]
         imp = (o == 0) & (w == 1)

@@ -1,0 +1,131 @@
+"""`ecoserve analyze` end to end: the demo ecosystems' own predictions, and bad files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from brute import metrics
+from models.heldout import member_predictions, write_predictions_csv
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ecoserve(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def credit_csv(model_repo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("csv") / "credit.csv"
+    write_predictions_csv(model_repo / "credit", out)
+    return out
+
+
+def test_analyze_json_on_demo_predictions(model_repo, credit_csv):
+    proc = ecoserve("analyze", str(credit_csv), "--json", "--group-column", "sex", "--group-column", "age_group")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    for key in (
+        "n", "members", "accuracy", "systemic_failure_rate", "consistent_success_rate", "independence_baseline",
+        "failures_per_instance", "agreement", "kappa", "unanimity_rate", "ambiguity", "discrepancy", "groups",
+    ):
+        assert key in out, key
+    # recompute from each member's ONNX model run directly, with the plain-Python definitions
+    manifest, held, preds = member_predictions(model_repo / "credit")
+    names = list(preds)
+    assert out["members"] == names
+    P = np.stack([preds[n] for n in names], axis=1)
+    ref = metrics(P.tolist(), held.y.tolist(), 2)
+    assert out["n"] == len(held.y) == ref["n"]
+    assert out["systemic_failure_rate"] == pytest.approx(ref["sfr"])
+    assert out["independence_baseline"]["systemic_failure_rate"] == pytest.approx(ref["base_sfr"])
+    assert out["failures_per_instance"]["observed"] == pytest.approx(ref["observed"])
+    for i, n in enumerate(names):
+        assert out["accuracy"][n] == pytest.approx(float(np.mean(P[:, i] == held.y)))
+    female = held.groups["sex"] == "female"
+    ref_f = metrics(P[female].tolist(), held.y[female].tolist(), 2)
+    assert out["groups"]["sex"]["female"]["systemic_failure_rate"] == pytest.approx(ref_f["sfr"])
+    assert "sex&age_group" in out["groups"]
+
+
+def test_analyze_table_and_bandit_mode(tmp_path):
+    f = tmp_path / "log.csv"
+    rows = [["a", "b", "served", "p", "r"]]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a, b = rng.integers(0, 2, 2)
+        s = "a" if rng.random() < 0.7 else "b"
+        rows.append([str(a), str(b), s, "0.7" if s == "a" else "0.3", str(int(rng.random() < 0.5))])
+    with f.open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    args = ["analyze", str(f), "--mode", "bandit", "--served-column", "served", "--propensity-column", "p",
+            "--reward-column", "r"]
+    proc = ecoserve(*args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["mode"] == "bandit" and out["exploration"]["min_propensity"] == pytest.approx(0.3)
+    table = ecoserve(*args)
+    assert "systemic failure rate" in table.stdout and "IPS" in table.stdout
+
+
+def _bad(tmp_path, text, name="bad.csv"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    "content, extra, message",
+    [
+        ("", [], "the file is empty"),
+        ("label,a,b\n", [], "no data rows"),
+        ("label,a,b\n1,1,0\n0,1\n", [], "line 3 has 2 fields, the header has 3"),
+        ("y,a,b\n1,1,0\n", [], "label column 'label' not found"),
+        ("label,a\n1,1\n", [], "need at least 2 member columns"),
+        ("label,a,b,g\n1,1,0,x\n", ["--group-column", "sex"], "group column 'sex' not found"),
+        ("a,b,s,p,r\n1,0,a,high,1\n", ["--mode", "bandit", "--served-column", "s", "--propensity-column", "p",
+                                       "--reward-column", "r"], "line 2: column 'p' must be a number, got 'high'"),
+        ("a,b,s,p,r\n1,0,a,1.5,1\n", ["--mode", "bandit", "--served-column", "s", "--propensity-column", "p",
+                                      "--reward-column", "r"], "must be in (0, 1]"),
+        ("a,b,s,p,r\n1,0,zz,0.5,1\n", ["--mode", "bandit", "--served-column", "s", "--propensity-column", "p",
+                                       "--reward-column", "r"], "column 's' must name a member, got 'zz'"),
+        ("a,b,r\n1,0,1\n", ["--mode", "bandit", "--reward-column", "r"], "bandit mode needs --served-column"),
+        ("label,a,b\n1,1,0\n", ["--reference", "c"], "--reference 'c' is not a member column"),
+    ],
+)
+def test_bad_files_get_one_line_and_nonzero_exit(tmp_path, content, extra, message):
+    proc = ecoserve("analyze", str(_bad(tmp_path, content)), *extra)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert message in proc.stderr
+
+
+def test_missing_file_and_directory(tmp_path):
+    proc = ecoserve("analyze", str(tmp_path / "nope.csv"))
+    assert proc.returncode == 2 and "no such file" in proc.stderr
+    proc = ecoserve("analyze", str(tmp_path))
+    assert proc.returncode == 2 and "is a directory" in proc.stderr
+
+
+def test_help_lists_every_subcommand():
+    proc = ecoserve("--help")
+    for cmd in ("build-models", "predictions", "analyze", "providers"):
+        assert cmd in proc.stdout
+
+
+def test_pure_parts_import_without_ray_or_web_frameworks():
+    code = (
+        "import sys, telemetry, telemetry.analysis, models, models.heldout; "
+        "bad = [m for m in ('ray', 'fastapi', 'starlette', 'serving') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
