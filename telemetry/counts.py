@@ -4,7 +4,8 @@ Counts are sums, so shards add up (`a + b`) and PromQL can take any window over
 them. They come from two paths that must agree exactly:
 
 - `EcosystemCounts.from_arrays(...)`: vectorised (numpy) over a batch of outcomes;
-- `EcosystemCounts.add_outcome(...)`: one outcome at a time (the streaming path).
+- `CountsAccumulator.add(...)` (telemetry.accumulator): one outcome at a time (the
+  streaming path), snapshotted into `EcosystemCounts` when read.
 
 Conventions (DESIGN.md section 3):
 
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["EcosystemShape", "EcosystemCounts", "correctness", "OTHER", "group_keys"]
+__all__ = ["EcosystemShape", "EcosystemCounts", "correctness", "cie_mask", "OTHER", "MISSING", "group_keys"]
 
 OTHER = "other"
 MISSING = -1
@@ -72,12 +73,6 @@ def group_keys(shape: EcosystemShape) -> list[tuple[str, tuple[str, ...]]]:
     keys = [(attr, (attr,)) for attr in shape.subgroups]
     keys += [("&".join(combo), combo) for combo in shape.intersections]
     return keys
-
-
-def _bounded(shape: EcosystemShape, attr: str, value: object) -> str:
-    allowed = shape.subgroups.get(attr, ())
-    v = str(value)
-    return v if v in allowed else OTHER
 
 
 def correctness(
@@ -190,8 +185,10 @@ class EcosystemCounts:
                 out.agree[a, b] = out.agree[b, a] = same
         if out.n_predicted:
             out.unanimous = int(np.count_nonzero((p == p[:, :1]).all(axis=1)))
-            diff = p != p[:, shape.reference : shape.reference + 1]
-            bits = (diff.astype(np.int64) << np.arange(m, dtype=np.int64)).sum(axis=1)
+            ref_col = p[:, shape.reference]
+            bits = np.zeros(out.n_predicted, dtype=np.int64)
+            for a in range(m):
+                bits |= (p[:, a] != ref_col).astype(np.int64) << a
             values, counts = np.unique(bits, return_counts=True)
             out.disagree_patterns = {int(v): int(c) for v, c in zip(values, counts)}
             if shape.has_cie:
@@ -218,73 +215,6 @@ class EcosystemCounts:
                     )
                 out.groups[key] = sub
         return out
-
-    # ------------------------------------------------------------ incremental
-    def add_outcome(
-        self,
-        preds: Sequence[int],
-        correct: Sequence[int] | None = None,
-        groups: Mapping[str, object] | None = None,
-    ) -> None:
-        """Fold one outcome in: preds (M,) class ids (-1 missing), correct (M,) in {1, 0, -1}."""
-        shape = self.shape
-        m = shape.m
-        p = [int(v) for v in preds]
-        if len(p) != m:
-            raise ValueError(f"expected {m} predictions, got {len(p)}")
-        self.n_outcomes += 1
-        if correct is not None:
-            c = [int(v) for v in correct]
-            if len(c) != m:
-                raise ValueError(f"expected {m} correctness values, got {len(c)}")
-            n_known = 0
-            n_ok = 0
-            member_n, member_correct = self.member_n, self.member_correct
-            for a, v in enumerate(c):
-                if v >= 0:
-                    n_known += 1
-                    member_n[a] += 1
-                    if v == 1:
-                        n_ok += 1
-                        member_correct[a] += 1
-            if n_known:
-                self.n_labeled += 1
-            if n_known == m:
-                self.n_complete += 1
-                self.k_hist[m - n_ok] += 1
-                cc = self.complete_correct
-                for a, v in enumerate(c):
-                    if v == 1:
-                        cc[a] += 1
-        if min(p) >= 0:
-            if max(p) >= shape.n_classes:
-                raise ValueError(f"class id {max(p)} out of range for {shape.n_classes} classes")
-            self.n_predicted += 1
-            agree, cls_counts = self.agree, self.class_counts
-            ref = p[shape.reference]
-            bits = 0
-            for a in range(m):
-                pa = p[a]
-                cls_counts[a, pa] += 1
-                agree[a, a] += 1
-                for b in range(a + 1, m):
-                    if pa == p[b]:
-                        agree[a, b] += 1
-                        agree[b, a] += 1
-                if pa != ref:
-                    bits |= 1 << a
-            if all(v == p[0] for v in p):
-                self.unanimous += 1
-            self.disagree_patterns[bits] = self.disagree_patterns.get(bits, 0) + 1
-            if shape.has_cie and _is_cie(p, shape.compressed):
-                self.cie += 1
-        if groups is not None and shape.subgroups:
-            for key, attrs in group_keys(shape):
-                value = "&".join(_bounded(shape, a, groups.get(a)) for a in attrs)
-                sub = self.groups.setdefault(key, {})
-                if value not in sub:
-                    sub[value] = EcosystemCounts(shape)
-                sub[value].add_outcome(p, correct, None)
 
     # -------------------------------------------------------------- algebra
     def __add__(self, other: EcosystemCounts) -> EcosystemCounts:
@@ -336,25 +266,14 @@ class EcosystemCounts:
 
 def _modal(preds: np.ndarray, cols: np.ndarray, n_classes: int) -> np.ndarray:
     """Modal class per row over the given member columns; ties go to the smallest class id."""
-    votes = np.zeros((preds.shape[0], n_classes), dtype=np.int32)
+    if len(cols) == 1:
+        return preds[:, cols[0]]
+    votes = np.zeros((preds.shape[0], n_classes), dtype=np.int16)
     rows = np.arange(preds.shape[0])
     for col in cols:
-        np.add.at(votes, (rows, preds[:, col]), 1)
+        # within one column each row appears once, so plain fancy-index += is exact (no np.add.at needed)
+        votes[rows, preds[:, col]] += 1
     return votes.argmax(axis=1)
-
-
-def _modal_one(values: list[int]) -> int:
-    counts: dict[int, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    best = max(counts.values())
-    return min(v for v, c in counts.items() if c == best)
-
-
-def _is_cie(p: list[int], compressed: tuple[bool, ...]) -> bool:
-    comp = [v for v, f in zip(p, compressed) if f]
-    full = [v for v, f in zip(p, compressed) if not f]
-    return _modal_one(comp) != _modal_one(full)
 
 
 def cie_mask(preds: np.ndarray, shape: EcosystemShape) -> np.ndarray:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from brute import enumerate_independent, metrics
-from telemetry import EcosystemCounts, EcosystemShape, correctness, poisson_binomial_pmf, summarize
+from telemetry import CountsAccumulator, EcosystemCounts, EcosystemShape, correctness, poisson_binomial_pmf, summarize
 
 GROUP_VALUES = ["a", "b", "zz"]  # "zz" is never declared: it must count as "other"
 
@@ -115,9 +115,10 @@ def test_incremental_equals_batch(eco):
     preds = np.array(rows, dtype=np.int64).reshape(len(rows), m)
     c = correctness(preds, np.array(labels, dtype=np.int64))
     batch = EcosystemCounts.from_arrays(shape, preds, c, {"g": groups, "h": groups2})
-    inc = EcosystemCounts(shape)
+    acc = CountsAccumulator(shape)
     for i in range(len(rows)):
-        inc.add_outcome(rows[i], c[i].tolist(), {"g": groups[i], "h": groups2[i]})
+        acc.add(rows[i], c[i].tolist(), {"g": groups[i], "h": groups2[i]})
+    inc = acc.snapshot()
     assert inc.equals(batch)
     assert summarize(inc) == summarize(batch)
     # shards add up: two halves summed equal the whole

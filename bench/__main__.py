@@ -1,0 +1,30 @@
+"""`python -m bench [section ...]`: print a table of measured figures and ratios."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+
+def _table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+def main(argv: list[str]) -> int:
+    sections = argv or ["core"]
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    if "core" in sections:
+        from bench import core
+
+        _table("metric core", core.run(), ("measure", "ecoserve", "baseline (same run)", "ratio / target"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
