@@ -85,6 +85,27 @@ def _cmd_providers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from serving.config import ConfigError
+    from serving.server import serve_foreground
+
+    try:
+        return serve_foreground(args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from serving.config import ConfigError, load_serve_file
+
+    try:
+        f = load_serve_file(args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from exc
+    print(f"{args.config}: ok ({', '.join(f.serving.ecosystems)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ecoserve",
@@ -120,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--compact", action="store_true", help="with --json: on one line")
     p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("serve", help="serve a config (default: the demo config) on Ray Serve, in the foreground")
+    p.add_argument("config", nargs="?", help="Serve config file (default: the demo config, port 8000)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate a Serve config file's ecoserve settings")
+    p.add_argument("config")
+    p.set_defaults(func=_cmd_check_config)
 
     p = sub.add_parser("providers", help="report which ONNX Runtime execution provider 'auto' picks here")
     p.set_defaults(func=_cmd_providers)

@@ -1,0 +1,118 @@
+"""The Ray Serve application: `serving.app:build_app` is the import path in every config.
+
+Deployments:
+- `Gateway`: the ingress (FastAPI, Open Inference Protocol). With `placement:
+  colocated` (the default, chosen from measurements: see README "Serving") it also
+  hosts every member's ONNX Runtime session, each with `@serve.batch`.
+- `<ecosystem>-<member>` (`placement: per_member`): one deployment per member, with
+  its own fractional `num_cpus`/`num_gpus`, `@serve.batch`, reached by handles.
+
+`serve run CONFIG.yaml`, `serve deploy CONFIG.yaml`, KubeRay's `serveConfigV2` and
+`ecoserve serve CONFIG.yaml` all go through `build_app(args)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve import Application
+
+from models.manifest import EcosystemManifest, MemberSpec, load_manifest
+from models.runtime import load_member
+from serving.config import ServingConfig, parse_serving
+from serving.dataplane import Dataplane
+from serving.http import build_http_app
+from serving.members import BatchedLocalMember, MemberCall, Prediction, RemoteMember
+
+__all__ = ["build_app", "Gateway", "MemberDeployment"]
+
+log = logging.getLogger("ray.serve")
+
+
+@serve.deployment(name="Member")
+class MemberDeployment:
+    """One member version as its own deployment (placement: per_member)."""
+
+    def __init__(self, repository: str, ecosystem: str, member: str, version: str, config: dict[str, Any]) -> None:
+        cfg = ServingConfig.model_validate(config)
+        d = Path(repository) / ecosystem
+        manifest = load_manifest(d)
+        spec = manifest.member(member, version)
+        session = load_member(d, manifest, spec, cfg.provider)
+        log.info("member %s.%s v%s loaded on %s", ecosystem, member, version, session.provider)
+        self._member = BatchedLocalMember(session, cfg.batching, cfg.ecosystems[ecosystem].faults.get(member))
+
+    async def predict(self, x: np.ndarray) -> Prediction:
+        result: Prediction = await self._member.predict(x)
+        return result
+
+    def provider(self) -> str:
+        return str(self._member.provider)
+
+
+@serve.deployment(name="Gateway")
+@serve.ingress()
+class Gateway:
+    async def __init__(self, config: dict[str, Any], member_handles: dict[str, Any] | None = None) -> None:
+        cfg = ServingConfig.model_validate(config)
+        providers: dict[str, str] = {}
+        for key, handle in (member_handles or {}).items():
+            providers[key] = await handle.provider.remote()
+
+        def factory(d: Path, manifest: EcosystemManifest, spec: MemberSpec) -> MemberCall:
+            key = f"{manifest.name}.{spec.name}"
+            if member_handles:
+                return RemoteMember(member_handles[key], spec.name, spec.version, providers[key])
+            fault = cfg.ecosystems[manifest.name].faults.get(spec.name)
+            session = load_member(d, manifest, spec, cfg.provider)
+            log.info("member %s v%s loaded on %s", key, spec.version, session.provider)
+            return BatchedLocalMember(session, cfg.batching, fault)  # type: ignore[no-any-return]
+
+        self.dataplane = Dataplane.build(cfg, factory)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        return build_http_app(self.dataplane)
+
+
+def _actor_options(num_cpus: float, num_gpus: float) -> dict[str, Any]:
+    opts: dict[str, Any] = {"num_cpus": num_cpus}
+    if num_gpus:
+        opts["num_gpus"] = num_gpus
+    return opts
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Application builder: validates the ecoserve args and binds the deployments."""
+    cfg = parse_serving(args)
+    # replicas may not share the driver's working directory: pin the repository path now
+    cfg = cfg.model_copy(update={"model_repository": str(Path(cfg.model_repository).resolve())})
+    config = cfg.model_dump(mode="json")
+    handles: dict[str, Any] | None = None
+    if cfg.placement == "per_member":
+        handles = {}
+        repo = Path(cfg.model_repository)
+        for eco, eco_cfg in cfg.ecosystems.items():
+            manifest = load_manifest(repo / eco)
+            current = {m.name: m for m in manifest.current_members()}
+            for name in eco_cfg.members or list(current):
+                res = eco_cfg.member_resources.get(name, cfg.members)
+                handles[f"{eco}.{name}"] = MemberDeployment.options(
+                    name=f"{eco}-{name}".replace("_", "-"),
+                    num_replicas=res.num_replicas,
+                    ray_actor_options=_actor_options(res.num_cpus, res.num_gpus),
+                    max_ongoing_requests=max(100, cfg.batching.max_batch_size * 2),
+                    graceful_shutdown_timeout_s=5,
+                    graceful_shutdown_wait_loop_s=0.5,
+                ).bind(str(repo), eco, name, current[name].version, config)
+    return Gateway.options(
+        num_replicas=cfg.gateway.num_replicas,
+        # in-flight requests are small and fast: do not hold a shutdown for Serve's default 20 s
+        graceful_shutdown_timeout_s=5,
+        graceful_shutdown_wait_loop_s=0.5,
+        ray_actor_options=_actor_options(cfg.gateway.num_cpus, cfg.gateway.num_gpus),
+        max_ongoing_requests=max(100, cfg.batching.max_batch_size * 4),
+    ).bind(config, handles)

@@ -1,0 +1,223 @@
+"""The application config: one pydantic model per concern, read once and passed down.
+
+The file `ecoserve serve` reads is a Ray Serve config file (what `serve run`,
+`serve deploy` and KubeRay's `serveConfigV2` take). Its application's `args` are
+ecoserve's settings, validated here: unknown keys and bad values are rejected
+with the key path and the bad value. Environment variables are read only where
+a field says so (`auth.feedback_token_env`), once, when the app is built.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "ResourcesConfig",
+    "BatchingConfig",
+    "PrimaryPolicyConfig",
+    "EpsilonGreedyPolicyConfig",
+    "ThompsonPolicyConfig",
+    "PolicyConfig",
+    "FaultConfig",
+    "EcosystemServeConfig",
+    "LimitsConfig",
+    "AuthConfig",
+    "TelemetryConfig",
+    "ServingConfig",
+    "ServeFile",
+    "load_serve_file",
+    "validation_message",
+    "DEMO_CONFIG",
+]
+
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """The config is invalid; the message names the key path and the bad value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ResourcesConfig(_Strict):
+    """Ray resources of one replica: fractional values let several replicas share a CPU or GPU."""
+
+    num_cpus: float = Field(default=0.25, ge=0, le=256, description="CPUs reserved per replica")
+    num_gpus: float = Field(default=0.0, ge=0, le=16, description="GPUs reserved per replica (fractions share one)")
+    num_replicas: int = Field(default=1, ge=1, le=1024, description="replicas of this deployment")
+
+
+class BatchingConfig(_Strict):
+    """Dynamic batching (`@serve.batch`): calls waiting together are run as one batch."""
+
+    max_batch_size: int = Field(default=64, ge=1, le=4096, description="most calls in one batch")
+    batch_wait_timeout_s: float = Field(default=0.001, ge=0, le=1, description="longest wait to fill a batch")
+
+
+class PrimaryPolicyConfig(_Strict):
+    kind: Literal["primary"] = "primary"
+    primary: str = Field(description="member whose output is served")
+
+
+class EpsilonGreedyPolicyConfig(_Strict):
+    kind: Literal["epsilon_greedy"] = "epsilon_greedy"
+    epsilon: float = Field(default=0.1, gt=0, le=1, description="probability of a uniformly random member")
+    prior_alpha: float = Field(default=1.0, gt=0, description="Beta prior successes")
+    prior_beta: float = Field(default=1.0, gt=0, description="Beta prior failures")
+    seed: int | None = Field(default=None, description="RNG seed (set it for reproducible tests)")
+
+
+class ThompsonPolicyConfig(_Strict):
+    kind: Literal["thompson"] = "thompson"
+    prior_alpha: float = Field(default=1.0, gt=0)
+    prior_beta: float = Field(default=1.0, gt=0)
+    monte_carlo_samples: int = Field(
+        default=4096, ge=64, le=1_000_000, description="posterior draws used to compute propensities"
+    )
+    min_propensity: float = Field(
+        default=0.01, ge=0, lt=1, description="floor mixed into every member's propensity (positivity)"
+    )
+    seed: int | None = None
+
+
+PolicyConfig = Annotated[
+    PrimaryPolicyConfig | EpsilonGreedyPolicyConfig | ThompsonPolicyConfig, Field(discriminator="kind")
+]
+
+
+class FaultConfig(_Strict):
+    """Fault injection for one member (testing and game days): raise, or sleep first."""
+
+    error: bool = Field(default=False, description="every call raises")
+    delay_s: float = Field(default=0.0, ge=0, le=600, description="sleep this long before answering")
+
+
+class EcosystemServeConfig(_Strict):
+    policy: PolicyConfig
+    members: tuple[str, ...] | None = Field(default=None, description="members to run (default: all current)")
+    shadow_fraction: float = Field(
+        default=1.0, ge=0, le=1, description="share of requests on which the non-served members also run"
+    )
+    member_timeout_s: float = Field(default=2.0, gt=0, le=600, description="a member slower than this is missing")
+    label_mode: Literal["ground_truth", "bandit"] = Field(default="ground_truth")
+    member_resources: dict[str, ResourcesConfig] = Field(
+        default_factory=dict, description="per-member resources (placement: per_member)"
+    )
+    faults: dict[str, FaultConfig] = Field(default_factory=dict, description="fault injection per member")
+
+
+class LimitsConfig(_Strict):
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, le=1 << 31, description="413 above this")
+    max_rows_per_request: int = Field(default=4096, ge=1, le=1_000_000, description="413 above this")
+
+
+class AuthConfig(_Strict):
+    feedback_token_env: str | None = Field(
+        default=None, description="environment variable holding the feedback API's bearer token"
+    )
+
+    def feedback_token(self) -> str | None:
+        """The token, read from the environment once when the app is built (None: no auth)."""
+        if self.feedback_token_env is None:
+            return None
+        token = os.environ.get(self.feedback_token_env, "")
+        if not token:
+            raise ConfigError(
+                f"auth.feedback_token_env: environment variable {self.feedback_token_env!r} is empty or unset"
+            )
+        return token
+
+
+class TelemetryConfig(_Strict):
+    enabled: bool = Field(default=True, description="record outcomes and serve /metrics")
+
+
+class ServingConfig(_Strict):
+    """The `args` of the ecoserve application."""
+
+    model_repository: str = Field(description="model repository folder (absolute, or relative to the working dir)")
+    ecosystems: dict[str, EcosystemServeConfig] = Field(min_length=1)
+    provider: Literal["auto", "cuda", "cpu"] = "auto"
+    placement: Literal["colocated", "per_member"] = Field(
+        default="colocated",
+        description="colocated: every member in the gateway replica; per_member: one deployment per member",
+    )
+    gateway: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=1.0))
+    members: ResourcesConfig = Field(default_factory=ResourcesConfig, description="default per-member resources")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+
+    @model_validator(mode="after")
+    def _policies_name_members(self) -> ServingConfig:
+        for name, eco in self.ecosystems.items():
+            members = set(eco.members or ())
+            policy = eco.policy
+            if isinstance(policy, PrimaryPolicyConfig) and eco.members and policy.primary not in members:
+                raise ValueError(f"ecosystems.{name}.policy.primary: {policy.primary!r} is not in members")
+        return self
+
+
+class ServeFile(BaseModel):
+    """A Ray Serve config file; only the ecoserve application's `args` are ecoserve's to validate."""
+
+    model_config = ConfigDict(extra="allow")
+
+    raw: dict[str, Any]
+    app_index: int
+    serving: ServingConfig
+
+    @property
+    def http_host(self) -> str:
+        return str(self.raw.get("http_options", {}).get("host", "127.0.0.1"))
+
+    @property
+    def http_port(self) -> int:
+        return int(self.raw.get("http_options", {}).get("port", 8000))
+
+
+def validation_message(err: ValidationError, prefix: str = "") -> str:
+    """One line per problem: `key.path: message (got VALUE)`."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + [str(x) for x in e["loc"]])
+        bad = e.get("input")
+        shown = "{...}" if isinstance(bad, dict) else repr(bad)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"{loc}: {e['msg']} (got {shown})")
+    return "\n".join(lines)
+
+
+def parse_serving(args: Any, prefix: str = "args") -> ServingConfig:
+    try:
+        return ServingConfig.model_validate(args)
+    except ValidationError as exc:
+        raise ConfigError(validation_message(exc, prefix)) from exc
+
+
+def load_serve_file(path: str | Path) -> ServeFile:
+    """Read a Serve config file and validate the ecoserve application's args."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{p}: no such config file") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict) or not isinstance(raw.get("applications"), list) or not raw["applications"]:
+        raise ConfigError(f"{p}: applications: a Serve config needs a non-empty 'applications' list")
+    for i, app in enumerate(raw["applications"]):
+        if isinstance(app, dict) and str(app.get("import_path", "")).startswith("serving.app:"):
+            serving = parse_serving(app.get("args") or {}, prefix=f"applications.{i}.args")
+            return ServeFile(raw=raw, app_index=i, serving=serving)
+    raise ConfigError(f"{p}: applications: no application with import_path 'serving.app:build_app'")

@@ -1,0 +1,188 @@
+"""Every served ecosystem behind one object: model lookup, metadata, inference. No HTTP.
+
+A model name is an ecosystem (`digits`: routed by its policy) or one member
+(`digits.mlp_a`: that member serves, the others still shadow, and it is recorded).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.manifest import EcosystemManifest, ManifestError, MemberSpec, load_manifest
+from models.runtime import InputError, validate_input
+from serving.config import ServingConfig
+from serving.ensemble import EcosystemRunner, InferResult, OutcomeSink
+from serving.errors import BadRequest, NotFound, PayloadTooLarge
+from serving.members import MemberCall
+from serving.policies import make_policy
+from serving.protocol import InferRequest, datatype_of, row_groups, row_request_ids, tensor_from_input
+
+__all__ = ["Dataplane", "MemberFactory", "ResolvedModel", "SERVER_NAME", "SERVER_VERSION"]
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "ecoserve"
+SERVER_VERSION = "0.1.0"
+MemberFactory = Callable[[Path, EcosystemManifest, MemberSpec], MemberCall]
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    runner: EcosystemRunner
+    member: int | None  # None: the ecosystem, routed by its policy
+
+    @property
+    def name(self) -> str:
+        eco = self.runner.manifest.name
+        return eco if self.member is None else f"{eco}.{self.runner.names[self.member]}"
+
+    @property
+    def version(self) -> str:
+        return self.runner.version if self.member is None else self.runner.versions[self.member]
+
+
+class Dataplane:
+    def __init__(self, runners: dict[str, EcosystemRunner], cfg: ServingConfig) -> None:
+        self.runners = runners
+        self.cfg = cfg
+
+    @classmethod
+    def build(cls, cfg: ServingConfig, factory: MemberFactory, sink: OutcomeSink | None = None) -> Dataplane:
+        repo = Path(cfg.model_repository)
+        runners = {}
+        for name, eco_cfg in cfg.ecosystems.items():
+            try:
+                manifest = load_manifest(repo / name)
+            except ManifestError as exc:
+                raise ManifestError(f"ecosystem {name!r}: {exc}") from exc
+            current = {m.name: m for m in manifest.current_members()}
+            wanted = list(eco_cfg.members or current)
+            unknown = [w for w in wanted if w not in current]
+            if unknown:
+                raise ManifestError(f"ecosystems.{name}.members: {unknown[0]!r} is not a member of {repo / name}")
+            members = [factory(repo / name, manifest, current[w]) for w in wanted]
+            for mem in members:
+                log.info("ecosystem %s: member %s v%s on %s", name, mem.name, mem.version, mem.provider)
+            policy = make_policy([m.name for m in members], eco_cfg.policy)
+            runners[name] = EcosystemRunner(manifest, members, policy, eco_cfg, sink)
+        return cls(runners, cfg)
+
+    # ------------------------------------------------------------ lookup
+    def resolve(self, name: str, version: str | None = None) -> ResolvedModel:
+        eco, _, member = name.partition(".")
+        runner = self.runners.get(eco)
+        if runner is None:
+            raise NotFound(f"unknown model {name!r}; served models: {', '.join(self.model_names())}")
+        resolved = ResolvedModel(runner, None)
+        if member:
+            if member not in runner.names:
+                raise NotFound(f"unknown model {name!r}: ecosystem {eco!r} has members {', '.join(runner.names)}")
+            resolved = ResolvedModel(runner, runner.index(member))
+        if version is not None and version != resolved.version:
+            raise NotFound(f"model {name!r} has no served version {version!r} (served: {resolved.version})")
+        return resolved
+
+    def model_names(self) -> list[str]:
+        names = []
+        for eco, r in self.runners.items():
+            names.append(eco)
+            names.extend(f"{eco}.{m}" for m in r.names)
+        return names
+
+    # ---------------------------------------------------------- metadata
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["ecosystem", "feedback"]}
+
+    def model_metadata(self, model: ResolvedModel) -> dict[str, Any]:
+        r = model.runner
+        man = r.manifest
+        meta: dict[str, Any] = {
+            "name": model.name,
+            "versions": [model.version],
+            "platform": "onnxruntime_onnx" if model.member is not None else "ecoserve_ecosystem",
+            "inputs": [
+                {"name": man.input.name, "datatype": datatype_of(man.input.dtype), "shape": list(man.input.shape)}
+            ],
+            "outputs": [
+                {"name": "label", "datatype": "INT64", "shape": [-1]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(man.classes)]},
+            ],
+        }
+        members = [
+            {
+                "name": r.names[a],
+                "version": r.versions[a],
+                "provider": r.members[a].provider,
+                "compressed": man.member(r.names[a], r.versions[a]).compressed,
+            }
+            for a in range(len(r.names))
+        ]
+        params: dict[str, Any] = {"classes": list(man.classes), "subgroups": {k: list(v) for k, v in man.subgroups.items()}}
+        if model.member is None:
+            params.update(members=members, policy=r.policy.kind)
+        else:
+            params.update(provider=members[model.member]["provider"], ecosystem=man.name)
+        meta["parameters"] = params
+        return meta
+
+    # --------------------------------------------------------- inference
+    async def infer(self, model: ResolvedModel, req: InferRequest, header_id: str | None) -> tuple[InferResult, str]:
+        r = model.runner
+        man = r.manifest
+        if len(req.inputs) != 1:
+            names = ", ".join(repr(i.name) for i in req.inputs)
+            raise BadRequest(f"expected exactly one input tensor {man.input.name!r}, got {len(req.inputs)} ({names})")
+        x = tensor_from_input(req.inputs[0], man.input.name, man.input.dtype, man.input.row_shape)
+        if x.shape[0] > self.cfg.limits.max_rows_per_request:
+            raise PayloadTooLarge(
+                f"{x.shape[0]} rows in one request; the limit is {self.cfg.limits.max_rows_per_request}"
+            )
+        try:
+            x = validate_input(man.input, x)
+        except InputError as exc:
+            raise BadRequest(str(exc)) from exc
+        n = x.shape[0]
+        request_id, ids = row_request_ids(req, header_id, n)
+        groups = row_groups(req, list(man.subgroups), n)
+        result = await r.infer(x, ids, groups, model.member)
+        return result, request_id
+
+    def response(self, model: ResolvedModel, req: InferRequest, result: InferResult, request_id: str) -> dict[str, Any]:
+        n = result.labels.shape[0]
+        outputs = {
+            "label": {"name": "label", "datatype": "INT64", "shape": [n], "data": result.labels.tolist()},
+        }
+        if result.probabilities is not None:
+            outputs["probabilities"] = {
+                "name": "probabilities",
+                "datatype": "FP32",
+                "shape": list(result.probabilities.shape),
+                "data": result.probabilities.reshape(-1).tolist(),
+            }
+        wanted = [o.name for o in req.outputs] if req.outputs else list(outputs)
+        unknown = [w for w in wanted if w not in outputs]
+        if unknown:
+            raise BadRequest(f"unknown output {unknown[0]!r}; outputs: {', '.join(outputs)}")
+        names = model.runner.names
+        oc = result.outcomes
+        params: dict[str, Any] = {
+            "request_ids": [o.request_id for o in oc],
+            "served_members": [names[o.served] for o in oc],
+            "propensities": [o.propensity for o in oc],
+            "fallback": [o.fallback for o in oc],
+            "policy": oc[0].policy,
+        }
+        if n == 1:
+            params.update(request_id=oc[0].request_id, served_member=names[oc[0].served], propensity=oc[0].propensity)
+        return {
+            "model_name": model.name,
+            "model_version": model.version,
+            "id": request_id,
+            "parameters": params,
+            "outputs": [outputs[w] for w in wanted],
+        }
+

@@ -1,0 +1,196 @@
+"""The data plane of one ecosystem: route, fan out, fall back, build the outcome of every row.
+
+No HTTP here (the REST adapter is `serving.http`) and no Ray (members are reached
+through `serving.members`). Per request:
+
+1. the policy decides, per row, the served member and the propensity vector;
+2. the served members, and the shadow members (all others, on a configured share
+   of requests), run concurrently, each under `member_timeout_s`;
+3. a member that errors or times out has a missing output (-1) for those rows;
+   where the served member is missing, the policy's next choice that answered
+   serves and the row is marked `fallback`; if none answered: 503 with the reasons;
+4. every row becomes an `Outcome` (all members' outputs) handed to the outcome sink.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.manifest import EcosystemManifest
+from serving.config import EcosystemServeConfig
+from serving.errors import Unavailable
+from serving.members import MemberCall, Prediction
+from serving.policies import Decision, Policy
+
+__all__ = ["Outcome", "InferResult", "EcosystemRunner", "OutcomeSink"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One row's record: what every member said, who served, with what propensity."""
+
+    request_id: str
+    ecosystem: str
+    time_s: float
+    members: tuple[str, ...]
+    versions: tuple[str, ...]
+    predictions: tuple[int, ...]  # class id per member, -1 = missing
+    served: int  # index of the member whose output was returned
+    intended: int  # index the policy chose (differs from served on fallback)
+    propensities: tuple[float, ...]
+    greedy: int
+    policy: str
+    direct: bool  # the client addressed one member directly
+    groups: dict[str, str] = field(default_factory=dict)
+    input_fingerprint: str = ""
+
+    @property
+    def propensity(self) -> float:
+        return self.propensities[self.intended]
+
+    @property
+    def fallback(self) -> bool:
+        return self.served != self.intended
+
+
+@dataclass
+class InferResult:
+    labels: np.ndarray  # served class ids (n,)
+    probabilities: np.ndarray | None  # served class scores (n, C)
+    outcomes: list[Outcome]
+
+
+OutcomeSink = Callable[[list[Outcome]], None]
+
+
+def _fingerprints(x: np.ndarray) -> list[str]:
+    return [hashlib.blake2b(row.tobytes(), digest_size=8).hexdigest() for row in x]
+
+
+class EcosystemRunner:
+    def __init__(
+        self,
+        manifest: EcosystemManifest,
+        members: list[MemberCall],
+        policy: Policy,
+        cfg: EcosystemServeConfig,
+        sink: OutcomeSink | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.members = members
+        self.names = tuple(m.name for m in members)
+        self.versions = tuple(m.version for m in members)
+        self.policy = policy
+        self.cfg = cfg
+        self.sink = sink
+        self._rng = np.random.default_rng(seed)
+        self.n_classes = len(manifest.classes)
+        self.version = hashlib.sha1(
+            ",".join(f"{n}:{v}" for n, v in zip(self.names, self.versions)).encode()
+        ).hexdigest()[:8]
+
+    def index(self, member: str) -> int:
+        return self.names.index(member)
+
+    async def _call(self, a: int, x: np.ndarray) -> Prediction | BaseException:
+        try:
+            return await asyncio.wait_for(self.members[a].predict(x), timeout=self.cfg.member_timeout_s)
+        except asyncio.TimeoutError:
+            return TimeoutError(f"{self.names[a]}: no answer within {self.cfg.member_timeout_s} s")
+        except Exception as exc:  # a member's failure is recorded as a missing output, never raised
+            return exc
+
+    async def infer(
+        self,
+        x: np.ndarray,
+        request_ids: list[str],
+        groups: list[dict[str, str]],
+        direct_member: int | None = None,
+    ) -> InferResult:
+        n, m = x.shape[0], len(self.members)
+        if direct_member is not None:
+            onehot = tuple(1.0 if a == direct_member else 0.0 for a in range(m))
+            decisions = [Decision(direct_member, onehot, self.policy.greedy())] * n
+        else:
+            decisions = self.policy.decide(n)
+        served_set = {d.served for d in decisions}
+        run_shadow = self.cfg.shadow_fraction >= 1.0 or self._rng.random() < self.cfg.shadow_fraction
+        needed = list(range(m)) if run_shadow else sorted(served_set)
+        results: dict[int, Prediction | BaseException] = dict(
+            zip(needed, await asyncio.gather(*(self._call(a, x) for a in needed)))
+        )
+        preds = np.full((n, m), -1, dtype=np.int64)
+        for a, r in results.items():
+            if not isinstance(r, BaseException):
+                preds[:, a] = r[0]
+        served = np.array([d.served for d in decisions], dtype=np.int64)
+        failed_rows = np.flatnonzero(preds[np.arange(n), served] < 0)
+        if failed_rows.size:
+            if direct_member is not None:
+                raise Unavailable(f"member {self.names[direct_member]} failed: {self._reason(results, direct_member)}")
+            missing = [a for a in range(m) if a not in results]
+            if missing:  # shadows were skipped on this request: run them now as fallbacks
+                for a, r in zip(missing, await asyncio.gather(*(self._call(a, x) for a in missing))):
+                    results[a] = r
+                    if not isinstance(r, BaseException):
+                        preds[:, a] = r[0]
+            for i in failed_rows:
+                alt = next((a for a in self.policy.fallback_order(decisions[i]) if preds[i, a] >= 0), None)
+                if alt is None:
+                    reasons = "; ".join(f"{self.names[a]}: {self._reason(results, a)}" for a in range(m))
+                    raise Unavailable(f"no member of {self.manifest.name!r} could answer ({reasons})")
+                served[i] = alt
+        labels = preds[np.arange(n), served]
+        probs = None
+        first = results[int(served[0])]
+        if not isinstance(first, BaseException) and first[1] is not None:
+            probs = np.empty((n, first[1].shape[1]), dtype=np.float32)
+            for a in set(served.tolist()):
+                r = results[a]
+                assert not isinstance(r, BaseException) and r[1] is not None
+                rows = served == a
+                probs[rows] = r[1][rows]
+        now = time.time()
+        fps = _fingerprints(x)
+        outcomes = [
+            Outcome(
+                request_id=request_ids[i],
+                ecosystem=self.manifest.name,
+                time_s=now,
+                members=self.names,
+                versions=self.versions,
+                predictions=tuple(int(v) for v in preds[i]),
+                served=int(served[i]),
+                intended=decisions[i].served,
+                propensities=decisions[i].propensities,
+                greedy=decisions[i].greedy,
+                policy="direct" if direct_member is not None else self.policy.kind,
+                direct=direct_member is not None,
+                groups=groups[i],
+                input_fingerprint=fps[i],
+            )
+            for i in range(n)
+        ]
+        for a, r in results.items():
+            if isinstance(r, BaseException):
+                log.warning("member %s.%s missing on %d rows: %s", self.manifest.name, self.names[a], n, r)
+        if self.sink is not None:
+            self.sink(outcomes)
+        return InferResult(labels=labels, probabilities=probs, outcomes=outcomes)
+
+    @staticmethod
+    def _reason(results: dict[int, Prediction | BaseException], a: int) -> str:
+        r = results.get(a)
+        if r is None:
+            return "not run"
+        return str(r) if isinstance(r, BaseException) else "ok"

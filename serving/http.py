@@ -1,0 +1,112 @@
+"""The REST adapter: Open Inference Protocol routes over the data plane.
+
+Routes parse, validate, delegate, and turn the result back into JSON. One
+exception handler maps `EcoserveError` to its status (`serving.errors`); bodies
+are size-checked before parsing; malformed JSON is a 400, never a 500. The same
+app runs inside the Ray Serve gateway and, in tests, under plain ASGI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from serving.dataplane import Dataplane
+from serving.errors import BadRequest, EcoserveError, NotFound, PayloadTooLarge, status_of
+from serving.protocol import parse_infer_request
+
+__all__ = ["build_http_app", "read_json_body"]
+
+log = logging.getLogger(__name__)
+
+
+async def read_json_body(request: Request, max_bytes: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {max_bytes} bytes")
+    if request.headers.get("inference-header-content-length") is not None:
+        raise BadRequest(
+            "the binary tensor data extension is not supported; send JSON tensor data "
+            "(tritonclient: binary_data=False)"
+        )
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise PayloadTooLarge(f"request body is over the limit of {max_bytes} bytes")
+    if not body:
+        raise BadRequest("the request body is empty; expected a JSON object")
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
+
+
+def build_http_app(dataplane: Dataplane) -> FastAPI:
+    app = FastAPI(title="ecoserve", version="0.1.0", docs_url=None, redoc_url=None)
+    max_bytes = dataplane.cfg.limits.max_body_bytes
+
+    @app.exception_handler(EcoserveError)
+    async def _ecoserve_error(_: Request, exc: EcoserveError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=status_of(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        e = exc.errors()[0]
+        return JSONResponse({"error": f"{'.'.join(map(str, e['loc']))}: {e['msg']}"}, status_code=400)
+
+    @app.get("/v2/health/live")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> dict[str, bool]:
+        return {"ready": True}
+
+    @app.get("/v2")
+    async def server_metadata() -> dict[str, Any]:
+        return dataplane.server_metadata()
+
+    @app.get("/v2/models/{name}")
+    async def model_metadata(name: str) -> dict[str, Any]:
+        return dataplane.model_metadata(dataplane.resolve(name))
+
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_version_metadata(name: str, version: str) -> dict[str, Any]:
+        return dataplane.model_metadata(dataplane.resolve(name, version))
+
+    @app.get("/v2/models/{name}/ready")
+    async def model_ready(name: str) -> dict[str, Any]:
+        model = dataplane.resolve(name)
+        return {"name": model.name, "ready": True}
+
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_version_ready(name: str, version: str) -> dict[str, Any]:
+        model = dataplane.resolve(name, version)
+        return {"name": model.name, "ready": True}
+
+    async def _infer(request: Request, name: str, version: str | None) -> Response:
+        model = dataplane.resolve(name, version)
+        req = parse_infer_request(await read_json_body(request, max_bytes))
+        result, request_id = await dataplane.infer(model, req, request.headers.get("x-request-id"))
+        body = dataplane.response(model, req, result, request_id)
+        return Response(json.dumps(body), media_type="application/json", headers={"x-request-id": request_id})
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer(request: Request, name: str) -> Response:
+        return await _infer(request, name, None)
+
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer_version(request: Request, name: str, version: str) -> Response:
+        return await _infer(request, name, version)
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+    async def not_found(path: str) -> Response:
+        raise NotFound(f"no route /{path}")
+
+    return app

@@ -1,0 +1,114 @@
+"""How the gateway calls a member: in-process ONNX Runtime, batched, or a remote deployment.
+
+`LocalMember` runs an ONNX Runtime session on a thread of its own (ONNX Runtime
+releases the GIL, so members run in parallel and a slow member only delays
+itself), with optional fault injection. `BatchedLocalMember` adds Ray Serve's
+dynamic batching (`@serve.batch`): concurrent calls are concatenated along the
+batch axis into one session run and split back. It needs a Serve replica.
+`RemoteMember` calls a member deployment through a Serve handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import numpy as np
+
+from models.runtime import MemberSession
+from serving.config import BatchingConfig, FaultConfig
+
+__all__ = ["MemberCall", "MemberFault", "LocalMember", "BatchedLocalMember", "RemoteMember", "Prediction"]
+
+Prediction = tuple[np.ndarray, np.ndarray | None]  # class ids (n,), class scores (n, C)
+
+
+class MemberFault(RuntimeError):
+    """Raised by a member with fault injection `error: true`."""
+
+
+class MemberCall(Protocol):
+    name: str
+    version: str
+    provider: str
+
+    async def predict(self, x: np.ndarray) -> Prediction: ...
+
+
+class LocalMember:
+    """One ONNX Runtime session on its own worker thread."""
+
+    def __init__(self, session: MemberSession, fault: FaultConfig | None = None) -> None:
+        self.session = session
+        self.name = session.spec.name
+        self.version = session.spec.version
+        self.provider = session.provider
+        self.fault = fault
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"member-{session.key}")
+
+    def _run(self, x: np.ndarray) -> Prediction:
+        if self.fault is not None:
+            if self.fault.delay_s:
+                time.sleep(self.fault.delay_s)
+            if self.fault.error:
+                raise MemberFault(f"member {self.session.key}: injected fault")
+        return self.session.predict(x)
+
+    async def predict(self, x: np.ndarray) -> Prediction:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._run, x)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _split(pred: Prediction, sizes: list[int]) -> list[Prediction]:
+    labels, probs = pred
+    bounds = np.cumsum(sizes)[:-1]
+    lab = np.split(labels, bounds)
+    pr: list[np.ndarray | None] = list(np.split(probs, bounds)) if probs is not None else [None] * len(sizes)
+    return list(zip(lab, pr))
+
+
+def _make_batched_class() -> type:
+    from ray import serve
+
+    class _Batched(LocalMember):
+        @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001)
+        async def _predict_batch(self, xs: list[np.ndarray]) -> list[Prediction]:
+            sizes = [x.shape[0] for x in xs]
+            joined = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
+            return _split(await LocalMember.predict(self, joined), sizes)
+
+        async def predict(self, x: np.ndarray) -> Prediction:
+            return await self._predict_batch(x)  # type: ignore[no-any-return]
+
+    return _Batched
+
+
+_BATCHED: type | None = None
+
+
+def BatchedLocalMember(session: MemberSession, batching: BatchingConfig, fault: FaultConfig | None = None) -> Any:
+    """A `LocalMember` with Serve's dynamic batching, sized from the config (inside a replica only)."""
+    global _BATCHED
+    if _BATCHED is None:
+        _BATCHED = _make_batched_class()
+    member = _BATCHED(session, fault)
+    member._predict_batch.set_max_batch_size(batching.max_batch_size)
+    member._predict_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+    return member
+
+
+class RemoteMember:
+    """A member deployment reached through a Serve deployment handle."""
+
+    def __init__(self, handle: Any, name: str, version: str, provider: str) -> None:
+        self._handle = handle
+        self.name, self.version, self.provider = name, version, provider
+
+    async def predict(self, x: np.ndarray) -> Prediction:
+        result: Prediction = await self._handle.predict.remote(x)
+        return result

@@ -1,0 +1,175 @@
+"""The Open Inference Protocol (KServe / Triton "v2" REST): request parsing and responses.
+
+JSON tensors only: the binary tensor extension (`Inference-Header-Content-Length`)
+is refused with a clear 400 (tritonclient: pass `binary_data=False`). A request may
+carry many rows along the batch axis; each row is one outcome.
+
+ecoserve extensions, all optional, in the request's `parameters`:
+- `request_ids`: one id per row (default: the request `id` for a single row,
+  `<id>/<row>` for several, or generated ids);
+- each declared subgroup attribute, e.g. `"sex": "female"`, applying to every row,
+  or `subgroups`: a list of one object per row.
+The response adds, in `parameters`: `request_ids`, `served_members`, `propensities`
+(per row), `fallback` (per row, true where the served member failed and another
+answered), and for a single row also `request_id`, `served_member`, `propensity`.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serving.errors import BadRequest
+
+__all__ = [
+    "InferInput",
+    "RequestedOutput",
+    "InferRequest",
+    "parse_infer_request",
+    "tensor_from_input",
+    "row_request_ids",
+    "row_groups",
+    "DATATYPES",
+    "datatype_of",
+]
+
+# OIP datatype -> numpy dtype
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+_MANIFEST_TO_OIP = {"float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": "INT32"}
+MAX_ID_LENGTH = 128
+
+
+def datatype_of(manifest_dtype: str) -> str:
+    return _MANIFEST_TO_OIP[manifest_dtype]
+
+
+class _Lenient(BaseModel):
+    # clients (tritonclient, KServe SDKs) send fields of their own; accept and ignore them
+    model_config = ConfigDict(extra="ignore")
+
+
+class InferInput(_Lenient):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: Any = None
+    parameters: dict[str, Any] | None = None
+
+
+class RequestedOutput(_Lenient):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(_Lenient):
+    id: str | None = Field(default=None, max_length=MAX_ID_LENGTH)
+    parameters: dict[str, Any] | None = None
+    inputs: list[InferInput] = Field(min_length=1)
+    outputs: list[RequestedOutput] | None = None
+
+
+def parse_infer_request(body: Any) -> InferRequest:
+    try:
+        return InferRequest.model_validate(body)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        loc = ".".join(str(p) for p in e["loc"]) or "body"
+        raise BadRequest(f"invalid inference request: {loc}: {e['msg']}") from exc
+
+
+def tensor_from_input(inp: InferInput, want_name: str, want_dtype: str, row_shape: tuple[int, ...]) -> np.ndarray:
+    """The input tensor as numpy, with every protocol-level check (name, datatype, shape, data)."""
+    if inp.name != want_name:
+        raise BadRequest(f"unknown input tensor {inp.name!r}; the model's input is {want_name!r}")
+    dt = inp.datatype.upper()
+    if dt == "BYTES":
+        raise BadRequest(f"input {want_name!r}: datatype BYTES is not accepted; expected {datatype_of(want_dtype)}")
+    if dt not in DATATYPES:
+        raise BadRequest(f"input {want_name!r}: unknown datatype {inp.datatype!r}")
+    if any((not isinstance(d, int)) or d < 0 for d in inp.shape) or not inp.shape:
+        raise BadRequest(f"input {want_name!r}: shape must be a list of non-negative integers, got {inp.shape}")
+    if want_dtype.startswith("int") and DATATYPES[dt].kind == "f":
+        raise BadRequest(f"input {want_name!r}: datatype {dt} given, the model expects {datatype_of(want_dtype)}")
+    if inp.data is None:
+        raise BadRequest(f"input {want_name!r}: 'data' is missing (JSON tensor data is required)")
+    try:
+        arr = np.asarray(inp.data)
+    except (ValueError, TypeError) as exc:
+        raise BadRequest(f"input {want_name!r}: data is not a rectangular array of numbers") from exc
+    if arr.dtype.kind not in "biuf":
+        raise BadRequest(f"input {want_name!r}: data must hold only numbers (found {_first_bad(inp.data)!r})")
+    expected = math.prod(inp.shape)
+    if arr.size != expected:
+        raise BadRequest(
+            f"input {want_name!r}: data has {arr.size} elements but shape {inp.shape} needs {expected}"
+        )
+    if DATATYPES[dt].kind in "iu" and arr.dtype.kind == "f":
+        raise BadRequest(f"input {want_name!r}: datatype {dt} but data holds non-integers")
+    arr = arr.reshape(inp.shape)
+    if len(inp.shape) != 1 + len(row_shape) or tuple(inp.shape[1:]) != row_shape:
+        raise BadRequest(
+            f"input {want_name!r}: shape {inp.shape} does not match the model's [-1, {', '.join(map(str, row_shape))}]"
+        )
+    if inp.shape[0] == 0:
+        raise BadRequest(f"input {want_name!r}: the batch is empty")
+    return arr
+
+
+def _first_bad(data: Any) -> Any:
+    stack = [data]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, list):
+            stack.extend(reversed(v))
+        elif not isinstance(v, (int, float)):
+            return v
+    return None
+
+
+def row_request_ids(req: InferRequest, header_id: str | None, n: int) -> tuple[str, list[str]]:
+    """(request-level id, one id per row)."""
+    base = req.id or header_id
+    if base is not None and len(base) > MAX_ID_LENGTH:
+        raise BadRequest(f"request id is longer than {MAX_ID_LENGTH} characters")
+    ids = (req.parameters or {}).get("request_ids")
+    if ids is not None:
+        if not isinstance(ids, list) or len(ids) != n or not all(isinstance(i, str) and i for i in ids):
+            raise BadRequest(f"parameters.request_ids must be a list of {n} non-empty strings (one per row)")
+        if len(set(ids)) != n:
+            raise BadRequest("parameters.request_ids must be distinct")
+        if any(len(i) > MAX_ID_LENGTH for i in ids):
+            raise BadRequest(f"parameters.request_ids: an id is longer than {MAX_ID_LENGTH} characters")
+        return base or ids[0], list(ids)
+    if base is None:
+        base = uuid.uuid4().hex
+        return base, [base] if n == 1 else [uuid.uuid4().hex for _ in range(n)]
+    return base, [base] if n == 1 else [f"{base}/{i}" for i in range(n)]
+
+
+def row_groups(req: InferRequest, attributes: list[str], n: int) -> list[dict[str, str]]:
+    """Declared subgroup attributes of each row, from the request's parameters."""
+    params = req.parameters or {}
+    common = {a: str(params[a])[:64] for a in attributes if a in params and params[a] is not None}
+    per_row = params.get("subgroups")
+    if per_row is None:
+        return [dict(common) for _ in range(n)]
+    if not isinstance(per_row, list) or len(per_row) != n or not all(isinstance(r, dict) for r in per_row):
+        raise BadRequest(f"parameters.subgroups must be a list of {n} objects (one per row)")
+    return [{**common, **{a: str(r[a])[:64] for a in attributes if r.get(a) is not None}} for r in per_row]
