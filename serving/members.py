@@ -72,34 +72,32 @@ def _split(pred: Prediction, sizes: list[int]) -> list[Prediction]:
     return list(zip(lab, pr))
 
 
-def _make_batched_class() -> type:
-    from ray import serve
+class BatchedLocalMember(LocalMember):
+    """A `LocalMember` with Serve's dynamic batching, sized from the config (inside a replica only).
 
-    class _Batched(LocalMember):
-        @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001)
-        async def _predict_batch(self, xs: list[np.ndarray]) -> list[Prediction]:
+    Each instance gets its own `@serve.batch` function. Serve keeps one batch queue per
+    decorated *function* and runs a batch with the first caller's `self`, so decorating a
+    method shared by several members in one replica would mix their calls into one batch
+    run by one member's session (seen here: `credit.forest` answering with logreg's output).
+    """
+
+    def __init__(self, session: MemberSession, batching: BatchingConfig, fault: FaultConfig | None = None) -> None:
+        super().__init__(session, fault)
+        from ray import serve
+
+        run_one = super().predict
+
+        @serve.batch(max_batch_size=batching.max_batch_size, batch_wait_timeout_s=batching.batch_wait_timeout_s)
+        async def run_batch(xs: list[np.ndarray]) -> list[Prediction]:
             sizes = [x.shape[0] for x in xs]
             joined = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
-            return _split(await LocalMember.predict(self, joined), sizes)
+            return _split(await run_one(joined), sizes)
 
-        async def predict(self, x: np.ndarray) -> Prediction:
-            return await self._predict_batch(x)  # type: ignore[no-any-return]
+        self._run_batch = run_batch
 
-    return _Batched
-
-
-_BATCHED: type | None = None
-
-
-def BatchedLocalMember(session: MemberSession, batching: BatchingConfig, fault: FaultConfig | None = None) -> Any:
-    """A `LocalMember` with Serve's dynamic batching, sized from the config (inside a replica only)."""
-    global _BATCHED
-    if _BATCHED is None:
-        _BATCHED = _make_batched_class()
-    member = _BATCHED(session, fault)
-    member._predict_batch.set_max_batch_size(batching.max_batch_size)
-    member._predict_batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
-    return member
+    async def predict(self, x: np.ndarray) -> Prediction:
+        result: Prediction = await self._run_batch(x)
+        return result
 
 
 class RemoteMember:

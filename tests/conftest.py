@@ -20,3 +20,56 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         warnings.simplefilter("ignore")
         build_models(repo)
     return repo
+
+
+def _copy_ecosystem(src: Path, dst: Path, name: str) -> None:
+    import shutil
+
+    import yaml
+
+    shutil.copytree(src, dst / name)
+    manifest = yaml.safe_load((dst / name / "ecosystem.yaml").read_text())
+    manifest["name"] = name
+    (dst / name / "ecosystem.yaml").write_text(yaml.safe_dump(manifest, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def serving_repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo repository plus copies of digits for fault-injection scenarios."""
+    import shutil
+
+    repo = tmp_path_factory.mktemp("serving_repo")
+    for eco in ("digits", "credit"):
+        shutil.copytree(model_repo / eco, repo / eco)
+    for name in ("faulty", "broken", "dead"):
+        _copy_ecosystem(model_repo / "digits", repo, name)
+    return repo
+
+
+def serving_args(repo: Path) -> dict:
+    """ecoserve args used by the serving tests (with and without Ray)."""
+    return {
+        "model_repository": str(repo),
+        "provider": "cpu",
+        "gateway": {"num_cpus": 0.5},
+        "batching": {"max_batch_size": 32, "batch_wait_timeout_s": 0.002},
+        "limits": {"max_body_bytes": 200_000, "max_rows_per_request": 256},
+        "ecosystems": {
+            "digits": {"policy": {"kind": "primary", "primary": "mlp_a"}},
+            "credit": {"policy": {"kind": "thompson", "seed": 3, "min_propensity": 0.05}},
+            # shadows that raise or hang must not change the served answer
+            "faulty": {
+                "policy": {"kind": "primary", "primary": "mlp_a"},
+                "member_timeout_s": 0.5,
+                "faults": {"knn": {"error": True}, "forest": {"delay_s": 3.0}},
+            },
+            # the served member fails: the policy's next choice answers
+            "broken": {"policy": {"kind": "primary", "primary": "knn"}, "faults": {"knn": {"error": True}}},
+            # nothing can answer: 503
+            "dead": {
+                "policy": {"kind": "epsilon_greedy", "epsilon": 0.5, "seed": 1},
+                "members": ["logreg", "knn"],
+                "faults": {"logreg": {"error": True}, "knn": {"error": True}},
+            },
+        },
+    }
