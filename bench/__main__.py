@@ -17,12 +17,23 @@ def _table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> 
 
 
 def main(argv: list[str]) -> int:
-    sections = argv or ["core"]
+    sections = argv or ["core", "serving"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     if "core" in sections:
         from bench import core
 
         _table("metric core", core.run(), ("measure", "ecoserve", "baseline (same run)", "ratio / target"))
+    if "serving" in sections:
+        from pathlib import Path
+
+        from bench import serving
+
+        print("\nserving: digits ecosystem, 6 members evaluated per request, closed-loop httpx load on the same machine")
+        _table(
+            "serving (digits, all members per request)",
+            serving.run(Path(os.environ.get("REPO", "model_repository"))),
+            ("setup", "rows/req", "concurrency", "req/s", "p50 ms", "p99 ms", "errors", "vs baseline"),
+        )
     return 0
 
 

@@ -26,7 +26,7 @@ from models.runtime import load_member
 from serving.config import ServingConfig, parse_serving
 from serving.dataplane import Dataplane
 from serving.http import build_http_app
-from serving.members import BatchedLocalMember, MemberCall, Prediction, RemoteMember
+from serving.members import BatchedLocalMember, LocalMember, MemberCall, Prediction, RemoteMember
 
 __all__ = ["build_app", "Gateway", "MemberDeployment"]
 
@@ -70,9 +70,12 @@ class Gateway:
             fault = cfg.ecosystems[manifest.name].faults.get(spec.name)
             session = load_member(d, manifest, spec, cfg.provider)
             log.info("member %s v%s loaded on %s", key, spec.version, session.provider)
-            return BatchedLocalMember(session, cfg.batching, fault)  # type: ignore[no-any-return]
+            return LocalMember(session, fault)
 
         self.dataplane = Dataplane.build(cfg, factory)
+        if not member_handles:  # colocated: batch at the ecosystem level (members batch themselves otherwise)
+            for runner in self.dataplane.runners.values():
+                runner.enable_batching(cfg.batching.max_batch_size, cfg.batching.batch_wait_timeout_s)
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_http_app(self.dataplane)

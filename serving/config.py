@@ -59,7 +59,9 @@ class BatchingConfig(_Strict):
     """Dynamic batching (`@serve.batch`): calls waiting together are run as one batch."""
 
     max_batch_size: int = Field(default=64, ge=1, le=4096, description="most calls in one batch")
-    batch_wait_timeout_s: float = Field(default=0.001, ge=0, le=1, description="longest wait to fill a batch")
+    batch_wait_timeout_s: float = Field(
+        default=0.0, ge=0, le=1, description="longest wait to fill a batch (0: take what is queued; under load, calls that arrive while a batch runs form the next one)"
+    )
 
 
 class PrimaryPolicyConfig(_Strict):

@@ -99,6 +99,47 @@ class EcosystemRunner:
             ",".join(f"{n}:{v}" for n, v in zip(self.names, self.versions)).encode()
         ).hexdigest()[:8]
 
+    async def _fanout_now(self, x: np.ndarray, needed: list[int]) -> dict[int, Prediction | BaseException]:
+        """Run the needed members on x concurrently; failures are returned, not raised."""
+        return dict(zip(needed, await asyncio.gather(*(self._call(a, x) for a in needed))))
+
+    async def fanout(self, x: np.ndarray, needed: list[int]) -> dict[int, Prediction | BaseException]:
+        """Overridable: the gateway replaces it with a dynamically batched version (serving.app)."""
+        return await self._fanout_now(x, needed)
+
+    def enable_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        """Batch concurrent requests of this ecosystem into one fan-out (Serve's `@serve.batch`).
+
+        Calls waiting together are concatenated along the batch axis; every member that any
+        of them needs runs once on the joined rows, and the results are split back. One queue
+        per ecosystem (not per member) keeps the batching overhead to one wait per request.
+        Needs a Serve replica.
+        """
+        from ray import serve
+
+        @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
+        async def batched(xs: list[np.ndarray], neededs: list[list[int]]) -> list[dict[int, Prediction | BaseException]]:
+            if len(xs) == 1:
+                return [await self._fanout_now(xs[0], neededs[0])]
+            union = sorted(set().union(*neededs))
+            sizes = [x.shape[0] for x in xs]
+            joined = await self._fanout_now(np.concatenate(xs, axis=0), union)
+            bounds = np.cumsum(sizes)[:-1]
+            split: dict[int, list[Prediction | BaseException]] = {}
+            for a, r in joined.items():
+                if isinstance(r, BaseException):
+                    split[a] = [r] * len(xs)
+                else:
+                    probs = np.split(r[1], bounds) if r[1] is not None else [None] * len(xs)
+                    split[a] = list(zip(np.split(r[0], bounds), probs))
+            return [{a: split[a][k] for a in needed} for k, needed in enumerate(neededs)]
+
+        async def fanout(x: np.ndarray, needed: list[int]) -> dict[int, Prediction | BaseException]:
+            result: dict[int, Prediction | BaseException] = await batched(x, needed)
+            return result
+
+        self.fanout = fanout  # type: ignore[method-assign]
+
     def index(self, member: str) -> int:
         return self.names.index(member)
 
@@ -126,9 +167,7 @@ class EcosystemRunner:
         served_set = {d.served for d in decisions}
         run_shadow = self.cfg.shadow_fraction >= 1.0 or self._rng.random() < self.cfg.shadow_fraction
         needed = list(range(m)) if run_shadow else sorted(served_set)
-        results: dict[int, Prediction | BaseException] = dict(
-            zip(needed, await asyncio.gather(*(self._call(a, x) for a in needed)))
-        )
+        results = await self.fanout(x, needed)
         preds = np.full((n, m), -1, dtype=np.int64)
         for a, r in results.items():
             if not isinstance(r, BaseException):
@@ -140,7 +179,7 @@ class EcosystemRunner:
                 raise Unavailable(f"member {self.names[direct_member]} failed: {self._reason(results, direct_member)}")
             missing = [a for a in range(m) if a not in results]
             if missing:  # shadows were skipped on this request: run them now as fallbacks
-                for a, r in zip(missing, await asyncio.gather(*(self._call(a, x) for a in missing))):
+                for a, r in (await self._fanout_now(x, missing)).items():
                     results[a] = r
                     if not isinstance(r, BaseException):
                         preds[:, a] = r[0]
