@@ -86,12 +86,15 @@ def start_setup(setup: str, repo: Path, tmp: Path, telemetry: bool = True) -> tu
         cfg = tmp / f"{setup}-{int(telemetry)}.yaml"
         cfg.write_text(yaml.safe_dump(ecoserve_config(repo, port, placement, telemetry)))
         cmd = [sys.executable, "-m", "serving.cli", "serve", str(cfg)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp / f"{setup}-{int(telemetry)}.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, proc)
     except BaseException:
         stop_setup(proc)
+        print(f"{setup} failed to start; its log ends:\n" + "\n".join(log.read_text().splitlines()[-30:]))
         raise
     return proc, url
 

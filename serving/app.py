@@ -27,6 +27,9 @@ from serving.config import ServingConfig, parse_serving
 from serving.dataplane import Dataplane
 from serving.http import build_http_app
 from serving.members import BatchedLocalMember, LocalMember, MemberCall, Prediction, RemoteMember
+from serving.recorder_deployment import HandleTelemetry, RecorderDeployment, recorder_specs
+from serving.shipper import OutcomeShipper
+from telemetry.records import Outcome
 
 __all__ = ["build_app", "Gateway", "MemberDeployment"]
 
@@ -57,8 +60,11 @@ class MemberDeployment:
 @serve.deployment(name="Gateway")
 @serve.ingress()
 class Gateway:
-    async def __init__(self, config: dict[str, Any], member_handles: dict[str, Any] | None = None) -> None:
+    async def __init__(
+        self, config: dict[str, Any], member_handles: dict[str, Any] | None = None, recorder: Any = None
+    ) -> None:
         cfg = ServingConfig.model_validate(config)
+        self.feedback_token = cfg.auth.feedback_token()
         providers: dict[str, str] = {}
         for key, handle in (member_handles or {}).items():
             providers[key] = await handle.provider.remote()
@@ -72,13 +78,45 @@ class Gateway:
             log.info("member %s v%s loaded on %s", key, spec.version, session.provider)
             return LocalMember(session, fault)
 
-        self.dataplane = Dataplane.build(cfg, factory)
+        self.shipper: OutcomeShipper | None = None
+        self.telemetry: HandleTelemetry | None = None
+        if recorder is not None:
+            self.telemetry = HandleTelemetry(recorder)
+
+            async def send(batch: list[Outcome], reporter: str, dropped: dict[str, int]) -> dict[str, Any]:
+                reply: dict[str, Any] = await recorder.record.remote(batch, reporter, dropped)
+                return reply
+
+            t = cfg.telemetry
+            self.shipper = OutcomeShipper(
+                send, max_queue=t.max_queue, max_batch=t.max_batch, flush_interval_s=t.flush_interval_s,
+                on_reply=self._apply_rewards,
+            )
+        self.dataplane = Dataplane.build(cfg, factory, sink=self.shipper.put if self.shipper else None)
+        if self.shipper is not None:
+            self.shipper.start()
         if not member_handles:  # colocated: batch at the ecosystem level (members batch themselves otherwise)
             for runner in self.dataplane.runners.values():
                 runner.enable_batching(cfg.batching.max_batch_size, cfg.batching.batch_wait_timeout_s)
 
+    def _apply_rewards(self, reply: dict[str, Any]) -> None:
+        """Policies learn from labels: the recorder's reward totals replace the observed counts."""
+        for eco, (successes, failures) in reply.get("rewards", {}).items():
+            runner = self.dataplane.runners.get(eco)
+            if runner is not None:
+                runner.policy.set_stats(successes, failures)
+
+    async def flush(self) -> int:
+        """Hand every queued outcome to the recorder now (called before a planned shutdown)."""
+        return await self.shipper.flush(poll=False) if self.shipper else 0
+
+    async def __del__(self) -> None:
+        # graceful shutdown: zero records lost from this replica's queue
+        if self.shipper is not None:
+            await self.shipper.close()
+
     def __serve_build_asgi_app__(self) -> Any:
-        return build_http_app(self.dataplane)
+        return build_http_app(self.dataplane, self.telemetry, self.feedback_token)
 
 
 def _actor_options(num_cpus: float, num_gpus: float) -> dict[str, Any]:
@@ -111,6 +149,16 @@ def build_app(args: dict[str, Any]) -> Application:
                     graceful_shutdown_timeout_s=5,
                     graceful_shutdown_wait_loop_s=0.5,
                 ).bind(str(repo), eco, name, current[name].version, config)
+    recorder = None
+    if cfg.telemetry.enabled:
+        t = cfg.telemetry
+        # a relative SQLite path is pinned here (replicas may run elsewhere); a URL from the
+        # environment (a Secret) is read in the recorder replica, never put in the app's args
+        telemetry = t if t.store_url_env else t.model_copy(update={"store_url": t.resolved_store_url()})
+        recorder = RecorderDeployment.options(
+            num_replicas=1,  # one writer: the store and the counters live here
+            ray_actor_options=_actor_options(t.recorder.num_cpus, 0),
+        ).bind(recorder_specs(cfg), telemetry.model_dump(mode="json"))
     return Gateway.options(
         num_replicas=cfg.gateway.num_replicas,
         # in-flight requests are small and fast: do not hold a shutdown for Serve's default 20 s
@@ -118,4 +166,4 @@ def build_app(args: dict[str, Any]) -> Application:
         graceful_shutdown_wait_loop_s=0.5,
         ray_actor_options=_actor_options(cfg.gateway.num_cpus, cfg.gateway.num_gpus),
         max_ongoing_requests=max(100, cfg.batching.max_batch_size * 4),
-    ).bind(config, handles)
+    ).bind(config, handles, recorder)

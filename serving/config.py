@@ -114,6 +114,16 @@ class EcosystemServeConfig(_Strict):
         default_factory=dict, description="per-member resources (placement: per_member)"
     )
     faults: dict[str, FaultConfig] = Field(default_factory=dict, description="fault injection per member")
+    assume_label_after_s: float | None = Field(
+        default=None, gt=0, description="finalize unlabeled outcomes this old with assumed_label"
+    )
+    assumed_label: str | float | None = Field(default=None, description="the label assumed after the timeout")
+
+    @model_validator(mode="after")
+    def _assumed_pair(self) -> EcosystemServeConfig:
+        if (self.assume_label_after_s is None) != (self.assumed_label is None):
+            raise ValueError("assume_label_after_s and assumed_label go together")
+        return self
 
 
 class LimitsConfig(_Strict):
@@ -139,7 +149,36 @@ class AuthConfig(_Strict):
 
 
 class TelemetryConfig(_Strict):
-    enabled: bool = Field(default=True, description="record outcomes and serve /metrics")
+    """Outcome recording, the label join, and /metrics (see README "Telemetry")."""
+
+    enabled: bool = Field(default=True, description="record outcomes, accept feedback, serve /metrics")
+    store_url: str = Field(
+        default="sqlite:///ecoserve-outcomes.db",
+        description="outcome store: sqlite:///PATH (relative to the working dir) or postgresql://...",
+    )
+    store_url_env: str | None = Field(
+        default=None, description="environment variable holding the store URL (overrides store_url; for Secrets)"
+    )
+    flush_interval_s: float = Field(default=0.25, gt=0, le=60, description="gateway -> recorder hand-over period")
+    max_queue: int = Field(default=100_000, ge=100, le=10_000_000, description="records a gateway holds before dropping")
+    max_batch: int = Field(default=5000, ge=1, le=100_000, description="records per hand-over")
+    max_feedback_items: int = Field(default=10_000, ge=1, le=1_000_000, description="labels per feedback request")
+    pending_ttl_s: float = Field(default=3600.0, gt=0, description="how long a label waits for its outcome")
+    max_pending: int = Field(default=100_000, ge=1, description="labels waiting for outcomes, at most")
+    window_s: float = Field(default=3600.0, gt=0, description="rolling window of the ecoserve_window_* gauges")
+    window_buckets: int = Field(default=12, ge=1, le=1440, description="buckets the window slides by")
+    sweep_interval_s: float = Field(default=5.0, gt=0, description="assumed-label and pending-expiry sweep period")
+    recorder: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=0.25))
+
+    def resolved_store_url(self) -> str:
+        if self.store_url_env:
+            url = os.environ.get(self.store_url_env, "")
+            if not url:
+                raise ConfigError(f"telemetry.store_url_env: environment variable {self.store_url_env!r} is empty or unset")
+            return url
+        if self.store_url.startswith("sqlite:///") and not self.store_url.startswith("sqlite:////"):
+            return "sqlite:///" + str(Path(self.store_url.removeprefix("sqlite:///")).resolve())
+        return self.store_url
 
 
 class ServingConfig(_Strict):

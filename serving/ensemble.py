@@ -19,7 +19,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -28,38 +28,11 @@ from serving.config import EcosystemServeConfig
 from serving.errors import Unavailable
 from serving.members import MemberCall, Prediction
 from serving.policies import Decision, Policy
+from telemetry.records import Outcome
 
 __all__ = ["Outcome", "InferResult", "EcosystemRunner", "OutcomeSink"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """One row's record: what every member said, who served, with what propensity."""
-
-    request_id: str
-    ecosystem: str
-    time_s: float
-    members: tuple[str, ...]
-    versions: tuple[str, ...]
-    predictions: tuple[int, ...]  # class id per member, -1 = missing
-    served: int  # index of the member whose output was returned
-    intended: int  # index the policy chose (differs from served on fallback)
-    propensities: tuple[float, ...]
-    greedy: int
-    policy: str
-    direct: bool  # the client addressed one member directly
-    groups: dict[str, str] = field(default_factory=dict)
-    input_fingerprint: str = ""
-
-    @property
-    def propensity(self) -> float:
-        return self.propensities[self.intended]
-
-    @property
-    def fallback(self) -> bool:
-        return self.served != self.intended
 
 
 @dataclass

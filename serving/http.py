@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,9 +18,21 @@ from fastapi.responses import JSONResponse, Response
 
 from serving.dataplane import Dataplane
 from serving.errors import BadRequest, EcoserveError, NotFound, PayloadTooLarge, status_of
+from serving.feedback import check_bearer, parse_feedback
 from serving.protocol import parse_infer_request
+from telemetry.recorder import LabelItem
 
-__all__ = ["build_http_app", "read_json_body"]
+__all__ = ["build_http_app", "read_json_body", "TelemetryBackend", "PROMETHEUS_CONTENT_TYPE"]
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class TelemetryBackend(Protocol):
+    """Where feedback goes and /metrics comes from: the recorder (in-process or a deployment)."""
+
+    async def feedback(self, items: list[LabelItem]) -> dict[str, Any]: ...
+
+    async def metrics(self) -> bytes: ...
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +59,12 @@ async def read_json_body(request: Request, max_bytes: int) -> Any:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
 
 
-def build_http_app(dataplane: Dataplane) -> FastAPI:
+def build_http_app(
+    dataplane: Dataplane, telemetry: TelemetryBackend | None = None, feedback_token: str | None = None
+) -> FastAPI:
     app = FastAPI(title="ecoserve", version="0.1.0", docs_url=None, redoc_url=None)
     max_bytes = dataplane.cfg.limits.max_body_bytes
+    max_items = dataplane.cfg.telemetry.max_feedback_items
 
     @app.exception_handler(EcoserveError)
     async def _ecoserve_error(_: Request, exc: EcoserveError) -> JSONResponse:
@@ -104,6 +119,21 @@ def build_http_app(dataplane: Dataplane) -> FastAPI:
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer_version(request: Request, name: str, version: str) -> Response:
         return await _infer(request, name, version)
+
+    @app.post("/v2/feedback")
+    async def feedback(request: Request) -> dict[str, Any]:
+        if telemetry is None:
+            raise NotFound("telemetry is disabled in this deployment: no feedback API")
+        check_bearer(request.headers.get("authorization"), feedback_token)
+        # feedback batches are bigger than inference bodies: allow 256 bytes per item on top
+        items = parse_feedback(await read_json_body(request, max_bytes + 256 * max_items), max_items)
+        return await telemetry.feedback(items)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if telemetry is None:
+            raise NotFound("telemetry is disabled in this deployment: no /metrics")
+        return Response(await telemetry.metrics(), media_type=PROMETHEUS_CONTENT_TYPE)
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
     async def not_found(path: str) -> Response:

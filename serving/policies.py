@@ -46,8 +46,10 @@ class Policy:
 
     def __init__(self, members: list[str], prior_alpha: float = 1.0, prior_beta: float = 1.0, seed: int | None = None):
         self.members = list(members)
-        self.alpha = np.full(len(members), prior_alpha, dtype=np.float64)
-        self.beta = np.full(len(members), prior_beta, dtype=np.float64)
+        self._prior_alpha = np.full(len(members), prior_alpha, dtype=np.float64)
+        self._prior_beta = np.full(len(members), prior_beta, dtype=np.float64)
+        self.alpha = self._prior_alpha.copy()
+        self.beta = self._prior_beta.copy()
         self.rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
 
@@ -62,6 +64,13 @@ class Policy:
                 self.alpha[member] += 1
             else:
                 self.beta[member] += 1
+            self._changed()
+
+    def set_stats(self, successes: list[int], failures: list[int]) -> None:
+        """Replace the observed rewards with totals from the recorder (prior + observed)."""
+        with self._lock:
+            self.alpha = self._prior_alpha + np.asarray(successes, dtype=np.float64)
+            self.beta = self._prior_beta + np.asarray(failures, dtype=np.float64)
             self._changed()
 
     def _changed(self) -> None:

@@ -68,8 +68,14 @@ class CountsAccumulator:
         preds: Sequence[int],
         correct: Sequence[int] | None = None,
         groups: Mapping[str, object] | None = None,
+        *,
+        count_predictions: bool = True,
     ) -> None:
-        """Fold one outcome in: preds (M,) class ids (-1 missing), correct (M,) in {1, 0, -1} or None."""
+        """Fold one outcome in: preds (M,) class ids (-1 missing), correct (M,) in {1, 0, -1} or None.
+
+        `count_predictions=False` folds only the label part: the streaming recorder counts an
+        outcome's predictions when it is recorded and its label when the label arrives.
+        """
         m = self._m
         p = preds if isinstance(preds, list) else [int(v) for v in preds]
         if len(p) != m:
@@ -82,7 +88,7 @@ class CountsAccumulator:
         predicted = min(p) >= 0
         if predicted and max(p) >= self.shape.n_classes:
             raise ValueError(f"class id {max(p)} out of range for {self.shape.n_classes} classes")
-        self._fold(p, c, predicted)
+        self._fold(p, c, predicted and count_predictions, count_predictions)
         if groups is not None and self.shape.subgroups:
             for key, attrs in group_keys(self.shape):
                 value = bounded_group_value(self.shape, attrs, groups)
@@ -90,10 +96,11 @@ class CountsAccumulator:
                 acc = sub.get(value)
                 if acc is None:
                     acc = sub[value] = CountsAccumulator(self.shape)
-                acc._fold(p, c, predicted)
+                acc._fold(p, c, predicted and count_predictions, count_predictions)
 
-    def _fold(self, p: list[int], c: list[int] | None, predicted: bool) -> None:
-        self.n_outcomes += 1
+    def _fold(self, p: list[int], c: list[int] | None, predicted: bool, count_outcome: bool = True) -> None:
+        if count_outcome:
+            self.n_outcomes += 1
         if c is not None:
             unknown = c.count(-1)
             if unknown < self._m:

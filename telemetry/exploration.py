@@ -149,6 +149,20 @@ class ExplorationCounts:
             if greedy != served:
                 self.explored += 1
 
+    def __add__(self, other: ExplorationCounts) -> ExplorationCounts:
+        if other.members != self.members:
+            raise ValueError("cannot add exploration counts of different members")
+        out = ExplorationCounts(self.members, self.n_classes)
+        out.n, out.explored = self.n + other.n, self.explored + other.explored
+        out.n_greedy_known = self.n_greedy_known + other.n_greedy_known
+        out.min_propensity = min(self.min_propensity, other.min_propensity)
+        for name in ("member_n", "sum_w", "sum_wr", "sum_w2", "served", "served_propensity", "served_outputs"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        return out
+
+    def copy(self) -> ExplorationCounts:
+        return self + ExplorationCounts(self.members, self.n_classes)
+
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"n": self.n}
         per: dict[str, dict[str, float | None]] = {}

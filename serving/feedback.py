@@ -1,0 +1,99 @@
+"""The feedback API's wire format: `POST /v2/feedback` with one label or a batch.
+
+Accepted bodies: one item `{"request_id": ..., "label": ...}`, a list of items, or
+`{"labels": [items]}`. An item: `request_id` (the id the inference response gave,
+or the client's own), `label` (a class name or class id; a reward in bandit mode),
+optional `timestamp` (when the label was observed: unix seconds or ISO 8601;
+default: arrival), optional `source` (free text, kept in the label history).
+Unknown fields are rejected. Every item is validated before anything is applied;
+a bad item fails the whole request with 422 naming its index and field.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from serving.errors import PayloadTooLarge, Unauthorized, UnprocessableEntity
+from telemetry.recorder import LabelItem
+
+__all__ = ["FeedbackItem", "parse_feedback", "check_bearer"]
+
+
+class FeedbackItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=128)
+    label: int | float | str
+    timestamp: float | str | None = None
+    source: str = Field(default="", max_length=64)
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, v: int | float | str) -> int | float | str:
+        if isinstance(v, bool):
+            raise ValueError("must be a class name, a class id or a number, not a boolean")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError("must be finite")
+        if isinstance(v, str) and not (0 < len(v) <= 128):
+            raise ValueError("must be 1 to 128 characters")
+        return v
+
+    @field_validator("timestamp")
+    @classmethod
+    def _timestamp(cls, v: float | str | None) -> float | None:
+        if v is None:
+            return None
+        if isinstance(v, str):
+            try:
+                return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+            except ValueError as exc:
+                raise ValueError(f"not an ISO 8601 time or unix seconds: {v!r}") from exc
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"must be non-negative unix seconds, got {v}")
+        return float(v)
+
+
+def parse_feedback(body: Any, max_items: int) -> list[LabelItem]:
+    if isinstance(body, dict) and "labels" in body:
+        extra = set(body) - {"labels"}
+        if extra:
+            raise UnprocessableEntity(f"unknown field {sorted(extra)[0]!r} beside 'labels'")
+        raw = body["labels"]
+    elif isinstance(body, dict):
+        raw = [body]
+    else:
+        raw = body
+    if not isinstance(raw, list):
+        raise UnprocessableEntity("expected a label object, a list of them, or {\"labels\": [...]}")
+    if not raw:
+        raise UnprocessableEntity("no labels in the request")
+    if len(raw) > max_items:
+        raise PayloadTooLarge(f"{len(raw)} labels in one request; the limit is {max_items}")
+    items = []
+    for i, entry in enumerate(raw):
+        if not isinstance(entry, dict):
+            raise UnprocessableEntity(f"item {i}: expected an object, got {type(entry).__name__}")
+        try:
+            it = FeedbackItem.model_validate(entry)
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            field = ".".join(str(p) for p in e["loc"]) or "item"
+            raise UnprocessableEntity(f"item {i}: {field}: {e['msg']}") from exc
+        assert it.timestamp is None or isinstance(it.timestamp, float)
+        items.append(LabelItem(it.request_id, it.label, it.timestamp, it.source))
+    return items
+
+
+def check_bearer(header: str | None, token: str | None) -> None:
+    """No token configured: open. Otherwise `Authorization: Bearer <token>`, compared in constant time."""
+    if token is None:
+        return
+    if not header or not header.startswith("Bearer "):
+        raise Unauthorized("feedback needs 'Authorization: Bearer <token>'")
+    if not hmac.compare_digest(header.removeprefix("Bearer ").encode(), token.encode()):
+        raise Unauthorized("the feedback token is wrong")

@@ -1,0 +1,224 @@
+"""Every metric ecoserve exposes, declared in one place, produced at scrape time.
+
+`EcoserveCollector` reads a `Recorder`'s additive state when Prometheus scrapes:
+counters are the cumulative counts (rebuilt from the store after a restart, so
+they never go down), and the derived `ecoserve_window_*` gauges are computed over
+the recorder's rolling window from the same additive counts. Nothing is pushed
+from the request path. Register it on an injected registry:
+
+    registry = CollectorRegistry(); registry.register(EcoserveCollector(recorder))
+
+Subgroup series carry `subgroup` (an attribute, or an intersection like
+`sex&age_group`; `all` for the whole ecosystem) and `subgroup_value` (a declared
+value, `other` for anything undeclared), so label values stay bounded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from telemetry.counts import EcosystemCounts, group_keys
+from telemetry.recorder import COVERAGE_AGES_S, DELAY_BUCKETS_S, SOURCES, Recorder
+from telemetry.summary import summarize
+
+__all__ = ["EcoserveCollector", "METRICS", "exposition"]
+
+# name -> (type, labels, help). The README's metrics table is generated from / checked against this.
+METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "ecoserve_outcomes_total": ("counter", ("ecosystem",), "Outcomes (served rows) recorded."),
+    "ecoserve_outcomes_incomplete_total": ("counter", ("ecosystem",), "Outcomes where at least one member produced no output."),
+    "ecoserve_member_missing_outputs_total": ("counter", ("ecosystem", "member"), "Outcomes where this member errored or timed out."),
+    "ecoserve_served_total": ("counter", ("ecosystem", "member"), "Outcomes served by this member (after any fallback)."),
+    "ecoserve_served_propensity_total": ("counter", ("ecosystem", "member"), "Sum of the logged propensities of rows this member served as chosen (policy-routed rows)."),
+    "ecoserve_fallbacks_total": ("counter", ("ecosystem", "member"), "Rows where this member was chosen but failed, and another served."),
+    "ecoserve_explored_total": ("counter", ("ecosystem",), "Policy-routed rows served by a member other than the greedy one."),
+    "ecoserve_direct_total": ("counter", ("ecosystem",), "Rows where the client addressed one member directly."),
+    "ecoserve_predicted_total": ("counter", ("ecosystem", "subgroup", "subgroup_value"), "Outcomes where every member produced an output (denominator of label-free metrics)."),
+    "ecoserve_unanimous_total": ("counter", ("ecosystem", "subgroup", "subgroup_value"), "Outcomes where every member predicted the same class."),
+    "ecoserve_pair_agreements_total": ("counter", ("ecosystem", "member_a", "member_b", "subgroup", "subgroup_value"), "Outcomes where the two members predicted the same class."),
+    "ecoserve_labeled_outcomes_total": ("counter", ("ecosystem", "source", "subgroup", "subgroup_value"), "Outcomes that received their first label."),
+    "ecoserve_complete_outcomes_total": ("counter", ("ecosystem", "source", "subgroup", "subgroup_value"), "Labeled outcomes where every member's correctness is known (denominator of systemic failure)."),
+    "ecoserve_failures_per_instance_total": ("counter", ("ecosystem", "source", "subgroup", "subgroup_value", "k"), "Complete labeled outcomes on which exactly k members failed (k = members: systemic failure)."),
+    "ecoserve_member_labeled_total": ("counter", ("ecosystem", "member", "source", "subgroup", "subgroup_value"), "Labeled outcomes where this member's correctness is known."),
+    "ecoserve_member_correct_total": ("counter", ("ecosystem", "member", "source", "subgroup", "subgroup_value"), "Labeled outcomes this member got right."),
+    "ecoserve_label_delay_seconds": ("histogram", ("ecosystem", "source"), "Label time minus prediction time, for each first label."),
+    "ecoserve_label_corrections_total": ("counter", ("ecosystem", "from_source", "to_source"), "Labels that differed from the outcome's existing label (kept in the label history)."),
+    "ecoserve_labels_duplicate_total": ("counter", ("ecosystem",), "Labels identical to the outcome's existing label (ignored)."),
+    "ecoserve_feedback_unknown_id_total": ("counter", (), "Labels whose request id had no stored outcome on arrival (held as pending)."),
+    "ecoserve_labels_expired_total": ("counter", (), "Pending labels dropped after their TTL without an outcome."),
+    "ecoserve_labels_pending": ("gauge", (), "Labels waiting for their outcome."),
+    "ecoserve_outcomes_dropped_total": ("counter", ("reason",), "Outcome records the gateways dropped (queue full, recorder unreachable)."),
+    "ecoserve_outcomes_duplicate_id_total": ("counter", (), "Outcome records whose request id was already stored (retries; clients reusing ids)."),
+    "ecoserve_label_coverage_ratio": ("gauge", ("ecosystem", "age_seconds"), "Share of outcomes older than age_seconds that have a label."),
+    "ecoserve_window_seconds": ("gauge", (), "Length of the rolling window of the ecoserve_window_* gauges."),
+    "ecoserve_window_labeled_outcomes": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Complete labeled outcomes in the window."),
+    "ecoserve_window_systemic_failure_ratio": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Share of complete labeled outcomes every member got wrong."),
+    "ecoserve_window_systemic_failure_baseline_ratio": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Systemic failure rate if members failed independently: product of their error rates."),
+    "ecoserve_window_systemic_failure_excess_ratio": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Systemic failure rate minus its independence baseline."),
+    "ecoserve_window_consistent_success_ratio": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Share of complete labeled outcomes every member got right."),
+    "ecoserve_window_unanimity_ratio": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Share of outcomes where every member agreed (label-free)."),
+    "ecoserve_window_failures_per_instance_ratio": ("gauge", ("ecosystem", "k", "kind"), "Distribution of failures per instance: observed, and independent (Poisson-binomial)."),
+    "ecoserve_window_member_accuracy_ratio": ("gauge", ("ecosystem", "member"), "Member accuracy on labeled outcomes in the window."),
+    "ecoserve_window_kappa": ("gauge", ("ecosystem", "member_a", "member_b"), "Cohen's kappa between two members (label-free)."),
+    "ecoserve_window_agreement_ratio": ("gauge", ("ecosystem", "member_a", "member_b"), "Share of outcomes where two members agreed (label-free)."),
+    "ecoserve_window_ambiguity_ratio": ("gauge", ("ecosystem",), "Share of outcomes where some near-best member disagrees with the reference member."),
+    "ecoserve_window_discrepancy_ratio": ("gauge", ("ecosystem",), "Largest share of outcomes on which one near-best member disagrees with the reference."),
+    "ecoserve_window_cie_ratio": ("gauge", ("ecosystem",), "Share of outcomes that are compression-identified exemplars."),
+    "ecoserve_window_ips": ("gauge", ("ecosystem", "member"), "Inverse-propensity estimate of serving this member (mean reward)."),
+    "ecoserve_window_snips": ("gauge", ("ecosystem", "member"), "Self-normalized IPS estimate of serving this member."),
+    "ecoserve_window_effective_sample_size": ("gauge", ("ecosystem", "member"), "Effective sample size of the IPS weights."),
+    "ecoserve_window_min_propensity": ("gauge", ("ecosystem",), "Smallest logged propensity among labeled policy-routed rows (positivity)."),
+}
+
+
+def _family(name: str) -> Metric:
+    kind, labels, doc = METRICS[name]
+    base = name.removesuffix("_total") if kind == "counter" else name
+    if kind == "counter":
+        return CounterMetricFamily(base, doc, labels=list(labels))
+    if kind == "histogram":
+        return HistogramMetricFamily(name, doc, labels=list(labels))
+    return GaugeMetricFamily(name, doc, labels=list(labels))
+
+
+def _finite(v: Any) -> bool:
+    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _subgroups(counts: EcosystemCounts) -> Iterator[tuple[str, str, EcosystemCounts]]:
+    yield "all", "all", counts
+    for key, _attrs in group_keys(counts.shape):
+        for value, sub in sorted(counts.groups.get(key, {}).items()):
+            yield key, value, sub
+
+
+class EcoserveCollector(Collector):
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.recorder
+        with r._lock:
+            fams = {name: _family(name) for name in METRICS}
+            for eco, st in r.state.items():
+                self._ecosystem(fams, eco, st)
+            fams["ecoserve_feedback_unknown_id_total"].add_metric([], r.unknown_ids)
+            fams["ecoserve_labels_expired_total"].add_metric([], r.expired)
+            fams["ecoserve_labels_pending"].add_metric([], r.pending)
+            fams["ecoserve_outcomes_duplicate_id_total"].add_metric([], r.duplicate_outcome_ids)
+            for reason in ("queue_full", "recorder_error"):
+                fams["ecoserve_outcomes_dropped_total"].add_metric([reason], r.dropped().get(reason, 0))
+            fams["ecoserve_window_seconds"].add_metric([], r.window_s)
+            coverage = r.coverage()
+            for eco, by_age in coverage.items():
+                for age in COVERAGE_AGES_S:
+                    total, labeled = by_age[age]
+                    if total:
+                        fams["ecoserve_label_coverage_ratio"].add_metric([eco, f"{age:g}"], labeled / total)
+        yield from fams.values()
+
+    def _ecosystem(self, fams: dict[str, Metric], eco: str, st: Any) -> None:
+        spec = st.spec
+        members = spec.members
+        fams["ecoserve_outcomes_total"].add_metric([eco], st.outcomes)
+        fams["ecoserve_outcomes_incomplete_total"].add_metric([eco], st.incomplete)
+        fams["ecoserve_explored_total"].add_metric([eco], st.explored)
+        fams["ecoserve_direct_total"].add_metric([eco], st.direct)
+        fams["ecoserve_labels_duplicate_total"].add_metric([eco], st.duplicates)
+        for (src, dst), v in sorted(st.corrections.items()):
+            fams["ecoserve_label_corrections_total"].add_metric([eco, src, dst], v)
+        for a, m in enumerate(members):
+            fams["ecoserve_member_missing_outputs_total"].add_metric([eco, m], st.missing[a])
+            fams["ecoserve_served_total"].add_metric([eco, m], st.served[a])
+            fams["ecoserve_served_propensity_total"].add_metric([eco, m], st.served_propensity[a])
+            fams["ecoserve_fallbacks_total"].add_metric([eco, m], st.fallbacks[a])
+        for sg, value, c in _subgroups(st.predictions()):
+            fams["ecoserve_predicted_total"].add_metric([eco, sg, value], c.n_predicted)
+            fams["ecoserve_unanimous_total"].add_metric([eco, sg, value], c.unanimous)
+            for a in range(len(members)):
+                for b in range(a + 1, len(members)):
+                    fams["ecoserve_pair_agreements_total"].add_metric(
+                        [eco, members[a], members[b], sg, value], int(c.agree[a, b])
+                    )
+        for source in SOURCES:
+            for sg, value, c in _subgroups(st.labels(source)):
+                fams["ecoserve_labeled_outcomes_total"].add_metric([eco, source, sg, value], c.n_labeled)
+                fams["ecoserve_complete_outcomes_total"].add_metric([eco, source, sg, value], c.n_complete)
+                for k in range(len(members) + 1):
+                    fams["ecoserve_failures_per_instance_total"].add_metric(
+                        [eco, source, sg, value, str(k)], int(c.k_hist[k])
+                    )
+                for a, m in enumerate(members):
+                    fams["ecoserve_member_labeled_total"].add_metric([eco, m, source, sg, value], int(c.member_n[a]))
+                    fams["ecoserve_member_correct_total"].add_metric(
+                        [eco, m, source, sg, value], int(c.member_correct[a])
+                    )
+            buckets, total = st.delay[source]
+            cum, acc = [], 0
+            for bound, n in zip([*DELAY_BUCKETS_S, math.inf], buckets):
+                acc += n
+                cum.append(("+Inf" if math.isinf(bound) else f"{bound:g}", acc))
+            fams["ecoserve_label_delay_seconds"].add_metric([eco, source], cum, total[0])
+        self._window(fams, eco, st)
+
+    def _window(self, fams: dict[str, Metric], eco: str, st: Any) -> None:
+        counts, exploration = st.window.total()
+        members = st.spec.members
+        for sg, value, c in _subgroups(counts):
+            s = summarize(c, include_groups=False)
+            labels = [eco, sg, value]
+            fams["ecoserve_window_labeled_outcomes"].add_metric(labels, c.n_complete)
+            pairs = (
+                ("ecoserve_window_systemic_failure_ratio", s["systemic_failure_rate"]),
+                ("ecoserve_window_systemic_failure_baseline_ratio", s["independence_baseline"]["systemic_failure_rate"]),
+                ("ecoserve_window_systemic_failure_excess_ratio", s["homogeneity_excess"]["systemic_failure_rate"]),
+                ("ecoserve_window_consistent_success_ratio", s["consistent_success_rate"]),
+                ("ecoserve_window_unanimity_ratio", s["unanimity_rate"]),
+            )
+            for name, v in pairs:
+                if _finite(v):
+                    fams[name].add_metric(labels, v)
+            if sg != "all":
+                continue
+            fpi = s["failures_per_instance"]
+            if fpi["observed"] is not None:
+                for kind in ("observed", "independent"):
+                    for k, v in enumerate(fpi[kind]):
+                        fams["ecoserve_window_failures_per_instance_ratio"].add_metric([eco, str(k), kind], v)
+            for m, v in s["accuracy"].items():
+                if _finite(v):
+                    fams["ecoserve_window_member_accuracy_ratio"].add_metric([eco, m], v)
+            for a, ma in enumerate(members):
+                for b, mb in enumerate(members):
+                    if a == b:
+                        continue
+                    if _finite(s["kappa"][ma][mb]):
+                        fams["ecoserve_window_kappa"].add_metric([eco, ma, mb], s["kappa"][ma][mb])
+                    if _finite(s["agreement"][ma][mb]):
+                        fams["ecoserve_window_agreement_ratio"].add_metric([eco, ma, mb], s["agreement"][ma][mb])
+            for name, key in (("ecoserve_window_ambiguity_ratio", "ambiguity"),
+                              ("ecoserve_window_discrepancy_ratio", "discrepancy"),
+                              ("ecoserve_window_cie_ratio", "cie_rate")):
+                if _finite(s[key]):
+                    fams[name].add_metric([eco], s[key])
+        ex = exploration.summary()
+        for m, v in ex["members"].items():
+            for name, key in (("ecoserve_window_ips", "ips"), ("ecoserve_window_snips", "snips"),
+                              ("ecoserve_window_effective_sample_size", "effective_sample_size")):
+                if _finite(v[key]):
+                    fams[name].add_metric([eco, m], v[key])
+        if _finite(ex["min_propensity"]):
+            fams["ecoserve_window_min_propensity"].add_metric([eco], ex["min_propensity"])
+
+
+def exposition(recorder: Recorder) -> bytes:
+    """The Prometheus text exposition of a recorder's metrics (a fresh registry per call)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EcoserveCollector(recorder))
+    return generate_latest(registry)

@@ -1,0 +1,473 @@
+"""The recorder: durable outcomes, the label join, and the streamed ecosystem counts.
+
+One `Recorder` owns the store and every count. It is plain Python (the Ray
+deployment in `serving.recorder_deployment` only wraps it), so all of its
+behaviour is tested without Ray:
+
+- `record(outcomes)`: store them (an id already stored is skipped, so a retried
+  batch is never counted twice), count their predictions (label-free metrics),
+  and join labels that arrived before them;
+- `feedback(items)`: validate the whole batch first (nothing is applied if any
+  item is bad), then per item: `joined` (first label), `duplicate` (same label
+  again: nothing changes), `correction` (a different label: kept in the label
+  history, counted, the streamed counts keep the first label), or `pending` (no
+  such outcome yet: held until it arrives or its TTL passes);
+- `sweep()`: finalize outcomes left unlabeled past `assume_label_after_s` as
+  `assumed`, and expire pending labels past their TTL;
+- restart safety: a new recorder rebuilds every cumulative count from the store
+  (each outcome's predictions, and its *counted* label), so counts after a
+  restart are neither lower nor double.
+
+Streamed counts keep each outcome's first label; label sources (`observed`,
+`assumed`) are counted apart.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from telemetry.accumulator import CountsAccumulator
+from telemetry.counts import EcosystemCounts, EcosystemShape, correctness
+from telemetry.exploration import ExplorationCounts
+from telemetry.records import Outcome
+from telemetry.store import OutcomeStore, StoredOutcome
+
+__all__ = [
+    "EcosystemSpec",
+    "LabelItem",
+    "ItemResult",
+    "FeedbackError",
+    "Recorder",
+    "SOURCES",
+    "DELAY_BUCKETS_S",
+    "COVERAGE_AGES_S",
+]
+
+SOURCES = ("observed", "assumed")
+DELAY_BUCKETS_S = (1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 6 * 3600.0, 86400.0, 3 * 86400.0, 7 * 86400.0, 30 * 86400.0)
+COVERAGE_AGES_S = (60.0, 600.0, 3600.0, 86400.0, 7 * 86400.0)
+
+
+class FeedbackError(ValueError):
+    """A feedback item is invalid; names the item index and the field. Nothing was applied."""
+
+    def __init__(self, index: int, fieldname: str, message: str) -> None:
+        super().__init__(f"item {index}: {fieldname}: {message}")
+        self.index, self.field = index, fieldname
+
+
+@dataclass(frozen=True)
+class EcosystemSpec:
+    """What the recorder must know of an ecosystem to count it."""
+
+    name: str
+    members: tuple[str, ...]
+    classes: tuple[str, ...]
+    subgroups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    intersections: tuple[tuple[str, ...], ...] = ()
+    compressed: tuple[bool, ...] = ()
+    reference: int = 0
+    label_mode: Literal["ground_truth", "bandit"] = "ground_truth"
+    assume_label_after_s: float | None = None
+    assumed_label: str | float | None = None
+
+    @property
+    def shape(self) -> EcosystemShape:
+        return EcosystemShape(
+            members=self.members,
+            n_classes=len(self.classes),
+            reference=self.reference,
+            compressed=self.compressed,
+            subgroups=self.subgroups,
+            intersections=self.intersections,
+        )
+
+    def label_value(self, raw: object) -> float:
+        """A label as the number the store keeps: class id (ground_truth) or reward (bandit)."""
+        if isinstance(raw, bool):
+            raise ValueError(f"must be a class or a number, got {raw!r}")
+        if self.label_mode == "bandit":
+            if not isinstance(raw, (int, float)) or not math.isfinite(raw):
+                raise ValueError(f"bandit mode: must be a finite number (the reward), got {raw!r}")
+            return float(raw)
+        if isinstance(raw, str):
+            if raw in self.classes:
+                return float(self.classes.index(raw))
+            raise ValueError(f"{raw!r} is not a class of {self.name!r} ({', '.join(self.classes)})")
+        if isinstance(raw, (int, float)) and float(raw).is_integer() and 0 <= raw < len(self.classes):
+            return float(int(raw))
+        raise ValueError(f"class id {raw!r} out of range for {len(self.classes)} classes of {self.name!r}")
+
+
+@dataclass(frozen=True)
+class LabelItem:
+    request_id: str
+    label: int | float | str
+    timestamp: float | None = None  # when the label was observed (unix s); default: arrival
+    source: str = ""  # free text: where the label came from (kept in the label history)
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    request_id: str
+    status: Literal["joined", "duplicate", "correction", "pending"]
+
+    @property
+    def unknown_request_id(self) -> bool:
+        return self.status == "pending"
+
+
+class _Window:
+    """Rolling window of additive counts: `n_buckets` buckets of `window_s / n_buckets` seconds."""
+
+    def __init__(self, shape: EcosystemShape, window_s: float, n_buckets: int, clock: Callable[[], float]) -> None:
+        self.shape, self.window_s, self.n_buckets = shape, window_s, n_buckets
+        self.bucket_s = window_s / n_buckets
+        self._clock = clock
+        self._done: deque[tuple[int, EcosystemCounts, ExplorationCounts]] = deque()
+        self._index = self._now_index()
+        self.counts = CountsAccumulator(shape)
+        self.exploration = ExplorationCounts(shape.members, shape.n_classes)
+
+    def _now_index(self) -> int:
+        return int(self._clock() // self.bucket_s)
+
+    def rotate(self) -> None:
+        idx = self._now_index()
+        if idx != self._index:
+            self._done.append((self._index, self.counts.snapshot(), self.exploration))
+            self.counts = CountsAccumulator(self.shape)
+            self.exploration = ExplorationCounts(self.shape.members, self.shape.n_classes)
+            self._index = idx
+        while self._done and self._done[0][0] <= idx - self.n_buckets:
+            self._done.popleft()
+
+    def total(self) -> tuple[EcosystemCounts, ExplorationCounts]:
+        self.rotate()
+        counts = self.counts.snapshot()
+        exploration = self.exploration.copy()
+        for _, c, e in self._done:
+            counts = counts + c
+            exploration = exploration + e
+        return counts, exploration
+
+
+class _EcosystemState:
+    def __init__(self, spec: EcosystemSpec, window_s: float, n_buckets: int, clock: Callable[[], float]) -> None:
+        self.spec = spec
+        shape = spec.shape
+        m = len(spec.members)
+        self.base_predictions = EcosystemCounts(shape)
+        self.live_predictions = CountsAccumulator(shape)
+        self.base_labels = {s: EcosystemCounts(shape) for s in SOURCES}
+        self.live_labels = {s: CountsAccumulator(shape) for s in SOURCES}
+        self.exploration = ExplorationCounts(spec.members, len(spec.classes))
+        self.window = _Window(shape, window_s, n_buckets, clock)
+        self.outcomes = 0
+        self.incomplete = 0
+        self.direct = 0
+        self.explored = 0
+        self.missing = [0] * m
+        self.served = [0] * m
+        self.served_propensity = [0.0] * m
+        self.fallbacks = [0] * m
+        self.delay = {s: ([0] * (len(DELAY_BUCKETS_S) + 1), [0.0]) for s in SOURCES}  # bucket counts, sum
+        self.corrections: dict[tuple[str, str], int] = {}
+        self.duplicates = 0
+
+    def predictions(self) -> EcosystemCounts:
+        return self.base_predictions + self.live_predictions.snapshot()
+
+    def labels(self, source: str) -> EcosystemCounts:
+        return self.base_labels[source] + self.live_labels[source].snapshot()
+
+    def all_counts(self) -> EcosystemCounts:
+        total = self.predictions()
+        for s in SOURCES:
+            total = total + self.labels(s)
+        return total
+
+
+def _correct(spec: EcosystemSpec, preds: Sequence[int], served: int, label: float) -> list[int]:
+    if spec.label_mode == "bandit":
+        y = preds[served]
+        ok = 1 if label > 0 else 0
+        return [ok if (p == y and p >= 0) else -1 for p in preds]
+    lab = int(label)
+    return [(1 if p == lab else 0) if p >= 0 else -1 for p in preds]
+
+
+class Recorder:
+    def __init__(
+        self,
+        specs: dict[str, EcosystemSpec],
+        store: OutcomeStore,
+        *,
+        pending_ttl_s: float = 3600.0,
+        max_pending: int = 100_000,
+        window_s: float = 3600.0,
+        window_buckets: int = 12,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.specs = specs
+        self.store = store
+        self.pending_ttl_s = pending_ttl_s
+        self.max_pending = max_pending
+        self.window_s = window_s
+        self.clock = clock
+        self._lock = threading.RLock()
+        self.state = {name: _EcosystemState(spec, window_s, window_buckets, clock) for name, spec in specs.items()}
+        self.unknown_ids = 0
+        self.expired = 0
+        self.pending_rejected = 0
+        self.duplicate_outcome_ids = 0
+        self.unknown_ecosystem = 0
+        self.dropped_by_reporter: dict[str, dict[str, int]] = {}
+        self._pending = store.count_pending()
+        self._coverage_cache: tuple[float, dict[str, dict[float, tuple[int, int]]]] = (0.0, {})
+        self._rebuild()
+
+    # ---------------------------------------------------------- rebuild
+    def _rebuild(self) -> None:
+        """Rebuild every cumulative count from the store (restart safety)."""
+        now = self.clock()
+        for name, st in self.state.items():
+            spec = st.spec
+            for batch in self.store.iter_outcomes(name):
+                for o in batch:
+                    self._count_prediction(st, o.predictions, o.served, o.intended, o.propensities, o.greedy,
+                                           o.direct, o.groups, o.created_at, now=now)
+                    if o.counted_label is not None and o.counted_source in SOURCES:
+                        self._count_label(st, o, o.counted_label, o.counted_source, o.counted_time or o.created_at, now=now)
+            # fold the rebuilt accumulators into the base counts
+            st.base_predictions = st.base_predictions + st.live_predictions.snapshot()
+            st.live_predictions = CountsAccumulator(spec.shape)
+            for s in SOURCES:
+                st.base_labels[s] = st.base_labels[s] + st.live_labels[s].snapshot()
+                st.live_labels[s] = CountsAccumulator(spec.shape)
+
+    # ----------------------------------------------------------- record
+    def record(self, items: Sequence[Outcome], reporter: str = "", dropped: dict[str, int] | None = None) -> dict[str, int]:
+        """Store and count a batch of outcomes; join labels that were waiting for them."""
+        with self._lock:
+            if dropped is not None and reporter:
+                self.dropped_by_reporter[reporter] = dict(dropped)
+            known = [o for o in items if o.ecosystem in self.state]
+            self.unknown_ecosystem += len(items) - len(known)
+            inserted = self.store.insert_outcomes([o.to_row() for o in known])
+            self.duplicate_outcome_ids += len(known) - len(inserted)
+            fresh = [o for o in known if o.request_id in inserted]
+            now = self.clock()
+            for o in fresh:
+                st = self.state[o.ecosystem]
+                self._count_prediction(st, o.predictions, o.served, o.intended, o.propensities, o.greedy, o.direct,
+                                       o.groups, o.time_s, now=now)
+            joined = 0
+            if fresh and self._pending:
+                waiting = self.store.take_pending([o.request_id for o in fresh])
+                self._pending = max(0, self._pending - len(waiting))
+                if waiting:
+                    items_ = [LabelItem(w["request_id"], w["label"], w["label_time"], w["source"]) for w in waiting]
+                    received = {w["request_id"]: w["received_at"] for w in waiting}
+                    try:
+                        results = self._feedback_locked(items_, received_at=received, allow_pending=False)
+                        joined = sum(1 for r in results if r.status == "joined")
+                    except FeedbackError:
+                        self.pending_rejected += len(items_)  # e.g. a class the ecosystem does not have
+            return {"received": len(items), "inserted": len(inserted), "joined_pending": joined}
+
+    def _count_prediction(
+        self, st: _EcosystemState, preds: Sequence[int], served: int, intended: int, propensities: Sequence[float],
+        greedy: int, direct: bool, groups: dict[str, str], created_at: float, *, now: float,
+    ) -> None:
+        p = list(preds)
+        st.live_predictions.add(p, None, groups)
+        if created_at >= now - self.window_s:
+            st.window.rotate()
+            st.window.counts.add(p, None, groups)
+        st.outcomes += 1
+        if min(p) < 0:
+            st.incomplete += 1
+            for a, v in enumerate(p):
+                if v < 0:
+                    st.missing[a] += 1
+        st.served[served] += 1
+        if direct:
+            st.direct += 1
+        else:
+            st.served_propensity[served] += propensities[intended]
+            if served != intended:
+                st.fallbacks[intended] += 1
+            elif served != greedy:
+                st.explored += 1
+
+    # ---------------------------------------------------------- labels
+    def feedback(self, items: Sequence[LabelItem]) -> list[ItemResult]:
+        """Apply a batch of labels, all or nothing; see the module docstring for the statuses."""
+        with self._lock:
+            return self._feedback_locked(list(items), received_at=None, allow_pending=True)
+
+    def _feedback_locked(
+        self, items: list[LabelItem], *, received_at: dict[str, float] | None, allow_pending: bool
+    ) -> list[ItemResult]:
+        now = self.clock()
+        found = self.store.get_outcomes(list({i.request_id for i in items}))
+        # 1. validate everything before touching anything
+        values: list[float | None] = []
+        for idx, item in enumerate(items):
+            o = found.get(item.request_id)
+            if o is None:
+                values.append(None)
+                continue
+            try:
+                values.append(self.specs[o.ecosystem].label_value(item.label))
+            except ValueError as exc:
+                raise FeedbackError(idx, "label", str(exc)) from exc
+        # 2. classify in arrival order (later items see earlier ones of the same batch)
+        current: dict[str, tuple[float | None, str | None]] = {
+            rid: (o.label, o.label_source) for rid, o in found.items()
+        }
+        first, corrections, pending, results = [], [], [], []
+        fold: list[tuple[StoredOutcome, float, float]] = []
+        corrected: list[tuple[str, str, str]] = []
+        duplicates: list[str] = []
+        for item, value in zip(items, values):
+            arrived = received_at.get(item.request_id, now) if received_at else now
+            label_time = item.timestamp if item.timestamp is not None else arrived
+            o = found.get(item.request_id)
+            if o is None:
+                pending.append({"request_id": item.request_id, "label": item.label, "source": item.source,
+                                "label_time": label_time, "received_at": arrived})
+                results.append(ItemResult(item.request_id, "pending"))
+                continue
+            assert value is not None
+            row = {"request_id": o.request_id, "ecosystem": o.ecosystem, "label": value, "source": "observed",
+                   "label_time": label_time, "received_at": arrived, "origin": item.source[:64]}
+            cur_value, cur_source = current[o.request_id]
+            if cur_source is None:
+                first.append(row)
+                fold.append((o, value, label_time))
+                results.append(ItemResult(o.request_id, "joined"))
+            elif cur_value == value and cur_source == "observed":
+                duplicates.append(o.ecosystem)
+                results.append(ItemResult(o.request_id, "duplicate"))
+                continue
+            else:
+                corrections.append(row)
+                corrected.append((o.ecosystem, cur_source, "observed"))
+                results.append(ItemResult(o.request_id, "correction"))
+            current[o.request_id] = (value, "observed")
+        if pending and not allow_pending:
+            pending = []
+        if pending and self._pending + len(pending) > self.max_pending:
+            raise FeedbackError(
+                len(items) - 1, "request_id",
+                f"{len(pending)} labels for unknown request ids would exceed the pending limit of {self.max_pending}",
+            )
+        # 3. one transaction
+        self.store.apply_labels(first, corrections, pending)
+        # 4. count
+        self._pending += len({p["request_id"] for p in pending})
+        self.unknown_ids += len(pending)
+        for eco in duplicates:
+            self.state[eco].duplicates += 1
+        for eco, src, dst in corrected:
+            key = (src, dst)
+            self.state[eco].corrections[key] = self.state[eco].corrections.get(key, 0) + 1
+        for o, value, label_time in fold:
+            self._count_label(self.state[o.ecosystem], o, value, "observed", label_time, now=now)
+        return results
+
+    def _count_label(
+        self, st: _EcosystemState, o: StoredOutcome, value: float, source: str, label_time: float, *,
+        now: float,
+    ) -> None:
+        spec = st.spec
+        c = _correct(spec, o.predictions, o.served, value)
+        st.live_labels[source].add(o.predictions, c, o.groups, count_predictions=False)
+        delay = max(0.0, label_time - o.created_at)
+        buckets, total = st.delay[source]
+        k = next((i for i, b in enumerate(DELAY_BUCKETS_S) if delay <= b), len(DELAY_BUCKETS_S))
+        buckets[k] += 1
+        total[0] += delay
+        in_window = label_time >= now - self.window_s
+        if in_window:
+            st.window.rotate()
+            st.window.counts.add(o.predictions, c, o.groups, count_predictions=False)
+        # off-policy estimates use only rows served as the policy chose (no fallback, no direct call)
+        if not o.direct and o.served == o.intended:
+            reward = value if spec.label_mode == "bandit" else float(max(c[o.served], 0))
+            args = (o.predictions, o.served, reward, o.propensities[o.served], o.propensities, o.greedy)
+            st.exploration.add(*args)
+            if in_window:
+                st.window.exploration.add(*args)
+
+    # ------------------------------------------------------------ sweep
+    def sweep(self) -> dict[str, int]:
+        """Assume labels for outcomes unlabeled too long; expire pending labels past their TTL."""
+        with self._lock:
+            now = self.clock()
+            assumed = 0
+            for name, st in self.state.items():
+                spec = st.spec
+                if spec.assume_label_after_s is None or spec.assumed_label is None:
+                    continue
+                value = spec.label_value(spec.assumed_label)
+                while True:
+                    rows = self.store.unlabeled_before(name, now - spec.assume_label_after_s)
+                    if not rows:
+                        break
+                    first = [
+                        {"request_id": o.request_id, "ecosystem": name, "label": value, "source": "assumed",
+                         "label_time": o.created_at + spec.assume_label_after_s, "received_at": now, "origin": "sweep"}
+                        for o in rows
+                    ]
+                    self.store.apply_labels(first, [])
+                    for o, f in zip(rows, first):
+                        self._count_label(st, o, value, "assumed", f["label_time"], now=now)
+                    assumed += len(rows)
+            expired = self.store.expire_pending(now - self.pending_ttl_s) if self._pending else 0
+            self.expired += expired
+            self._pending = max(0, self._pending - expired)
+            return {"assumed": assumed, "expired": expired}
+
+    # ------------------------------------------------------------ reads
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def reward_stats(self, ecosystem: str) -> tuple[list[int], list[int]]:
+        """Per member (successes, failures) over every labeled complete outcome (for the policies)."""
+        with self._lock:
+            st = self.state[ecosystem]
+            total = st.labels("observed") + st.labels("assumed")
+            ok = total.member_correct
+            return [int(v) for v in ok], [int(v) for v in total.member_n - ok]
+
+    def coverage(self, max_age_s: float = 10.0) -> dict[str, dict[float, tuple[int, int]]]:
+        """Label coverage by prediction age, per ecosystem (cached for `max_age_s`: it queries the store)."""
+        now = self.clock()
+        stamp, cached = self._coverage_cache
+        if now - stamp < max_age_s and cached:
+            return cached
+        fresh = {name: self.store.coverage(name, now, COVERAGE_AGES_S) for name in self.state}
+        self._coverage_cache = (now, fresh)
+        return fresh
+
+    def window_totals(self, ecosystem: str) -> tuple[EcosystemCounts, ExplorationCounts]:
+        with self._lock:
+            return self.state[ecosystem].window.total()
+
+    def dropped(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for counts in self.dropped_by_reporter.values():
+            for reason, v in counts.items():
+                out[reason] = out.get(reason, 0) + v
+        return out
+

@@ -1,0 +1,363 @@
+"""The durable outcome store: one schema, two backends (SQLite in WAL mode, PostgreSQL).
+
+SQLAlchemy Core, no ORM. Schema (version 1; `ecoserve_schema` holds the version,
+and `migrate()` brings an older store forward, so a later change can add a step):
+
+    ecoserve_outcomes         one row per served row (request_id is the key)
+      request_id, ecosystem, created_at (unix s), members, versions (JSON lists),
+      predictions (JSON list of class ids, -1 = missing), served, intended, greedy,
+      propensities (JSON list), policy, direct, groups (JSON object), fingerprint,
+      label, label_source, label_time, label_received_at        -- the current label
+      counted_label, counted_source, counted_time               -- the label the streamed
+                                                                   counters used (the first)
+    ecoserve_label_history    every first label and every correction, in arrival order
+    ecoserve_pending_labels   labels that arrived before their outcome (TTL-bounded)
+
+Labels are stored as numbers: a class id (ground_truth mode) or a reward (bandit).
+Knows nothing of Ray, HTTP or Prometheus.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Engine,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import SQLAlchemyError
+
+__all__ = ["StoreError", "OutcomeStore", "StoredOutcome", "SCHEMA_VERSION", "open_store"]
+
+SCHEMA_VERSION = 1
+_CHUNK = 500  # ids per IN (...) query: well under SQLite's variable limit
+
+metadata = MetaData()
+schema_table = Table("ecoserve_schema", metadata, Column("version", Integer, nullable=False))
+outcomes = Table(
+    "ecoserve_outcomes",
+    metadata,
+    Column("request_id", String(128), primary_key=True),
+    Column("ecosystem", String(64), nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("members", Text, nullable=False),
+    Column("versions", Text, nullable=False),
+    Column("predictions", Text, nullable=False),
+    Column("served", Integer, nullable=False),
+    Column("intended", Integer, nullable=False),
+    Column("greedy", Integer, nullable=False),
+    Column("propensities", Text, nullable=False),
+    Column("policy", String(32), nullable=False),
+    Column("direct", Boolean, nullable=False),
+    Column("groups", Text, nullable=False),
+    Column("fingerprint", String(32), nullable=False),
+    Column("label", Float),
+    Column("label_source", String(16)),
+    Column("label_time", Float),
+    Column("label_received_at", Float),
+    Column("counted_label", Float),
+    Column("counted_source", String(16)),
+    Column("counted_time", Float),
+    Index("ix_ecoserve_outcomes_eco_created", "ecosystem", "created_at"),
+    Index("ix_ecoserve_outcomes_eco_source", "ecosystem", "label_source"),
+)
+label_history = Table(
+    "ecoserve_label_history",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("request_id", String(128), nullable=False, index=True),
+    Column("ecosystem", String(64), nullable=False),
+    Column("label", Float, nullable=False),
+    Column("source", String(16), nullable=False),
+    Column("label_time", Float, nullable=False),
+    Column("received_at", Float, nullable=False),
+    Column("kind", String(16), nullable=False),  # first | correction
+    Column("origin", String(64), nullable=False, default=""),  # the feedback item's free-text `source`
+)
+pending_labels = Table(
+    "ecoserve_pending_labels",
+    metadata,
+    Column("request_id", String(128), primary_key=True),
+    Column("label", Text, nullable=False),  # JSON: the raw label as sent
+    Column("source", String(16), nullable=False),
+    Column("label_time", Float, nullable=False),
+    Column("received_at", Float, nullable=False),
+)
+
+
+class StoreError(RuntimeError):
+    """The store could not be opened or written; wraps the database's own error."""
+
+
+@dataclass(frozen=True)
+class StoredOutcome:
+    request_id: str
+    ecosystem: str
+    created_at: float
+    predictions: list[int]
+    served: int
+    intended: int
+    greedy: int
+    propensities: list[float]
+    direct: bool
+    groups: dict[str, str]
+    label: float | None
+    label_source: str | None
+    counted_label: float | None
+    counted_source: str | None
+    counted_time: float | None
+
+
+def _row_to_outcome(r: Any) -> StoredOutcome:
+    return StoredOutcome(
+        request_id=r.request_id,
+        ecosystem=r.ecosystem,
+        created_at=r.created_at,
+        predictions=json.loads(r.predictions),
+        served=r.served,
+        intended=r.intended,
+        greedy=r.greedy,
+        propensities=json.loads(r.propensities),
+        direct=bool(r.direct),
+        groups=json.loads(r.groups),
+        label=r.label,
+        label_source=r.label_source,
+        counted_label=r.counted_label,
+        counted_source=r.counted_source,
+        counted_time=r.counted_time,
+    )
+
+
+def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), _CHUNK):
+        yield items[i : i + _CHUNK]
+
+
+class OutcomeStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.backend = engine.dialect.name
+
+    # ----------------------------------------------------------- schema
+    def migrate(self) -> int:
+        """Create or upgrade the schema; returns the version now in place."""
+        try:
+            with self.engine.begin() as conn:
+                metadata.create_all(conn)
+                version = conn.execute(select(func.max(schema_table.c.version))).scalar()
+                if version is None:
+                    conn.execute(insert(schema_table).values(version=SCHEMA_VERSION))
+                    version = SCHEMA_VERSION
+                if version > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"the store has schema version {version}, newer than this ecoserve's {SCHEMA_VERSION}"
+                    )
+                # future: `if version < 2: ...migration steps...; update the version row`
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot prepare the outcome store ({self.backend}): {exc}") from exc
+        return int(version)
+
+    # --------------------------------------------------------- outcomes
+    def insert_outcomes(self, rows: list[dict[str, Any]]) -> set[str]:
+        """Insert outcome rows; a request_id already stored is skipped. Returns the ids inserted."""
+        if not rows:
+            return set()
+        ids = [r["request_id"] for r in rows]
+        with self.engine.begin() as conn:
+            existing: set[str] = set()
+            for chunk in _chunks(ids):
+                existing.update(conn.execute(select(outcomes.c.request_id).where(outcomes.c.request_id.in_(chunk))).scalars())
+            fresh: dict[str, dict[str, Any]] = {}
+            for r in rows:
+                if r["request_id"] not in existing and r["request_id"] not in fresh:
+                    fresh[r["request_id"]] = r
+            if fresh:
+                conn.execute(insert(outcomes), list(fresh.values()))
+        return set(fresh)
+
+    def get_outcomes(self, ids: Sequence[str]) -> dict[str, StoredOutcome]:
+        out: dict[str, StoredOutcome] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(ids)):
+                for r in conn.execute(select(outcomes).where(outcomes.c.request_id.in_(chunk))):
+                    out[r.request_id] = _row_to_outcome(r)
+        return out
+
+    def iter_outcomes(self, ecosystem: str, batch: int = 5000) -> Iterator[list[StoredOutcome]]:
+        """Every stored outcome of an ecosystem, in batches (for rebuilding counts after a restart)."""
+        with self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True).execute(
+                select(outcomes).where(outcomes.c.ecosystem == ecosystem)
+            )
+            while True:
+                rows = result.fetchmany(batch)
+                if not rows:
+                    return
+                yield [_row_to_outcome(r) for r in rows]
+
+    def count_outcomes(self, ecosystem: str | None = None) -> int:
+        q = select(func.count()).select_from(outcomes)
+        if ecosystem is not None:
+            q = q.where(outcomes.c.ecosystem == ecosystem)
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar() or 0)
+
+    # ----------------------------------------------------------- labels
+    def apply_labels(
+        self,
+        first: list[dict[str, Any]],
+        corrections: list[dict[str, Any]],
+        pending: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """In one transaction: set first labels (current and counted), apply corrections
+        (current label only), every one into the label history; hold `pending` labels."""
+        if not first and not corrections and not pending:
+            return
+        with self.engine.begin() as conn:
+            if pending:
+                self._add_pending(conn, pending)
+            if first:
+                conn.execute(
+                    update(outcomes)
+                    .where(outcomes.c.request_id == bindparam("rid"))
+                    .values(
+                        label=bindparam("label"), label_source=bindparam("source"), label_time=bindparam("label_time"),
+                        label_received_at=bindparam("received_at"), counted_label=bindparam("label"),
+                        counted_source=bindparam("source"), counted_time=bindparam("label_time"),
+                    ),
+                    [{"rid": f["request_id"], **f} for f in first],
+                )
+            if corrections:
+                conn.execute(
+                    update(outcomes)
+                    .where(outcomes.c.request_id == bindparam("rid"))
+                    .values(
+                        label=bindparam("label"), label_source=bindparam("source"), label_time=bindparam("label_time"),
+                        label_received_at=bindparam("received_at"),
+                    ),
+                    [{"rid": c["request_id"], **c} for c in corrections],
+                )
+            history = [
+                {k: h[k] for k in ("request_id", "ecosystem", "label", "source", "label_time", "received_at")}
+                | {"kind": kind, "origin": h.get("origin", "")}
+                for kind, items in (("first", first), ("correction", corrections))
+                for h in items
+            ]
+            if history:
+                conn.execute(insert(label_history), history)
+
+    def label_history(self, request_id: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(label_history).where(label_history.c.request_id == request_id).order_by(label_history.c.id)
+            )
+            return [dict(r._mapping) for r in rows]
+
+    def unlabeled_before(self, ecosystem: str, before: float, limit: int = 10_000) -> list[StoredOutcome]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(outcomes)
+                .where(and_(outcomes.c.ecosystem == ecosystem, outcomes.c.label_source.is_(None),
+                            outcomes.c.created_at < before))
+                .limit(limit)
+            )
+            return [_row_to_outcome(r) for r in rows]
+
+    def coverage(self, ecosystem: str, now: float, ages_s: Iterable[float]) -> dict[float, tuple[int, int]]:
+        """For each age: (outcomes older than it, of which labeled)."""
+        out = {}
+        with self.engine.connect() as conn:
+            for age in ages_s:
+                cond = and_(outcomes.c.ecosystem == ecosystem, outcomes.c.created_at <= now - age)
+                total = conn.execute(select(func.count()).select_from(outcomes).where(cond)).scalar() or 0
+                labeled = conn.execute(
+                    select(func.count()).select_from(outcomes).where(and_(cond, outcomes.c.label_source.is_not(None)))
+                ).scalar() or 0
+                out[age] = (int(total), int(labeled))
+        return out
+
+    # ---------------------------------------------------------- pending
+    @staticmethod
+    def _add_pending(conn: Any, rows: list[dict[str, Any]]) -> None:
+        """Hold labels whose outcome is not stored yet (the newest label per id wins)."""
+        ids = [r["request_id"] for r in rows]
+        for chunk in _chunks(ids):
+            conn.execute(delete(pending_labels).where(pending_labels.c.request_id.in_(chunk)))
+        latest = {r["request_id"]: r for r in rows}
+        conn.execute(
+            insert(pending_labels),
+            [{k: r[k] for k in ("request_id", "source", "label_time", "received_at")} | {"label": json.dumps(r["label"])}
+             for r in latest.values()],
+        )
+
+    def take_pending(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Remove and return the pending labels of these request ids."""
+        found: list[dict[str, Any]] = []
+        if not ids:
+            return found
+        with self.engine.begin() as conn:
+            for chunk in _chunks(list(ids)):
+                rows = conn.execute(select(pending_labels).where(pending_labels.c.request_id.in_(chunk))).all()
+                if rows:
+                    found.extend({**r._mapping, "label": json.loads(r.label)} for r in rows)
+                    conn.execute(delete(pending_labels).where(pending_labels.c.request_id.in_([r.request_id for r in rows])))
+        return found
+
+    def expire_pending(self, received_before: float) -> int:
+        with self.engine.begin() as conn:
+            res = conn.execute(delete(pending_labels).where(pending_labels.c.received_at < received_before))
+            return int(res.rowcount or 0)
+
+    def count_pending(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(pending_labels)).scalar() or 0)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def open_store(url: str) -> OutcomeStore:
+    """Open (and migrate) a store: `sqlite:///path.db` or `postgresql://...` (psycopg 3)."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    try:
+        if url.startswith("sqlite"):
+            path = url.split("///", 1)[1] if "///" in url else ""
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+            @event.listens_for(engine, "connect")
+            def _pragmas(dbapi_conn: Any, _: Any) -> None:
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+                cur.execute("PRAGMA synchronous=NORMAL")  # durable at each WAL checkpoint; safe with WAL
+                cur.close()
+        else:
+            engine = create_engine(url, pool_pre_ping=True)
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        raise StoreError(f"cannot open the outcome store {url!r}: {exc}") from exc
+    store = OutcomeStore(engine)
+    store.migrate()
+    return store
