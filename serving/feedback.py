@@ -32,7 +32,7 @@ class FeedbackItem(BaseModel):
     timestamp: float | str | None = None
     source: str = Field(default="", max_length=64)
 
-    @field_validator("label")
+    @field_validator("label", mode="before")
     @classmethod
     def _label(cls, v: int | float | str) -> int | float | str:
         if isinstance(v, bool):

@@ -230,8 +230,35 @@ class Recorder:
         self.unknown_ecosystem = 0
         self.dropped_by_reporter: dict[str, dict[str, int]] = {}
         self._pending = store.count_pending()
+        self._load_events(store.event_counts())
         self._coverage_cache: tuple[float, dict[str, dict[float, tuple[int, int]]]] = (0.0, {})
         self._rebuild()
+
+    # ------------------------------------------------------ event counts
+    # API-event counters are kept in the store (`ecoserve_event_counts`) so that a restart
+    # does not reset them; keys: "unknown_ids", "expired", "duplicate_outcome_ids",
+    # "pending_rejected", "unknown_ecosystem", "duplicates|ECO", "corrections|ECO|FROM|TO".
+    def _load_events(self, events: dict[str, int]) -> None:
+        for key, v in events.items():
+            parts = key.split("|")
+            if len(parts) == 1 and hasattr(self, parts[0]):
+                setattr(self, parts[0], v)
+            elif parts[0] == "duplicates" and parts[1] in self.state:
+                self.state[parts[1]].duplicates = v
+            elif parts[0] == "corrections" and len(parts) == 4 and parts[1] in self.state:
+                self.state[parts[1]].corrections[(parts[2], parts[3])] = v
+
+    def _event(self, increments: dict[str, int]) -> None:
+        for key, v in increments.items():
+            parts = key.split("|")
+            if len(parts) == 1:
+                setattr(self, key, getattr(self, key) + v)
+            elif parts[0] == "duplicates":
+                self.state[parts[1]].duplicates += v
+            else:
+                st = self.state[parts[1]]
+                st.corrections[(parts[2], parts[3])] = st.corrections.get((parts[2], parts[3]), 0) + v
+        self.store.bump(increments)
 
     # ---------------------------------------------------------- rebuild
     def _rebuild(self) -> None:
@@ -259,9 +286,8 @@ class Recorder:
             if dropped is not None and reporter:
                 self.dropped_by_reporter[reporter] = dict(dropped)
             known = [o for o in items if o.ecosystem in self.state]
-            self.unknown_ecosystem += len(items) - len(known)
             inserted = self.store.insert_outcomes([o.to_row() for o in known])
-            self.duplicate_outcome_ids += len(known) - len(inserted)
+            self._event({"unknown_ecosystem": len(items) - len(known), "duplicate_outcome_ids": len(known) - len(inserted)})
             fresh = [o for o in known if o.request_id in inserted]
             now = self.clock()
             for o in fresh:
@@ -279,7 +305,7 @@ class Recorder:
                         results = self._feedback_locked(items_, received_at=received, allow_pending=False)
                         joined = sum(1 for r in results if r.status == "joined")
                     except FeedbackError:
-                        self.pending_rejected += len(items_)  # e.g. a class the ecosystem does not have
+                        self._event({"pending_rejected": len(items_)})  # e.g. a class the ecosystem lacks
             return {"received": len(items), "inserted": len(inserted), "joined_pending": joined}
 
     def _count_prediction(
@@ -374,12 +400,13 @@ class Recorder:
         self.store.apply_labels(first, corrections, pending)
         # 4. count
         self._pending += len({p["request_id"] for p in pending})
-        self.unknown_ids += len(pending)
+        events: dict[str, int] = {"unknown_ids": len(pending)}
         for eco in duplicates:
-            self.state[eco].duplicates += 1
+            events[f"duplicates|{eco}"] = events.get(f"duplicates|{eco}", 0) + 1
         for eco, src, dst in corrected:
-            key = (src, dst)
-            self.state[eco].corrections[key] = self.state[eco].corrections.get(key, 0) + 1
+            key = f"corrections|{eco}|{src}|{dst}"
+            events[key] = events.get(key, 0) + 1
+        self._event(events)
         for o, value, label_time in fold:
             self._count_label(self.state[o.ecosystem], o, value, "observed", label_time, now=now)
         return results
@@ -433,7 +460,7 @@ class Recorder:
                         self._count_label(st, o, value, "assumed", f["label_time"], now=now)
                     assumed += len(rows)
             expired = self.store.expire_pending(now - self.pending_ttl_s) if self._pending else 0
-            self.expired += expired
+            self._event({"expired": expired})
             self._pending = max(0, self._pending - expired)
             return {"assumed": assumed, "expired": expired}
 

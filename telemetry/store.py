@@ -12,6 +12,7 @@ and `migrate()` brings an older store forward, so a later change can add a step)
                                                                    counters used (the first)
     ecoserve_label_history    every first label and every correction, in arrival order
     ecoserve_pending_labels   labels that arrived before their outcome (TTL-bounded)
+    ecoserve_event_counts     persistent counters of API events (duplicates, corrections, ...)
 
 Labels are stored as numbers: a class id (ground_truth mode) or a reward (bandit).
 Knows nothing of Ray, HTTP or Prometheus.
@@ -103,6 +104,13 @@ pending_labels = Table(
     Column("source", String(16), nullable=False),
     Column("label_time", Float, nullable=False),
     Column("received_at", Float, nullable=False),
+)
+
+event_counts = Table(
+    "ecoserve_event_counts",  # counts of API events (duplicates, corrections, unknown ids, ...)
+    metadata,
+    Column("key", String(256), primary_key=True),
+    Column("value", Integer, nullable=False),
 )
 
 
@@ -332,6 +340,28 @@ class OutcomeStore:
     def count_pending(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(pending_labels)).scalar() or 0)
+
+    # ----------------------------------------------------- event counts
+    def bump(self, increments: dict[str, int]) -> None:
+        """Add to persistent event counters (so they survive a recorder restart)."""
+        items = {k: v for k, v in increments.items() if v}
+        if not items:
+            return
+        with self.engine.begin() as conn:
+            have = set(conn.execute(select(event_counts.c.key).where(event_counts.c.key.in_(list(items)))).scalars())
+            if have:
+                conn.execute(
+                    update(event_counts).where(event_counts.c.key == bindparam("k"))
+                    .values(value=event_counts.c.value + bindparam("v")),
+                    [{"k": k, "v": items[k]} for k in have],
+                )
+            new = [{"key": k, "value": v} for k, v in items.items() if k not in have]
+            if new:
+                conn.execute(insert(event_counts), new)
+
+    def event_counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            return {r.key: int(r.value) for r in conn.execute(select(event_counts))}
 
     def close(self) -> None:
         self.engine.dispose()

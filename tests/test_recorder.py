@@ -1,0 +1,192 @@
+"""The recorder without Ray: label join semantics, assumed labels, restart safety, metrics.
+Every test runs against SQLite and against the real PostgreSQL server."""
+
+from __future__ import annotations
+
+import subprocess
+import shutil
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from telemetry.metrics import METRICS, exposition
+from telemetry.recorder import EcosystemSpec, FeedbackError, LabelItem, Recorder
+from telemetry.records import Outcome
+from telemetry.store import SCHEMA_VERSION, open_store
+
+MEMBERS = ("a", "b", "c")
+SPEC = EcosystemSpec(
+    name="eco", members=MEMBERS, classes=("no", "yes"), subgroups={"sex": ("female", "male")},
+    assume_label_after_s=600.0, assumed_label="no",
+)
+
+
+class Clock:
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def outcome(i: int, preds, t: float, sex: str = "female", served: int = 0) -> Outcome:
+    return Outcome(f"r{i}", "eco", t, MEMBERS, ("1", "1", "1"), tuple(preds), served, served,
+                   (0.5, 0.3, 0.2), 0, "thompson", False, {"sex": sex}, f"fp{i}")
+
+
+def samples(recorder: Recorder) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for fam in text_string_to_metric_families(exposition(recorder).decode()):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(recorder, name, **labels):
+    return samples(recorder).get((name, tuple(sorted(labels.items()))))
+
+
+ALL = {"subgroup": "all", "subgroup_value": "all"}
+
+
+@pytest.fixture
+def rec(store_url):
+    clock = Clock()
+    r = Recorder({"eco": SPEC}, open_store(store_url), clock=clock, pending_ttl_s=100.0)
+    r.clock_ = clock
+    yield r
+    r.store.close()
+
+
+def test_schema_is_versioned(store_url):
+    s = open_store(store_url)
+    assert s.migrate() == SCHEMA_VERSION
+    s.close()
+
+
+def test_join_duplicate_correction_unknown_and_early_labels(rec):
+    t0 = rec.clock_.t
+    rec.record([outcome(1, (1, 1, 0), t0), outcome(2, (0, 0, 0), t0)])
+    rec.clock_.t += 3 * 86400  # labels arrive days later
+    res = rec.feedback([
+        LabelItem("r1", "yes", source="click"),
+        LabelItem("r1", "yes"),         # duplicate: idempotent
+        LabelItem("r2", 1),             # by class id
+        LabelItem("r2", "no"),          # different: a correction
+        LabelItem("r9", "yes"),         # early (or unknown): held
+    ])
+    assert [r.status for r in res] == ["joined", "duplicate", "joined", "correction", "pending"]
+    assert res[-1].unknown_request_id
+    labeled = value(rec, "ecoserve_labeled_outcomes_total", ecosystem="eco", source="observed", **ALL)
+    assert labeled == 2  # the correction did not count r2 twice
+    assert value(rec, "ecoserve_label_corrections_total", ecosystem="eco", from_source="observed", to_source="observed") == 1
+    assert value(rec, "ecoserve_labels_duplicate_total", ecosystem="eco") == 1
+    assert value(rec, "ecoserve_feedback_unknown_id_total") == 1
+    assert value(rec, "ecoserve_labels_pending") == 1
+    # the delay was recorded: both labels landed in the (1 day, 3 days] bucket
+    assert value(rec, "ecoserve_label_delay_seconds_bucket", ecosystem="eco", source="observed", le="86400") == 0
+    assert value(rec, "ecoserve_label_delay_seconds_bucket", ecosystem="eco", source="observed", le="259200") == 2
+    # the label history keeps the correction; the counted label stays the first one
+    hist = rec.store.label_history("r2")
+    assert [(h["kind"], h["label"]) for h in hist] == [("first", 1.0), ("correction", 0.0)]
+    assert rec.store.get_outcomes(["r2"])["r2"].counted_label == 1.0
+    # the early label joins when its outcome arrives
+    stats = rec.record([outcome(9, (1, 0, 1), rec.clock_.t)])
+    assert stats["joined_pending"] == 1
+    assert value(rec, "ecoserve_labels_pending") == 0
+    assert value(rec, "ecoserve_labeled_outcomes_total", ecosystem="eco", source="observed", **ALL) == 3
+
+
+def test_counters_match_definitions(rec):
+    rng = np.random.default_rng(0)
+    n = 200
+    preds = rng.integers(0, 2, (n, 3))
+    labels = rng.integers(0, 2, n)
+    sexes = rng.choice(["female", "male", "x"], n)
+    rec.record([outcome(i, preds[i], rec.clock_.t, sexes[i]) for i in range(n)])
+    rec.feedback([LabelItem(f"r{i}", int(labels[i])) for i in range(n)])
+    wrong = preds != labels[:, None]
+    k = wrong.sum(axis=1)
+    for kk in range(4):
+        assert value(rec, "ecoserve_failures_per_instance_total", ecosystem="eco", source="observed", k=str(kk), **ALL) == (k == kk).sum()
+    for a, m in enumerate(MEMBERS):
+        assert value(rec, "ecoserve_member_correct_total", ecosystem="eco", member=m, source="observed", **ALL) == (~wrong[:, a]).sum()
+    other = ~np.isin(sexes, ["female", "male"])
+    assert value(rec, "ecoserve_failures_per_instance_total", ecosystem="eco", source="observed", k="3",
+                 subgroup="sex", subgroup_value="other") == (k[other] == 3).sum()
+    agree = (preds[:, 0] == preds[:, 1]).sum()
+    assert value(rec, "ecoserve_pair_agreements_total", ecosystem="eco", member_a="a", member_b="b", **ALL) == agree
+    sfr = value(rec, "ecoserve_window_systemic_failure_ratio", ecosystem="eco", **ALL)
+    assert sfr == pytest.approx((k == 3).mean())
+    base = value(rec, "ecoserve_window_systemic_failure_baseline_ratio", ecosystem="eco", **ALL)
+    assert base == pytest.approx(np.prod(wrong.mean(axis=0)))
+
+
+def test_bad_label_rejects_the_whole_batch(rec):
+    rec.record([outcome(1, (1, 1, 0), rec.clock_.t), outcome(2, (1, 1, 0), rec.clock_.t)])
+    with pytest.raises(FeedbackError, match=r"item 1: label: 'maybe' is not a class"):
+        rec.feedback([LabelItem("r1", "yes"), LabelItem("r2", "maybe")])
+    with pytest.raises(FeedbackError, match="item 0: label: class id 7 out of range"):
+        rec.feedback([LabelItem("r1", 7)])
+    assert rec.store.get_outcomes(["r1"])["r1"].label is None  # nothing half-applied
+    assert value(rec, "ecoserve_labeled_outcomes_total", ecosystem="eco", source="observed", **ALL) == 0
+
+
+def test_assumed_labels_then_a_real_label_is_a_correction(rec):
+    t0 = rec.clock_.t
+    rec.record([outcome(1, (1, 1, 0), t0), outcome(2, (0, 0, 1), t0 + 500)])
+    rec.clock_.t = t0 + 700  # r1 is past assume_label_after_s, r2 is not
+    assert rec.sweep()["assumed"] == 1
+    assert value(rec, "ecoserve_labeled_outcomes_total", ecosystem="eco", source="assumed", **ALL) == 1
+    assert rec.sweep()["assumed"] == 0  # finalized once
+    res = rec.feedback([LabelItem("r1", "yes")])
+    assert res[0].status == "correction"
+    assert value(rec, "ecoserve_label_corrections_total", ecosystem="eco", from_source="assumed", to_source="observed") == 1
+    assert value(rec, "ecoserve_labeled_outcomes_total", ecosystem="eco", source="observed", **ALL) == 0
+
+
+def test_pending_labels_expire_after_their_ttl(rec):
+    rec.feedback([LabelItem("ghost", "yes")])
+    rec.clock_.t += 101
+    assert rec.sweep()["expired"] == 1
+    assert value(rec, "ecoserve_labels_expired_total") == 1 and value(rec, "ecoserve_labels_pending") == 0
+    rec.record([outcome(77, (1, 1, 1), rec.clock_.t)])
+    assert value(rec, "ecoserve_labeled_outcomes_total", ecosystem="eco", source="observed", **ALL) == 0
+
+
+def test_restart_rebuilds_counts_without_double_counting(store_url):
+    clock = Clock()
+    store = open_store(store_url)
+    r1 = Recorder({"eco": SPEC}, store, clock=clock)
+    rng = np.random.default_rng(1)
+    outs = [outcome(i, rng.integers(0, 2, 3), clock.t, rng.choice(["female", "male"])) for i in range(50)]
+    r1.record(outs)
+    r1.feedback([LabelItem(f"r{i}", int(rng.integers(0, 2))) for i in range(0, 50, 2)])
+    r1.feedback([LabelItem("r0", "yes"), LabelItem("r0", "no")])  # corrections must not change counts
+    before = {k: v for k, v in samples(r1).items() if "_total" in k[0] or "_bucket" in k[0]}
+    store.close()
+    r2 = Recorder({"eco": SPEC}, open_store(store_url), clock=clock)  # a new process, same store
+    after = {k: v for k, v in samples(r2).items() if "_total" in k[0] or "_bucket" in k[0]}
+    assert after == before  # every counter: rebuilt from outcomes, labels and persisted event counts
+    assert value(r2, "ecoserve_label_corrections_total", ecosystem="eco", from_source="observed", to_source="observed") >= 1
+    # a resent batch (the gateway retrying after the crash) is not counted again
+    r2.record(outs[:10])
+    assert value(r2, "ecoserve_outcomes_total", ecosystem="eco") == 50
+    assert value(r2, "ecoserve_outcomes_duplicate_id_total") == 10
+    r2.store.close()
+
+
+def test_every_declared_metric_is_exposed_and_promtool_accepts_it(rec, tmp_path):
+    rec.record([outcome(i, (i % 2, 1, 0), rec.clock_.t) for i in range(5)])
+    rec.feedback([LabelItem(f"r{i}", "yes") for i in range(5)])
+    text = exposition(rec).decode()
+    names = {f.name for f in text_string_to_metric_families(text)}
+    for name, (kind, _, _) in METRICS.items():
+        assert (name.removesuffix("_total") if kind == "counter" else name) in names, name
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (make test installs Debian's prometheus package)")
+    (tmp_path / "m.txt").write_text(text)
+    proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

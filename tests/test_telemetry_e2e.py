@@ -1,0 +1,234 @@
+"""Telemetry end to end on the real Ray Serve app: outcomes recorded, labels joined (late,
+early, duplicated, unknown), counters scraped from /metrics equal to what this test computes
+by running each member's ONNX model itself; feedback auth and bad input; the recorder
+replica killed mid-stream. Runs with the SQLite store and with the PostgreSQL server."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+import time
+import uuid
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import PG_ADMIN_URL, _pg_available
+from models.heldout import load_heldout
+from serving.config import load_serve_file
+from serving_cases import infer_body
+
+pytestmark = pytest.mark.slow
+TOKEN = "test-token-123"
+MEMBERS = ["logreg", "forest", "gboost", "mlp", "knn"]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, serving_repo, tmp_path_factory, monkeypatch_module):
+    from test_serving_e2e import _free_port
+
+    from serving.server import start
+
+    tmp = tmp_path_factory.mktemp("tele")
+    db_name = None
+    if request.param == "sqlite":
+        store_url = f"sqlite:///{tmp / 'outcomes.db'}"
+    else:
+        if not _pg_available():
+            pytest.skip("PostgreSQL at 127.0.0.1:5432 is not reachable")
+        import psycopg
+
+        db_name = f"ecoserve_e2e_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {db_name}")
+        store_url = f"postgresql://postgres@127.0.0.1:5432/{db_name}"
+    monkeypatch_module.setenv("ECOSERVE_FEEDBACK_TOKEN", TOKEN)
+    port = _free_port()
+    args = {
+        "model_repository": str(serving_repo),
+        "provider": "cpu",
+        "gateway": {"num_cpus": 0.5},
+        "auth": {"feedback_token_env": "ECOSERVE_FEEDBACK_TOKEN"},
+        "telemetry": {"store_url": store_url, "flush_interval_s": 0.1, "sweep_interval_s": 0.5},
+        "ecosystems": {"credit": {"policy": {"kind": "primary", "primary": "logreg"}}},
+    }
+    cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
+           "applications": [{"name": "ecoserve", "route_prefix": "/", "import_path": "serving.app:build_app", "args": args}]}
+    path = tmp / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    running = start(load_serve_file(path), num_cpus=2)
+    try:
+        yield running.url
+    finally:
+        running.stop()
+        if db_name:
+            import psycopg
+
+            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+                conn.execute(f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def metric(m, name, **labels):
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def wait_for(url, name, want, timeout_s=60.0, **labels):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = scrape(url)
+        if metric(m, name, **labels) == want or time.monotonic() > deadline:
+            return m
+        time.sleep(0.3)
+
+
+def post_labels(url, items, token=TOKEN):
+    return httpx.post(f"{url}/v2/feedback", json={"labels": items}, headers={"authorization": f"Bearer {token}"}, timeout=30)
+
+
+ALL = {"subgroup": "all", "subgroup_value": "all", "ecosystem": "credit", "source": "observed"}
+
+
+def test_scraped_counters_equal_direct_onnxruntime(server, serving_repo):
+    held = load_heldout(serving_repo / "credit")
+    run_id = uuid.uuid4().hex[:6]
+    n, per_request = 120, 10
+    X, y = held.X[:n], held.y[:n]
+    sex, age = held.groups["sex"][:n], held.groups["age_group"][:n]
+    ids = [f"{run_id}-{i}" for i in range(n)]
+    # early labels: the first request's labels are posted before it is served
+    early = [{"request_id": ids[i], "label": int(y[i])} for i in range(per_request)]
+    r = post_labels(server, early)
+    assert r.status_code == 200 and r.json()["counts"] == {"pending": per_request}
+    for s in range(0, n, per_request):
+        body = infer_body(X[s : s + per_request], parameters={
+            "request_ids": ids[s : s + per_request],
+            "subgroups": [{"sex": str(sex[i]), "age_group": str(age[i])} for i in range(s, s + per_request)],
+        })
+        assert httpx.post(f"{server}/v2/models/credit/infer", json=body, timeout=30).status_code == 200
+    # the rest of the labels: shuffled, with duplicates and unknown ids
+    items = [{"request_id": ids[i], "label": ["bad", "good"][int(y[i])], "timestamp": time.time() + 5} for i in range(per_request, n)]
+    items += items[:15] + [{"request_id": f"unknown-{run_id}-{j}", "label": 1} for j in range(3)]
+    random.Random(0).shuffle(items)
+    r = post_labels(server, items)
+    assert r.status_code == 200, r.text
+    counts = r.json()["counts"]
+    assert counts.get("pending", 0) >= 3
+    m = wait_for(server, "ecoserve_labeled_outcomes_total", n, **ALL)
+    # what the counters must be, from each member's ONNX model run directly
+    preds = np.stack([
+        ort.InferenceSession(str(serving_repo / f"credit/{mem}/1/model.onnx"), providers=["CPUExecutionProvider"])
+        .run(["label"], {"input": X})[0] for mem in MEMBERS], axis=1)
+    wrong = preds != y[:, None]
+    k = wrong.sum(axis=1)
+    assert metric(m, "ecoserve_labeled_outcomes_total", **ALL) == n
+    assert metric(m, "ecoserve_failures_per_instance_total", k="5", **ALL) == (k == 5).sum()
+    assert metric(m, "ecoserve_failures_per_instance_total", k="0", **ALL) == (k == 0).sum()
+    for a, mem in enumerate(MEMBERS):
+        assert metric(m, "ecoserve_member_correct_total", member=mem, **ALL) == (~wrong[:, a]).sum()
+    for a in range(5):
+        for b in range(a + 1, 5):
+            assert metric(m, "ecoserve_pair_agreements_total", ecosystem="credit", member_a=MEMBERS[a],
+                          member_b=MEMBERS[b], subgroup="all", subgroup_value="all") == (preds[:, a] == preds[:, b]).sum()
+    female = sex == "female"
+    sub = {**ALL, "subgroup": "sex", "subgroup_value": "female"}
+    assert metric(m, "ecoserve_labeled_outcomes_total", **sub) == female.sum()
+    assert metric(m, "ecoserve_failures_per_instance_total", k="5", **sub) == (k[female] == 5).sum()
+    inter = {**ALL, "subgroup": "sex&age_group", "subgroup_value": "female&young"}
+    fy = female & (age == "young")
+    assert metric(m, "ecoserve_labeled_outcomes_total", **inter) == fy.sum()
+    assert metric(m, "ecoserve_labels_duplicate_total", ecosystem="credit") >= 15
+    assert metric(m, "ecoserve_feedback_unknown_id_total") >= 3
+    assert metric(m, "ecoserve_window_systemic_failure_ratio", ecosystem="credit", subgroup="all",
+                  subgroup_value="all") == pytest.approx((k == 5).mean())
+
+
+def test_feedback_auth_and_bad_items_change_nothing(server):
+    before = scrape(server)
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic abc"}):
+        r = httpx.post(f"{server}/v2/feedback", json={"request_id": "x", "label": 1}, headers=headers, timeout=30)
+        assert r.status_code == 401, r.text
+    cases = [
+        ({"labels": [{"request_id": "a", "label": 1}, {"request_id": "b"}]}, 422, "item 1: label: Field required"),
+        ({"labels": [{"request_id": "a", "label": 1, "colour": 2}]}, 422, "item 0: colour: Extra inputs"),
+        ({"labels": [{"request_id": "", "label": 1}]}, 422, "item 0: request_id"),
+        ({"labels": [{"request_id": "a", "label": True}]}, 422, "item 0: label"),
+        ({"labels": [{"request_id": "a", "label": 1, "timestamp": "yesterday"}]}, 422, "item 0: timestamp"),
+        ({"labels": []}, 422, "no labels"),
+        ({"labels": [{"request_id": f"i{j}", "label": 1} for j in range(10_001)]}, 413, "the limit is 10000"),
+        ("{broken", 400, "not valid JSON"),
+    ]
+    for body, status, message in cases:
+        content = body.encode() if isinstance(body, str) else None
+        r = httpx.post(f"{server}/v2/feedback", json=None if content else body, content=content,
+                       headers={"authorization": f"Bearer {TOKEN}"}, timeout=60)
+        assert r.status_code == status, (body if isinstance(body, str) else str(body)[:80], r.text)
+        assert message in r.json()["error"]
+    after = scrape(server)
+    for key in ("ecoserve_labels_pending", "ecoserve_feedback_unknown_id_total"):
+        assert metric(after, key) == metric(before, key)
+    assert metric(after, "ecoserve_labeled_outcomes_total", **ALL) == metric(before, "ecoserve_labeled_outcomes_total", **ALL)
+
+
+def test_promtool_accepts_the_metrics(server):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (make test installs Debian's prometheus package)")
+    text = httpx.get(f"{server}/metrics", timeout=30).text
+    proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_recorder_killed_mid_stream(server, serving_repo):
+    import ray
+
+    x = load_heldout(serving_repo / "credit").X[:5]
+    before = scrape(server)
+    sent = 0
+
+    def send(k):
+        nonlocal sent
+        for _ in range(k):
+            r = httpx.post(f"{server}/v2/models/credit/infer", json=infer_body(x), timeout=30)
+            assert r.status_code == 200  # inference never fails because the recorder is down
+            sent += 5
+
+    send(10)
+    names = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Recorder" in a["name"]]
+    assert names, ray.util.list_named_actors(all_namespaces=True)
+    ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+    send(10)  # while the recorder is down or restarting
+    want = metric(before, "ecoserve_outcomes_total", ecosystem="credit") + sent
+    deadline = time.monotonic() + 90
+    after = {}
+    while time.monotonic() < deadline:
+        try:
+            after = scrape(server)
+            if metric(after, "ecoserve_outcomes_total", ecosystem="credit") >= want:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    dropped = sum(v for (name, _), v in after.items() if name == "ecoserve_outcomes_dropped_total")
+    assert metric(after, "ecoserve_outcomes_total", ecosystem="credit") + dropped == want
+    # restart rebuilt the counts from the store: nothing lower than before the kill
+    for key, v in before.items():
+        if key[0].endswith("_total") and key[0] != "ecoserve_outcomes_duplicate_id_total":
+            assert after.get(key, 0) >= v, key
