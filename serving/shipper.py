@@ -92,10 +92,14 @@ class OutcomeShipper:
         self.sent += sent
         return sent
 
-    async def close(self) -> None:
-        """Flush what is queued, then stop the background task (graceful shutdown)."""
+    async def close(self, timeout_s: float = 3.0) -> None:
+        """Flush what is queued, then stop the background task (graceful shutdown).
+        Bounded: if the recorder is already gone, what is left is counted as dropped."""
         try:
-            await self.flush(poll=False)
+            await asyncio.wait_for(self.flush(poll=False), timeout=timeout_s)
+        except Exception as exc:
+            self.dropped["recorder_error"] += len(self.queue)
+            log.warning("%d outcome records not handed over at shutdown: %s", len(self.queue), exc)
         finally:
             if self._task is not None:
                 self._task.cancel()
