@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
-# `make demo`: replay each demo ecosystem's held-out split through its members
-# and print the ecosystem metrics. (Grows into the served demo as serving lands.)
+# `make demo`: the whole system on the demo config. First the offline view (every member on
+# the held-out split), then the live one: serve, replay, label, and read the metrics back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ECOSERVE=.venv/bin/ecoserve
 REPO=${REPO:-model_repository}
-OUT=.demo
-mkdir -p "$OUT"
+mkdir -p .demo
+rm -f .demo/outcomes.db .demo/outcomes.db-wal .demo/outcomes.db-shm
 
-echo "== digits: held-out replay through every member (ONNX Runtime) =="
-$ECOSERVE predictions digits --repository "$REPO" --out "$OUT/digits.csv"
-$ECOSERVE analyze "$OUT/digits.csv" --compressed mlp_a_int8
+echo "== offline: held-out predictions of every member, analysed as an ecosystem =="
+$ECOSERVE predictions digits --repository "$REPO" --out .demo/digits.csv
+$ECOSERVE analyze .demo/digits.csv --compressed mlp_a_int8
+$ECOSERVE predictions credit --repository "$REPO" --out .demo/credit.csv
+$ECOSERVE analyze .demo/credit.csv --group-column sex --group-column age_group
 echo
-echo "== credit: held-out replay, by declared subgroup =="
-$ECOSERVE predictions credit --repository "$REPO" --out "$OUT/credit.csv"
-$ECOSERVE analyze "$OUT/credit.csv" --group-column sex --group-column age_group
-echo
-echo "Predictions tables: $OUT/digits.csv, $OUT/credit.csv  (ecoserve analyze FILE --json for JSON)"
+echo "== live: ecoserve on Ray Serve, traffic and delayed labels =="
+export ECOSERVE_FEEDBACK_TOKEN=${ECOSERVE_FEEDBACK_TOKEN:-$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(16))')}
+echo "feedback token: $ECOSERVE_FEEDBACK_TOKEN"
+exec $ECOSERVE demo ${DEMO_ARGS:-}

@@ -95,6 +95,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from serving.config import ConfigError
+    from serving.demo import run_demo
+
+    try:
+        return run_demo(exit_after=args.exit, config=args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from exc
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from serving.config import ConfigError, load_serve_file
 
@@ -145,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a config (default: the demo config) on Ray Serve, in the foreground")
     p.add_argument("config", nargs="?", help="Serve config file (default: the demo config, port 8000)")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("demo", help="serve the demo, replay held-out data, post labels, print the live metrics")
+    p.add_argument("--config", help="Serve config file (default: the demo config)")
+    p.add_argument("--exit", action="store_true", help="stop after printing the summary")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("check-config", help="validate a Serve config file's ecoserve settings")
     p.add_argument("config")

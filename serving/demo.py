@@ -1,0 +1,195 @@
+"""`ecoserve demo`: start the whole system on the demo config, drive it, and say where to look.
+
+1. starts `ecoserve serve` (demo config) as a child process, with a fresh feedback token;
+2. replays each ecosystem's held-out split through the endpoint (credit with its
+   subgroup attributes);
+3. posts the true labels in waves a few seconds apart, in shuffled batches with a
+   few duplicates; some labels never come: for credit they are assumed after the
+   config's `assume_label_after_s`;
+4. prints a one-screen summary read back from /metrics, and where to look.
+
+It keeps the system running until Ctrl-C (or exits at once with `--exit`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from models.heldout import load_heldout
+from serving.config import DEMO_CONFIG, load_serve_file
+
+__all__ = ["run_demo"]
+
+NEVER_LABELED = 0.15  # share of outcomes whose label never arrives
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"`ecoserve serve` exited with status {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not become ready in {timeout_s} s")
+
+
+def _replay(url: str, repo: Path, ecosystem: str, rows_per_request: int) -> list[tuple[str, int]]:
+    held = load_heldout(repo / ecosystem)
+    sent = []
+    with httpx.Client(timeout=30) as client:
+        for s in range(0, len(held.y), rows_per_request):
+            x = held.X[s : s + rows_per_request]
+            params: dict[str, Any] = {"request_ids": [f"demo-{ecosystem}-{i}" for i in range(s, s + len(x))]}
+            if held.groups:
+                params["subgroups"] = [{a: str(v[i]) for a, v in held.groups.items()} for i in range(s, s + len(x))]
+            body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                                "data": x.ravel().tolist()}], "parameters": params}
+            r = client.post(f"{url}/v2/models/{ecosystem}/infer", json=body)
+            r.raise_for_status()
+            sent += list(zip(params["request_ids"], held.y[s : s + len(x)].tolist()))
+    return sent
+
+
+def _post_labels(url: str, token: str, labels: list[tuple[str, int]], waves: int, rng: random.Random) -> None:
+    labels = [lab for lab in labels if rng.random() >= NEVER_LABELED]
+    rng.shuffle(labels)
+    per_wave = math.ceil(len(labels) / waves)
+    with httpx.Client(timeout=60, headers={"authorization": f"Bearer {token}"}) as client:
+        for w in range(waves):
+            wave = labels[w * per_wave : (w + 1) * per_wave]
+            items = [{"request_id": rid, "label": y, "source": "demo"} for rid, y in wave]
+            items += items[:5]  # a few duplicates: idempotent
+            if items:
+                client.post(f"{url}/v2/feedback", json={"labels": items}).raise_for_status()
+            time.sleep(2.0)
+
+
+def _scrape(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return out
+
+
+def _get(m: dict[str, list[tuple[dict[str, str], float]]], name: str, **labels: str) -> float | None:
+    for lab, v in m.get(name, []):
+        if all(lab.get(k) == val for k, val in labels.items()):
+            return v
+    return None
+
+
+def _fmt(v: float | None, pct: bool = True) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v * 100:.2f}%" if pct else f"{v:.3f}"
+
+
+def summary(url: str, ecosystems: list[str]) -> str:
+    m = _scrape(url)
+    lines = []
+    for eco in ecosystems:
+        allg = {"ecosystem": eco, "subgroup": "all", "subgroup_value": "all"}
+        outcomes = _get(m, "ecoserve_outcomes_total", ecosystem=eco)
+        obs = _get(m, "ecoserve_labeled_outcomes_total", source="observed", **allg)
+        ass = _get(m, "ecoserve_labeled_outcomes_total", source="assumed", **allg)
+        lines.append(f"[{eco}] outcomes {outcomes:.0f}, labels observed {obs:.0f}, assumed {ass:.0f}")
+        sfr = _get(m, "ecoserve_window_systemic_failure_ratio", **allg)
+        base = _get(m, "ecoserve_window_systemic_failure_baseline_ratio", **allg)
+        csr = _get(m, "ecoserve_window_consistent_success_ratio", **allg)
+        una = _get(m, "ecoserve_window_unanimity_ratio", **allg)
+        lines.append(f"  systemic failure {_fmt(sfr)} vs {_fmt(base)} if members failed independently;"
+                     f" consistent success {_fmt(csr)}; unanimity (label-free) {_fmt(una)}")
+        kappas = [v for lab, v in m.get("ecoserve_window_kappa", []) if lab.get("ecosystem") == eco]
+        amb = _get(m, "ecoserve_window_ambiguity_ratio", ecosystem=eco)
+        cie = _get(m, "ecoserve_window_cie_ratio", ecosystem=eco)
+        line = f"  mean pairwise kappa {np.mean(kappas):.3f}; ambiguity {_fmt(amb)}" if kappas else "  -"
+        if cie is not None:
+            line += f"; compression-identified exemplars {_fmt(cie)}"
+        lines.append(line)
+        accs = [(lab["member"], v) for lab, v in m.get("ecoserve_window_member_accuracy_ratio", [])
+                if lab.get("ecosystem") == eco]
+        lines.append("  accuracy: " + ", ".join(f"{mem} {v * 100:.1f}%" for mem, v in accs))
+        groups = [(lab["subgroup"], lab["subgroup_value"], v) for lab, v in
+                  m.get("ecoserve_window_systemic_failure_ratio", [])
+                  if lab.get("ecosystem") == eco and lab.get("subgroup") != "all"]
+        for sg, val, v in groups:
+            b = _get(m, "ecoserve_window_systemic_failure_baseline_ratio", ecosystem=eco, subgroup=sg, subgroup_value=val)
+            lines.append(f"    {sg}={val}: systemic failure {_fmt(v)} (independent: {_fmt(b)})")
+        ips = [(lab["member"], v) for lab, v in m.get("ecoserve_window_snips", []) if lab.get("ecosystem") == eco]
+        if ips:
+            served = {lab["member"]: v for lab, v in m.get("ecoserve_served_total", []) if lab.get("ecosystem") == eco}
+            total = sum(served.values()) or 1
+            mp = _get(m, "ecoserve_window_min_propensity", ecosystem=eco)
+            lines.append(f"  exploration: min propensity {_fmt(mp, pct=False)}; SNIPS value / served share: "
+                         + ", ".join(f"{mem} {v:.3f}/{served.get(mem, 0) / total:.0%}" for mem, v in ips))
+    pending = _get(m, "ecoserve_labels_pending")
+    dup = sum(v for _, v in m.get("ecoserve_labels_duplicate_total", []))
+    lines.append(f"labels pending {pending:.0f}; duplicates ignored {dup:.0f}")
+    return "\n".join(lines)
+
+
+def run_demo(exit_after: bool = False, config: str | None = None) -> int:
+    cfg_path = Path(config) if config else DEMO_CONFIG
+    file = load_serve_file(cfg_path)
+    repo = Path(file.serving.model_repository)
+    url = f"http://127.0.0.1:{file.http_port}"
+    token = os.environ.get("ECOSERVE_FEEDBACK_TOKEN") or secrets.token_urlsafe(16)
+    env = {**os.environ, "ECOSERVE_FEEDBACK_TOKEN": token}
+    print(f"starting ecoserve ({cfg_path}) ... (Ray and the models take ~30 s)")
+    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", str(cfg_path)], env=env)
+    try:
+        _wait_ready(url, proc)
+        rng = random.Random(0)
+        ecos = list(file.serving.ecosystems)
+        sent = {}
+        for eco in ecos:
+            rows = 8 if eco == "digits" else 1
+            sent[eco] = _replay(url, repo, eco, rows)
+            print(f"replayed {len(sent[eco])} held-out rows of {eco} through {url}/v2/models/{eco}/infer")
+        for eco in ecos:
+            _post_labels(url, token, sent[eco], waves=3, rng=rng)
+            print(f"posted labels for {eco} in 3 waves ({NEVER_LABELED:.0%} never arrive)")
+        wait = max((e.assume_label_after_s or 0) for e in file.serving.ecosystems.values())
+        if wait:
+            print(f"waiting {wait + 6:.0f} s so unlabeled credit outcomes are assumed ({wait:.0f} s timeout)...")
+            time.sleep(wait + 6)
+        print()
+        print(summary(url, ecos))
+        print()
+        print(f"where to look:\n  metrics:     {url}/metrics\n  models:      {url}/v2/models/digits"
+              f"  {url}/v2/models/credit\n  feedback:    POST {url}/v2/feedback  (Authorization: Bearer {token})\n"
+              f"  outcomes:    {file.serving.telemetry.store_url}")
+        if exit_after:
+            return 0
+        print("\nthe system keeps running; Ctrl-C to stop")
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        while proc.poll() is None:
+            time.sleep(1)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
