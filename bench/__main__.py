@@ -17,18 +17,26 @@ def _table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> 
 
 
 def main(argv: list[str]) -> int:
-    sections = argv or ["core", "serving"]
+    sections = argv or ["core", "telemetry", "serving"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     if "core" in sections:
         from bench import core
 
         _table("metric core", core.run(), ("measure", "ecoserve", "baseline (same run)", "ratio / target"))
+    if "telemetry" in sections:
+        from bench import telemetry
+
+        _table(
+            "label ingest (recorder.feedback, batches of 1,000, 50,000 labels, 6 members, 1 subgroup attribute)",
+            telemetry.run(),
+            ("store", "labels/s", "floor: bare UPDATEs/s", "ratio", "target"),
+        )
     if "serving" in sections:
         from pathlib import Path
 
         from bench import serving
 
-        print("\nserving: digits ecosystem, 6 members evaluated per request, closed-loop httpx load on the same machine")
+        print("\nserving: digits ecosystem, 6 members evaluated per request, closed-loop load (wrk, 1 thread) on the same 2 cores")
         _table(
             "serving (digits, all members per request)",
             serving.run(Path(os.environ.get("REPO", "model_repository"))),

@@ -7,7 +7,8 @@ Setups (env BENCH_SETUPS, comma-separated, selects):
 - baseline: plain uvicorn + FastAPI, every digits member in one process, no Ray;
 - colocated_fast: ecoserve default (members in the gateway replica, HAProxy + throughput-optimized);
 - colocated_default: members in the gateway replica, Serve's default ingress;
-- per_member_fast: one deployment per member (handles), HAProxy + throughput-optimized.
+- per_member_fast: one deployment per member (handles), HAProxy + throughput-optimized;
+- colocated_fast_notelemetry: the default with telemetry off (no recording): the on/off ratio.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from bench.load import LoadResult, run_load, run_wrk
 from models.heldout import load_heldout
 
 ROOT = Path(__file__).resolve().parent.parent
-SETUPS = ["baseline", "colocated_fast", "colocated_default", "per_member_fast"]
+SETUPS = ["baseline", "colocated_fast", "colocated_fast_notelemetry", "colocated_default", "per_member_fast"]
 
 
 def _free_port() -> int:
@@ -54,7 +55,7 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 240)
     raise TimeoutError(url)
 
 
-def ecoserve_config(repo: Path, port: int, placement: str, telemetry: bool = True) -> dict[str, Any]:
+def ecoserve_config(repo: Path, port: int, placement: str, telemetry: bool, tmp: Path) -> dict[str, Any]:
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
@@ -67,7 +68,7 @@ def ecoserve_config(repo: Path, port: int, placement: str, telemetry: bool = Tru
                 "gateway": {"num_cpus": 0.5},
                 "members": {"num_cpus": 0.2},
                 "batching": {"max_batch_size": 64, "batch_wait_timeout_s": 0.0},
-                "telemetry": {"enabled": telemetry},
+                "telemetry": {"enabled": telemetry, "store_url": f"sqlite:///{tmp}/outcomes-{port}.db"},
                 "ecosystems": {"digits": {"policy": {"kind": "primary", "primary": "mlp_a"}}},
             },
         }],
@@ -81,10 +82,11 @@ def start_setup(setup: str, repo: Path, tmp: Path, telemetry: bool = True) -> tu
         cmd = [sys.executable, "-m", "bench.baseline_server", "--repository", str(repo), "--port", str(port)]
     else:
         placement = "per_member" if setup.startswith("per_member") else "colocated"
-        fast = "1" if setup.endswith("fast") else "0"
+        fast = "1" if "_fast" in setup else "0"
+        telemetry = telemetry and not setup.endswith("notelemetry")
         env.update(RAY_SERVE_ENABLE_HA_PROXY=fast, RAY_SERVE_THROUGHPUT_OPTIMIZED=fast)
         cfg = tmp / f"{setup}-{int(telemetry)}.yaml"
-        cfg.write_text(yaml.safe_dump(ecoserve_config(repo, port, placement, telemetry)))
+        cfg.write_text(yaml.safe_dump(ecoserve_config(repo, port, placement, telemetry, tmp)))
         cmd = [sys.executable, "-m", "serving.cli", "serve", str(cfg)]
     log = tmp / f"{setup}-{int(telemetry)}.log"
     with log.open("wb") as fh:
@@ -136,12 +138,17 @@ def run(repo: Path) -> list[tuple[str, ...]]:
                 stop_setup(proc)
     rows_out = []
     base = results.get("baseline")
-    for setup, res in results.items():
+    order = [s for s in SETUPS if s in results]
+    for setup in order:
+        res = results[setup]
         for (rows, conc), r in res.items():
             ratio = "-"
             if base is not None and setup != "baseline":
                 b = base[(rows, conc)]
                 ratio = f"{r.rps / b.rps:.2f}x rps, {r.pct(50) / b.pct(50):.2f}x p50"
+            off = results.get("colocated_fast_notelemetry")
+            if setup == "colocated_fast" and off is not None:
+                ratio += f"; telemetry on/off {r.rps / off[(rows, conc)].rps:.2f}x rps"
             rows_out.append((setup, str(rows), str(conc), f"{r.rps:.0f}", f"{r.pct(50) * 1e3:.1f}",
                              f"{r.pct(99) * 1e3:.1f}", str(r.errors), ratio))
     return rows_out

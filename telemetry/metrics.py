@@ -134,11 +134,11 @@ class EcoserveCollector(Collector):
         for (src, dst), v in sorted(st.corrections.items()):
             fams["ecoserve_label_corrections_total"].add_metric([eco, src, dst], v)
         for a, m in enumerate(members):
-            fams["ecoserve_member_missing_outputs_total"].add_metric([eco, m], st.missing[a])
-            fams["ecoserve_served_total"].add_metric([eco, m], st.served[a])
-            fams["ecoserve_served_propensity_total"].add_metric([eco, m], st.served_propensity[a])
-            fams["ecoserve_fallbacks_total"].add_metric([eco, m], st.fallbacks[a])
-        for sg, value, c in _subgroups(st.predictions()):
+            fams["ecoserve_member_missing_outputs_total"].add_metric([eco, m], int(st.missing[a]))
+            fams["ecoserve_served_total"].add_metric([eco, m], int(st.served[a]))
+            fams["ecoserve_served_propensity_total"].add_metric([eco, m], float(st.served_propensity[a]))
+            fams["ecoserve_fallbacks_total"].add_metric([eco, m], int(st.fallbacks[a]))
+        for sg, value, c in _subgroups(st.predictions):
             fams["ecoserve_predicted_total"].add_metric([eco, sg, value], c.n_predicted)
             fams["ecoserve_unanimous_total"].add_metric([eco, sg, value], c.unanimous)
             for a in range(len(members)):
@@ -147,7 +147,7 @@ class EcoserveCollector(Collector):
                         [eco, members[a], members[b], sg, value], int(c.agree[a, b])
                     )
         for source in SOURCES:
-            for sg, value, c in _subgroups(st.labels(source)):
+            for sg, value, c in _subgroups(st.labels[source]):
                 fams["ecoserve_labeled_outcomes_total"].add_metric([eco, source, sg, value], c.n_labeled)
                 fams["ecoserve_complete_outcomes_total"].add_metric([eco, source, sg, value], c.n_complete)
                 for k in range(len(members) + 1):
@@ -161,7 +161,7 @@ class EcoserveCollector(Collector):
                     )
             buckets, total = st.delay[source]
             cum, acc = [], 0
-            for bound, n in zip([*DELAY_BUCKETS_S, math.inf], buckets):
+            for bound, n in zip([*DELAY_BUCKETS_S, math.inf], buckets.tolist()):
                 acc += n
                 cum.append(("+Inf" if math.isinf(bound) else f"{bound:g}", acc))
             fams["ecoserve_label_delay_seconds"].add_metric([eco, source], cum, total[0])

@@ -27,12 +27,12 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from telemetry.accumulator import CountsAccumulator
+import numpy as np
+
 from telemetry.counts import EcosystemCounts, EcosystemShape, correctness
 from telemetry.exploration import ExplorationCounts
 from telemetry.records import Outcome
@@ -130,29 +130,25 @@ class _Window:
         self.shape, self.window_s, self.n_buckets = shape, window_s, n_buckets
         self.bucket_s = window_s / n_buckets
         self._clock = clock
-        self._done: deque[tuple[int, EcosystemCounts, ExplorationCounts]] = deque()
-        self._index = self._now_index()
-        self.counts = CountsAccumulator(shape)
-        self.exploration = ExplorationCounts(shape.members, shape.n_classes)
+        self._buckets: dict[int, tuple[EcosystemCounts, ExplorationCounts]] = {}
 
-    def _now_index(self) -> int:
-        return int(self._clock() // self.bucket_s)
+    def add(self, counts: EcosystemCounts | None = None, exploration: ExplorationCounts | None = None) -> None:
+        idx = int(self._clock() // self.bucket_s)
+        c, e = self._buckets.get(idx) or (
+            EcosystemCounts(self.shape), ExplorationCounts(self.shape.members, self.shape.n_classes)
+        )
+        self._buckets[idx] = (c + counts if counts is not None else c, e + exploration if exploration is not None else e)
+        self._expire(idx)
 
-    def rotate(self) -> None:
-        idx = self._now_index()
-        if idx != self._index:
-            self._done.append((self._index, self.counts.snapshot(), self.exploration))
-            self.counts = CountsAccumulator(self.shape)
-            self.exploration = ExplorationCounts(self.shape.members, self.shape.n_classes)
-            self._index = idx
-        while self._done and self._done[0][0] <= idx - self.n_buckets:
-            self._done.popleft()
+    def _expire(self, idx: int) -> None:
+        for old in [k for k in self._buckets if k <= idx - self.n_buckets]:
+            del self._buckets[old]
 
     def total(self) -> tuple[EcosystemCounts, ExplorationCounts]:
-        self.rotate()
-        counts = self.counts.snapshot()
-        exploration = self.exploration.copy()
-        for _, c, e in self._done:
+        self._expire(int(self._clock() // self.bucket_s))
+        counts = EcosystemCounts(self.shape)
+        exploration = ExplorationCounts(self.shape.members, self.shape.n_classes)
+        for c, e in self._buckets.values():
             counts = counts + c
             exploration = exploration + e
         return counts, exploration
@@ -161,46 +157,41 @@ class _Window:
 class _EcosystemState:
     def __init__(self, spec: EcosystemSpec, window_s: float, n_buckets: int, clock: Callable[[], float]) -> None:
         self.spec = spec
-        shape = spec.shape
+        self.shape = shape = spec.shape
         m = len(spec.members)
-        self.base_predictions = EcosystemCounts(shape)
-        self.live_predictions = CountsAccumulator(shape)
-        self.base_labels = {s: EcosystemCounts(shape) for s in SOURCES}
-        self.live_labels = {s: CountsAccumulator(shape) for s in SOURCES}
+        self.predictions = EcosystemCounts(shape)
+        self.labels = {s: EcosystemCounts(shape) for s in SOURCES}
         self.exploration = ExplorationCounts(spec.members, len(spec.classes))
         self.window = _Window(shape, window_s, n_buckets, clock)
         self.outcomes = 0
         self.incomplete = 0
         self.direct = 0
         self.explored = 0
-        self.missing = [0] * m
-        self.served = [0] * m
-        self.served_propensity = [0.0] * m
-        self.fallbacks = [0] * m
-        self.delay = {s: ([0] * (len(DELAY_BUCKETS_S) + 1), [0.0]) for s in SOURCES}  # bucket counts, sum
+        self.missing = np.zeros(m, dtype=np.int64)
+        self.served = np.zeros(m, dtype=np.int64)
+        self.served_propensity = np.zeros(m)
+        self.fallbacks = np.zeros(m, dtype=np.int64)
+        self.delay = {s: (np.zeros(len(DELAY_BUCKETS_S) + 1, dtype=np.int64), [0.0]) for s in SOURCES}
         self.corrections: dict[tuple[str, str], int] = {}
         self.duplicates = 0
 
-    def predictions(self) -> EcosystemCounts:
-        return self.base_predictions + self.live_predictions.snapshot()
-
-    def labels(self, source: str) -> EcosystemCounts:
-        return self.base_labels[source] + self.live_labels[source].snapshot()
+    def groups_of(self, groups: Sequence[dict[str, str]]) -> dict[str, list[str]] | None:
+        if not self.spec.subgroups:
+            return None
+        return {attr: [g.get(attr, "") for g in groups] for attr in self.spec.subgroups}
 
     def all_counts(self) -> EcosystemCounts:
-        total = self.predictions()
+        total = self.predictions
         for s in SOURCES:
-            total = total + self.labels(s)
+            total = total + self.labels[s]
         return total
 
 
-def _correct(spec: EcosystemSpec, preds: Sequence[int], served: int, label: float) -> list[int]:
+def _correct(spec: EcosystemSpec, preds: np.ndarray, served: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Correctness (N, M) in {1, 0, -1} of stored outcomes given their labels (class ids or rewards)."""
     if spec.label_mode == "bandit":
-        y = preds[served]
-        ok = 1 if label > 0 else 0
-        return [ok if (p == y and p >= 0) else -1 for p in preds]
-    lab = int(label)
-    return [(1 if p == lab else 0) if p >= 0 else -1 for p in preds]
+        return correctness(preds, served=served, rewards=labels)
+    return correctness(preds, labels.astype(np.int64))
 
 
 class Recorder:
@@ -263,21 +254,16 @@ class Recorder:
     # ---------------------------------------------------------- rebuild
     def _rebuild(self) -> None:
         """Rebuild every cumulative count from the store (restart safety)."""
-        now = self.clock()
         for name, st in self.state.items():
-            spec = st.spec
             for batch in self.store.iter_outcomes(name):
-                for o in batch:
-                    self._count_prediction(st, o.predictions, o.served, o.intended, o.propensities, o.greedy,
-                                           o.direct, o.groups, o.created_at, now=now)
-                    if o.counted_label is not None and o.counted_source in SOURCES:
-                        self._count_label(st, o, o.counted_label, o.counted_source, o.counted_time or o.created_at, now=now)
-            # fold the rebuilt accumulators into the base counts
-            st.base_predictions = st.base_predictions + st.live_predictions.snapshot()
-            st.live_predictions = CountsAccumulator(spec.shape)
-            for s in SOURCES:
-                st.base_labels[s] = st.base_labels[s] + st.live_labels[s].snapshot()
-                st.live_labels[s] = CountsAccumulator(spec.shape)
+                self._count_predictions(st, batch)
+                for source in SOURCES:
+                    labeled = [o for o in batch if o.counted_label is not None and o.counted_source == source]
+                    if labeled:
+                        self._count_labels(
+                            st, labeled, np.array([o.counted_label for o in labeled]), source,
+                            np.array([o.counted_time or o.created_at for o in labeled]),
+                        )
 
     # ----------------------------------------------------------- record
     def record(self, items: Sequence[Outcome], reporter: str = "", dropped: dict[str, int] | None = None) -> dict[str, int]:
@@ -289,11 +275,10 @@ class Recorder:
             inserted = self.store.insert_outcomes([o.to_row() for o in known])
             self._event({"unknown_ecosystem": len(items) - len(known), "duplicate_outcome_ids": len(known) - len(inserted)})
             fresh = [o for o in known if o.request_id in inserted]
-            now = self.clock()
-            for o in fresh:
-                st = self.state[o.ecosystem]
-                self._count_prediction(st, o.predictions, o.served, o.intended, o.propensities, o.greedy, o.direct,
-                                       o.groups, o.time_s, now=now)
+            for name, st in self.state.items():
+                mine = [o for o in fresh if o.ecosystem == name]
+                if mine:
+                    self._count_predictions(st, mine)
             joined = 0
             if fresh and self._pending:
                 waiting = self.store.take_pending([o.request_id for o in fresh])
@@ -308,30 +293,36 @@ class Recorder:
                         self._event({"pending_rejected": len(items_)})  # e.g. a class the ecosystem lacks
             return {"received": len(items), "inserted": len(inserted), "joined_pending": joined}
 
-    def _count_prediction(
-        self, st: _EcosystemState, preds: Sequence[int], served: int, intended: int, propensities: Sequence[float],
-        greedy: int, direct: bool, groups: dict[str, str], created_at: float, *, now: float,
-    ) -> None:
-        p = list(preds)
-        st.live_predictions.add(p, None, groups)
-        if created_at >= now - self.window_s:
-            st.window.rotate()
-            st.window.counts.add(p, None, groups)
-        st.outcomes += 1
-        if min(p) < 0:
-            st.incomplete += 1
-            for a, v in enumerate(p):
-                if v < 0:
-                    st.missing[a] += 1
-        st.served[served] += 1
-        if direct:
-            st.direct += 1
-        else:
-            st.served_propensity[served] += propensities[intended]
-            if served != intended:
-                st.fallbacks[intended] += 1
-            elif served != greedy:
-                st.explored += 1
+    def _count_predictions(self, st: _EcosystemState, items: Sequence[Outcome | StoredOutcome]) -> None:
+        """Count a batch of outcomes' predictions (label-free part), vectorised."""
+        n, m = len(items), len(st.spec.members)
+        preds = np.array([o.predictions for o in items], dtype=np.int64).reshape(n, m)
+        times = np.array([o.time_s if isinstance(o, Outcome) else o.created_at for o in items])
+        groups = st.groups_of([o.groups for o in items])
+        counts = EcosystemCounts.from_arrays(st.shape, preds, None, groups)
+        st.predictions = st.predictions + counts
+        recent = times >= self.clock() - self.window_s
+        if recent.all():
+            st.window.add(counts)
+        elif recent.any():
+            sub = {k: [v[i] for i in np.flatnonzero(recent)] for k, v in groups.items()} if groups else None
+            st.window.add(EcosystemCounts.from_arrays(st.shape, preds[recent], None, sub))
+        served = np.array([o.served for o in items], dtype=np.int64)
+        intended = np.array([o.intended for o in items], dtype=np.int64)
+        greedy = np.array([o.greedy for o in items], dtype=np.int64)
+        direct = np.array([o.direct for o in items], dtype=bool)
+        props = np.array([o.propensities[o.intended] for o in items], dtype=np.float64)
+        missing = preds < 0
+        st.outcomes += n
+        st.incomplete += int(missing.any(axis=1).sum())
+        st.missing += missing.sum(axis=0)
+        st.served += np.bincount(served, minlength=m)
+        st.direct += int(direct.sum())
+        routed = ~direct
+        st.served_propensity += np.bincount(served[routed], weights=props[routed], minlength=m)
+        fell = routed & (served != intended)
+        st.fallbacks += np.bincount(intended[fell], minlength=m)
+        st.explored += int((routed & ~fell & (served != greedy)).sum())
 
     # ---------------------------------------------------------- labels
     def feedback(self, items: Sequence[LabelItem]) -> list[ItemResult]:
@@ -407,33 +398,50 @@ class Recorder:
             key = f"corrections|{eco}|{src}|{dst}"
             events[key] = events.get(key, 0) + 1
         self._event(events)
-        for o, value, label_time in fold:
-            self._count_label(self.state[o.ecosystem], o, value, "observed", label_time, now=now)
+        for name, st in self.state.items():
+            mine = [(o, v, t) for o, v, t in fold if o.ecosystem == name]
+            if mine:
+                self._count_labels(st, [o for o, _, _ in mine], np.array([v for _, v, _ in mine]), "observed",
+                                   np.array([t for _, _, t in mine]))
         return results
 
-    def _count_label(
-        self, st: _EcosystemState, o: StoredOutcome, value: float, source: str, label_time: float, *,
-        now: float,
+    def _count_labels(
+        self, st: _EcosystemState, items: Sequence[StoredOutcome], values: np.ndarray, source: str,
+        label_times: np.ndarray,
     ) -> None:
+        """Count a batch of first labels (label part, delays, off-policy sums), vectorised."""
         spec = st.spec
-        c = _correct(spec, o.predictions, o.served, value)
-        st.live_labels[source].add(o.predictions, c, o.groups, count_predictions=False)
-        delay = max(0.0, label_time - o.created_at)
+        n, m = len(items), len(spec.members)
+        preds = np.array([o.predictions for o in items], dtype=np.int64).reshape(n, m)
+        served = np.array([o.served for o in items], dtype=np.int64)
+        created = np.array([o.created_at for o in items])
+        c = _correct(spec, preds, served, values)
+        groups = st.groups_of([o.groups for o in items])
+        counts = EcosystemCounts.from_arrays(st.shape, preds, c, groups)
+        st.labels[source] = st.labels[source] + counts
+        delay = np.maximum(0.0, label_times - created)
         buckets, total = st.delay[source]
-        k = next((i for i, b in enumerate(DELAY_BUCKETS_S) if delay <= b), len(DELAY_BUCKETS_S))
-        buckets[k] += 1
-        total[0] += delay
-        in_window = label_time >= now - self.window_s
-        if in_window:
-            st.window.rotate()
-            st.window.counts.add(o.predictions, c, o.groups, count_predictions=False)
+        buckets += np.bincount(np.searchsorted(DELAY_BUCKETS_S, delay, side="left"), minlength=len(buckets))
+        total[0] += float(delay.sum())
         # off-policy estimates use only rows served as the policy chose (no fallback, no direct call)
-        if not o.direct and o.served == o.intended:
-            reward = value if spec.label_mode == "bandit" else float(max(c[o.served], 0))
-            args = (o.predictions, o.served, reward, o.propensities[o.served], o.propensities, o.greedy)
-            st.exploration.add(*args)
-            if in_window:
-                st.window.exploration.add(*args)
+        routed = np.array([(not o.direct) and o.served == o.intended for o in items], dtype=bool)
+        exploration = None
+        if routed.any():
+            idx = np.flatnonzero(routed)
+            rewards = values[idx] if spec.label_mode == "bandit" else np.maximum(c[idx, served[idx]], 0).astype(float)
+            props = np.array([items[i].propensities for i in idx], dtype=np.float64).reshape(len(idx), m)
+            exploration = ExplorationCounts.from_arrays(
+                spec.members, len(spec.classes), preds[idx], served[idx], rewards, props[np.arange(len(idx)), served[idx]],
+                props, np.array([items[i].greedy for i in idx], dtype=np.int64),
+            )
+            st.exploration = st.exploration + exploration
+        recent = label_times >= self.clock() - self.window_s
+        if recent.all():
+            st.window.add(counts, exploration)
+        elif recent.any():
+            sel = np.flatnonzero(recent)
+            sub = {k: [v[i] for i in sel] for k, v in groups.items()} if groups else None
+            st.window.add(EcosystemCounts.from_arrays(st.shape, preds[sel], c[sel], sub))
 
     # ------------------------------------------------------------ sweep
     def sweep(self) -> dict[str, int]:
@@ -456,8 +464,8 @@ class Recorder:
                         for o in rows
                     ]
                     self.store.apply_labels(first, [])
-                    for o, f in zip(rows, first):
-                        self._count_label(st, o, value, "assumed", f["label_time"], now=now)
+                    self._count_labels(st, rows, np.full(len(rows), value), "assumed",
+                                       np.array([f["label_time"] for f in first]))
                     assumed += len(rows)
             expired = self.store.expire_pending(now - self.pending_ttl_s) if self._pending else 0
             self._event({"expired": expired})
@@ -473,7 +481,7 @@ class Recorder:
         """Per member (successes, failures) over every labeled complete outcome (for the policies)."""
         with self._lock:
             st = self.state[ecosystem]
-            total = st.labels("observed") + st.labels("assumed")
+            total = st.labels["observed"] + st.labels["assumed"]
             ok = total.member_correct
             return [int(v) for v in ok], [int(v) for v in total.member_n - ok]
 

@@ -8,9 +8,9 @@ and `migrate()` brings an older store forward, so a later change can add a step)
       predictions (JSON list of class ids, -1 = missing), served, intended, greedy,
       propensities (JSON list), policy, direct, groups (JSON object), fingerprint,
       label, label_source, label_time, label_received_at        -- the current label
-      counted_label, counted_source, counted_time               -- the label the streamed
-                                                                   counters used (the first)
-    ecoserve_label_history    every first label and every correction, in arrival order
+      counted_label, counted_source, counted_time, counted_origin -- the first label: the one the
+                                                                   streamed counters used
+    ecoserve_label_history    every correction (a label that differed from the current one)
     ecoserve_pending_labels   labels that arrived before their outcome (TTL-bounded)
     ecoserve_event_counts     persistent counters of API events (duplicates, corrections, ...)
 
@@ -80,6 +80,7 @@ outcomes = Table(
     Column("counted_label", Float),
     Column("counted_source", String(16)),
     Column("counted_time", Float),
+    Column("counted_origin", String(64)),
     Index("ix_ecoserve_outcomes_eco_created", "ecosystem", "created_at"),
     Index("ix_ecoserve_outcomes_eco_source", "ecosystem", "label_source"),
 )
@@ -135,6 +136,27 @@ class StoredOutcome:
     counted_label: float | None
     counted_source: str | None
     counted_time: float | None
+
+
+_COLUMNS = (
+    "request_id", "ecosystem", "created_at", "predictions", "served", "intended", "greedy", "propensities",
+    "direct", "groups", "label", "label_source", "counted_label", "counted_source", "counted_time",
+)
+
+
+def _decode_rows(rows: Sequence[Sequence[Any]]) -> list[StoredOutcome]:
+    """Rows in `_COLUMNS` order -> outcomes. The JSON columns of a whole batch are decoded with
+    one `json.loads` each (the per-row calls were a third of the label-ingest time)."""
+    if not rows:
+        return []
+    preds = json.loads("[" + ",".join(r[3] for r in rows) + "]")
+    props = json.loads("[" + ",".join(r[7] for r in rows) + "]")
+    groups = json.loads("[" + ",".join(r[9] for r in rows) + "]")
+    return [
+        StoredOutcome(r[0], r[1], r[2], preds[i], r[4], r[5], r[6], props[i], bool(r[8]), groups[i],
+                      r[10], r[11], r[12], r[13], r[14])
+        for i, r in enumerate(rows)
+    ]
 
 
 def _row_to_outcome(r: Any) -> StoredOutcome:
@@ -204,25 +226,34 @@ class OutcomeStore:
                 conn.execute(insert(outcomes), list(fresh.values()))
         return set(fresh)
 
+    def _ph(self, n: int) -> str:
+        """n driver placeholders (the hot paths below skip SQLAlchemy's per-row compilation)."""
+        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        return ", ".join([mark] * n)
+
     def get_outcomes(self, ids: Sequence[str]) -> dict[str, StoredOutcome]:
         out: dict[str, StoredOutcome] = {}
+        cols = ", ".join(_COLUMNS)
         with self.engine.connect() as conn:
-            for chunk in _chunks(list(ids)):
-                for r in conn.execute(select(outcomes).where(outcomes.c.request_id.in_(chunk))):
-                    out[r.request_id] = _row_to_outcome(r)
+            for chunk in _chunks(list(dict.fromkeys(ids))):
+                rows = conn.exec_driver_sql(
+                    f"SELECT {cols} FROM ecoserve_outcomes WHERE request_id IN ({self._ph(len(chunk))})", tuple(chunk)
+                ).fetchall()
+                for o in _decode_rows(rows):
+                    out[o.request_id] = o
         return out
 
     def iter_outcomes(self, ecosystem: str, batch: int = 5000) -> Iterator[list[StoredOutcome]]:
         """Every stored outcome of an ecosystem, in batches (for rebuilding counts after a restart)."""
         with self.engine.connect() as conn:
             result = conn.execution_options(stream_results=True).execute(
-                select(outcomes).where(outcomes.c.ecosystem == ecosystem)
+                select(*[outcomes.c[c] for c in _COLUMNS]).where(outcomes.c.ecosystem == ecosystem)
             )
             while True:
                 rows = result.fetchmany(batch)
                 if not rows:
                     return
-                yield [_row_to_outcome(r) for r in rows]
+                yield _decode_rows(rows)
 
     def count_outcomes(self, ecosystem: str | None = None) -> int:
         q = select(func.count()).select_from(outcomes)
@@ -246,15 +277,13 @@ class OutcomeStore:
             if pending:
                 self._add_pending(conn, pending)
             if first:
-                conn.execute(
-                    update(outcomes)
-                    .where(outcomes.c.request_id == bindparam("rid"))
-                    .values(
-                        label=bindparam("label"), label_source=bindparam("source"), label_time=bindparam("label_time"),
-                        label_received_at=bindparam("received_at"), counted_label=bindparam("label"),
-                        counted_source=bindparam("source"), counted_time=bindparam("label_time"),
-                    ),
-                    [{"rid": f["request_id"], **f} for f in first],
+                ph = self._ph(1)
+                conn.exec_driver_sql(
+                    f"UPDATE ecoserve_outcomes SET label = {ph}, label_source = {ph}, label_time = {ph}, "
+                    f"label_received_at = {ph}, counted_label = {ph}, counted_source = {ph}, counted_time = {ph}, "
+                    f"counted_origin = {ph} WHERE request_id = {ph}",
+                    [(f["label"], f["source"], f["label_time"], f["received_at"], f["label"], f["source"],
+                      f["label_time"], f.get("origin", ""), f["request_id"]) for f in first],
                 )
             if corrections:
                 conn.execute(
@@ -266,21 +295,33 @@ class OutcomeStore:
                     ),
                     [{"rid": c["request_id"], **c} for c in corrections],
                 )
+            # the first label lives in the outcome row (counted_*); the history keeps corrections
             history = [
                 {k: h[k] for k in ("request_id", "ecosystem", "label", "source", "label_time", "received_at")}
-                | {"kind": kind, "origin": h.get("origin", "")}
-                for kind, items in (("first", first), ("correction", corrections))
-                for h in items
+                | {"kind": "correction", "origin": h.get("origin", "")}
+                for h in corrections
             ]
             if history:
-                conn.execute(insert(label_history), history)
+                conn.exec_driver_sql(
+                    "INSERT INTO ecoserve_label_history (request_id, ecosystem, label, source, label_time, "
+                    f"received_at, kind, origin) VALUES ({self._ph(8)})",
+                    [(h["request_id"], h["ecosystem"], h["label"], h["source"], h["label_time"], h["received_at"],
+                      h["kind"], h["origin"]) for h in history],
+                )
 
     def label_history(self, request_id: str) -> list[dict[str, Any]]:
+        """Every label an outcome received, in order: the first (kind `first`), then corrections."""
         with self.engine.connect() as conn:
+            o = conn.execute(select(outcomes).where(outcomes.c.request_id == request_id)).first()
+            out: list[dict[str, Any]] = []
+            if o is not None and o.counted_source is not None:
+                out.append({"request_id": request_id, "ecosystem": o.ecosystem, "label": o.counted_label,
+                            "source": o.counted_source, "label_time": o.counted_time, "kind": "first",
+                            "origin": o.counted_origin or ""})
             rows = conn.execute(
                 select(label_history).where(label_history.c.request_id == request_id).order_by(label_history.c.id)
             )
-            return [dict(r._mapping) for r in rows]
+            return out + [dict(r._mapping) for r in rows]
 
     def unlabeled_before(self, ecosystem: str, before: float, limit: int = 10_000) -> list[StoredOutcome]:
         with self.engine.connect() as conn:
