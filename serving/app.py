@@ -83,14 +83,14 @@ class Gateway:
         if recorder is not None:
             self.telemetry = HandleTelemetry(recorder)
 
-            async def send(batch: list[Outcome], reporter: str, dropped: dict[str, int]) -> dict[str, Any]:
-                reply: dict[str, Any] = await recorder.record.remote(batch, reporter, dropped)
+            async def send(batch: list[Outcome], reporter: str, report: dict[str, Any]) -> dict[str, Any]:
+                reply: dict[str, Any] = await recorder.record.remote(batch, reporter, report)
                 return reply
 
             t = cfg.telemetry
             self.shipper = OutcomeShipper(
                 send, max_queue=t.max_queue, max_batch=t.max_batch, flush_interval_s=t.flush_interval_s,
-                on_reply=self._apply_rewards,
+                on_reply=self._apply_rewards, report=lambda: self.dataplane.stats.snapshot(),
             )
         self.dataplane = Dataplane.build(cfg, factory, sink=self.shipper.put if self.shipper else None)
         if self.shipper is not None:

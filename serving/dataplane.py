@@ -19,6 +19,7 @@ from serving.ensemble import EcosystemRunner, InferResult, OutcomeSink
 from serving.errors import BadRequest, NotFound, PayloadTooLarge
 from serving.members import MemberCall
 from serving.policies import make_policy
+from telemetry.serving_stats import ServingStats
 from serving.protocol import InferRequest, datatype_of, row_groups, row_request_ids, tensor_from_input
 
 __all__ = ["Dataplane", "MemberFactory", "ResolvedModel", "SERVER_NAME", "SERVER_VERSION"]
@@ -46,13 +47,15 @@ class ResolvedModel:
 
 
 class Dataplane:
-    def __init__(self, runners: dict[str, EcosystemRunner], cfg: ServingConfig) -> None:
+    def __init__(self, runners: dict[str, EcosystemRunner], cfg: ServingConfig, stats: ServingStats) -> None:
         self.runners = runners
         self.cfg = cfg
+        self.stats = stats
 
     @classmethod
     def build(cls, cfg: ServingConfig, factory: MemberFactory, sink: OutcomeSink | None = None) -> Dataplane:
         repo = Path(cfg.model_repository)
+        stats = ServingStats()
         runners = {}
         for name, eco_cfg in cfg.ecosystems.items():
             try:
@@ -68,8 +71,8 @@ class Dataplane:
             for mem in members:
                 log.info("ecosystem %s: member %s v%s on %s", name, mem.name, mem.version, mem.provider)
             policy = make_policy([m.name for m in members], eco_cfg.policy)
-            runners[name] = EcosystemRunner(manifest, members, policy, eco_cfg, sink)
-        return cls(runners, cfg)
+            runners[name] = EcosystemRunner(manifest, members, policy, eco_cfg, sink, stats=stats)
+        return cls(runners, cfg, stats)
 
     # ------------------------------------------------------------ lookup
     def resolve(self, name: str, version: str | None = None) -> ResolvedModel:

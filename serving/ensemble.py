@@ -29,6 +29,7 @@ from serving.errors import Unavailable
 from serving.members import MemberCall, Prediction
 from serving.policies import Decision, Policy
 from telemetry.records import Outcome
+from telemetry.serving_stats import ServingStats
 
 __all__ = ["Outcome", "InferResult", "EcosystemRunner", "OutcomeSink"]
 
@@ -58,6 +59,7 @@ class EcosystemRunner:
         cfg: EcosystemServeConfig,
         sink: OutcomeSink | None = None,
         seed: int | None = None,
+        stats: ServingStats | None = None,
     ) -> None:
         self.manifest = manifest
         self.members = members
@@ -66,6 +68,7 @@ class EcosystemRunner:
         self.policy = policy
         self.cfg = cfg
         self.sink = sink
+        self.stats = stats or ServingStats()
         self._rng = np.random.default_rng(seed)
         self.n_classes = len(manifest.classes)
         self.version = hashlib.sha1(
@@ -117,12 +120,18 @@ class EcosystemRunner:
         return self.names.index(member)
 
     async def _call(self, a: int, x: np.ndarray) -> Prediction | BaseException:
+        member = self.members[a]
+        t0 = time.perf_counter()
         try:
-            return await asyncio.wait_for(self.members[a].predict(x), timeout=self.cfg.member_timeout_s)
+            result = await asyncio.wait_for(member.predict(x), timeout=self.cfg.member_timeout_s)
         except asyncio.TimeoutError:
+            self.stats.error(self.manifest.name, member.name, "timeout")
             return TimeoutError(f"{self.names[a]}: no answer within {self.cfg.member_timeout_s} s")
         except Exception as exc:  # a member's failure is recorded as a missing output, never raised
+            self.stats.error(self.manifest.name, member.name, "error")
             return exc
+        self.stats.observe(self.manifest.name, member.name, member.provider, time.perf_counter() - t0)
+        return result
 
     async def infer(
         self,

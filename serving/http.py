@@ -106,10 +106,17 @@ def build_http_app(
         return {"name": model.name, "ready": True}
 
     async def _infer(request: Request, name: str, version: str | None) -> Response:
-        model = dataplane.resolve(name, version)
-        req = parse_infer_request(await read_json_body(request, max_bytes))
-        result, request_id = await dataplane.infer(model, req, request.headers.get("x-request-id"))
-        body = dataplane.response(model, req, result, request_id)
+        eco = name.partition(".")[0]
+        eco = eco if eco in dataplane.runners else "unknown"  # bounded label values
+        try:
+            model = dataplane.resolve(name, version)
+            req = parse_infer_request(await read_json_body(request, max_bytes))
+            result, request_id = await dataplane.infer(model, req, request.headers.get("x-request-id"))
+            body = dataplane.response(model, req, result, request_id)
+        except EcoserveError as exc:
+            dataplane.stats.request(eco, status_of(exc))
+            raise
+        dataplane.stats.request(eco, 200)
         return Response(json.dumps(body), media_type="application/json", headers={"x-request-id": request_id})
 
     @app.post("/v2/models/{name}/infer")

@@ -129,8 +129,8 @@ class RecorderDeployment:
             except Exception as exc:  # the sweep retries next period; never kill the thread
                 log.warning("recorder sweep failed: %s", exc)
 
-    def record(self, outcomes: list[Outcome], reporter: str, dropped: dict[str, int]) -> dict[str, Any]:
-        stats: dict[str, Any] = self.recorder.record(outcomes, reporter, dropped) if outcomes or dropped else {}
+    def record(self, outcomes: list[Outcome], reporter: str, report: dict[str, Any]) -> dict[str, Any]:
+        stats: dict[str, Any] = self.recorder.record(outcomes, reporter, report)
         stats["rewards"] = {eco: self.recorder.reward_stats(eco) for eco in self.recorder.specs}
         return stats
 

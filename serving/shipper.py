@@ -25,7 +25,7 @@ __all__ = ["OutcomeShipper"]
 
 log = logging.getLogger(__name__)
 
-Send = Callable[[list[Outcome], str, dict[str, int]], Awaitable[dict[str, Any]]]
+Send = Callable[[list[Outcome], str, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class OutcomeShipper:
@@ -38,7 +38,9 @@ class OutcomeShipper:
         flush_interval_s: float,
         on_reply: Callable[[dict[str, Any]], None] | None = None,
         idle_poll_s: float = 2.0,
+        report: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
+        self._report = report
         self._send = send
         self.max_queue = max_queue
         self.max_batch = max_batch
@@ -81,7 +83,8 @@ class OutcomeShipper:
         async with self._lock:
             while self.queue or poll:
                 batch = [self.queue[i] for i in range(min(self.max_batch, len(self.queue)))]
-                reply = await self._send(batch, self.reporter, dict(self.dropped))
+                report = {"dropped": dict(self.dropped), "serving": self._report() if self._report else {}}
+                reply = await self._send(batch, self.reporter, report)
                 for _ in batch:
                     self.queue.popleft()
                 sent += len(batch)

@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from telemetry.counts import EcosystemCounts, group_keys
 from telemetry.recorder import COVERAGE_AGES_S, DELAY_BUCKETS_S, SOURCES, Recorder
+from telemetry.serving_stats import LATENCY_BUCKETS_S
 from telemetry.summary import summarize
 
 __all__ = ["EcoserveCollector", "METRICS", "exposition"]
@@ -45,6 +46,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ecoserve_labeled_outcomes_total": ("counter", ("ecosystem", "source", "subgroup", "subgroup_value"), "Outcomes that received their first label."),
     "ecoserve_complete_outcomes_total": ("counter", ("ecosystem", "source", "subgroup", "subgroup_value"), "Labeled outcomes where every member's correctness is known (denominator of systemic failure)."),
     "ecoserve_failures_per_instance_total": ("counter", ("ecosystem", "source", "subgroup", "subgroup_value", "k"), "Complete labeled outcomes on which exactly k members failed (k = members: systemic failure)."),
+    "ecoserve_systemic_failures_total": ("counter", ("ecosystem", "source", "subgroup", "subgroup_value"), "Complete labeled outcomes every member got wrong (k = members)."),
+    "ecoserve_consistent_successes_total": ("counter", ("ecosystem", "source", "subgroup", "subgroup_value"), "Complete labeled outcomes every member got right (k = 0)."),
     "ecoserve_member_labeled_total": ("counter", ("ecosystem", "member", "source", "subgroup", "subgroup_value"), "Labeled outcomes where this member's correctness is known."),
     "ecoserve_member_correct_total": ("counter", ("ecosystem", "member", "source", "subgroup", "subgroup_value"), "Labeled outcomes this member got right."),
     "ecoserve_label_delay_seconds": ("histogram", ("ecosystem", "source"), "Label time minus prediction time, for each first label."),
@@ -55,6 +58,9 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ecoserve_labels_pending": ("gauge", (), "Labels waiting for their outcome."),
     "ecoserve_outcomes_dropped_total": ("counter", ("reason",), "Outcome records the gateways dropped (queue full, recorder unreachable)."),
     "ecoserve_outcomes_duplicate_id_total": ("counter", (), "Outcome records whose request id was already stored (retries; clients reusing ids)."),
+    "ecoserve_requests_total": ("counter", ("ecosystem", "code"), "Inference requests by HTTP status, counted at the gateways."),
+    "ecoserve_member_latency_seconds": ("histogram", ("ecosystem", "member", "provider"), "Time of one member call (one batch), at the gateway."),
+    "ecoserve_member_errors_total": ("counter", ("ecosystem", "member", "kind"), "Member calls that failed (kind: error, timeout)."),
     "ecoserve_label_coverage_ratio": ("gauge", ("ecosystem", "age_seconds"), "Share of outcomes older than age_seconds that have a label."),
     "ecoserve_window_seconds": ("gauge", (), "Length of the rolling window of the ecoserve_window_* gauges."),
     "ecoserve_window_labeled_outcomes": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Complete labeled outcomes in the window."),
@@ -115,6 +121,17 @@ class EcoserveCollector(Collector):
             for reason in ("queue_full", "recorder_error"):
                 fams["ecoserve_outcomes_dropped_total"].add_metric([reason], r.dropped().get(reason, 0))
             fams["ecoserve_window_seconds"].add_metric([], r.window_s)
+            serving = r.serving_report()
+            for key, v in sorted(serving["requests"].items()):
+                fams["ecoserve_requests_total"].add_metric(key.split("|"), v)
+            for key, v in sorted(serving["errors"].items()):
+                fams["ecoserve_member_errors_total"].add_metric(key.split("|"), v)
+            for key, (buckets, total) in sorted(serving["latency"].items()):
+                cum, acc = [], 0
+                for bound, n in zip([*LATENCY_BUCKETS_S, math.inf], buckets):
+                    acc += n
+                    cum.append(("+Inf" if math.isinf(bound) else f"{bound:g}", acc))
+                fams["ecoserve_member_latency_seconds"].add_metric(key.split("|"), cum, total)
             coverage = r.coverage()
             for eco, by_age in coverage.items():
                 for age in COVERAGE_AGES_S:
@@ -150,6 +167,8 @@ class EcoserveCollector(Collector):
             for sg, value, c in _subgroups(st.labels[source]):
                 fams["ecoserve_labeled_outcomes_total"].add_metric([eco, source, sg, value], c.n_labeled)
                 fams["ecoserve_complete_outcomes_total"].add_metric([eco, source, sg, value], c.n_complete)
+                fams["ecoserve_systemic_failures_total"].add_metric([eco, source, sg, value], int(c.k_hist[-1]))
+                fams["ecoserve_consistent_successes_total"].add_metric([eco, source, sg, value], int(c.k_hist[0]))
                 for k in range(len(members) + 1):
                     fams["ecoserve_failures_per_instance_total"].add_metric(
                         [eco, source, sg, value, str(k)], int(c.k_hist[k])
@@ -222,3 +241,11 @@ def exposition(recorder: Recorder) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(EcoserveCollector(recorder))
     return generate_latest(registry)
+
+
+def metrics_markdown() -> str:
+    """The README's metrics table (a test keeps the README equal to it)."""
+    lines = ["| name | type | labels | meaning |", "| --- | --- | --- | --- |"]
+    for name, (kind, labels, doc) in METRICS.items():
+        lines.append(f"| `{name}` | {kind} | {', '.join(labels) or '-'} | {doc} |")
+    return "\n".join(lines) + "\n"

@@ -36,6 +36,7 @@ import numpy as np
 from telemetry.counts import EcosystemCounts, EcosystemShape, correctness
 from telemetry.exploration import ExplorationCounts
 from telemetry.records import Outcome
+from telemetry.serving_stats import merge_reports
 from telemetry.store import OutcomeStore, StoredOutcome
 
 __all__ = [
@@ -219,7 +220,7 @@ class Recorder:
         self.pending_rejected = 0
         self.duplicate_outcome_ids = 0
         self.unknown_ecosystem = 0
-        self.dropped_by_reporter: dict[str, dict[str, int]] = {}
+        self.reports: dict[str, dict[str, Any]] = {}
         self._pending = store.count_pending()
         self._load_events(store.event_counts())
         self._coverage_cache: tuple[float, dict[str, dict[float, tuple[int, int]]]] = (0.0, {})
@@ -266,11 +267,14 @@ class Recorder:
                         )
 
     # ----------------------------------------------------------- record
-    def record(self, items: Sequence[Outcome], reporter: str = "", dropped: dict[str, int] | None = None) -> dict[str, int]:
-        """Store and count a batch of outcomes; join labels that were waiting for them."""
+    def record(self, items: Sequence[Outcome], reporter: str = "", report: dict[str, Any] | None = None) -> dict[str, int]:
+        """Store and count a batch of outcomes; join labels that were waiting for them.
+
+        `report` is the gateway's cumulative `{"dropped": {reason: n}, "serving": ServingStats
+        snapshot}`; the latest per reporter is kept and the metrics show the sum."""
         with self._lock:
-            if dropped is not None and reporter:
-                self.dropped_by_reporter[reporter] = dict(dropped)
+            if report is not None and reporter:
+                self.reports[reporter] = report
             known = [o for o in items if o.ecosystem in self.state]
             inserted = self.store.insert_outcomes([o.to_row() for o in known])
             self._event({"unknown_ecosystem": len(items) - len(known), "duplicate_outcome_ids": len(known) - len(inserted)})
@@ -501,8 +505,11 @@ class Recorder:
 
     def dropped(self) -> dict[str, int]:
         out: dict[str, int] = {}
-        for counts in self.dropped_by_reporter.values():
-            for reason, v in counts.items():
+        for report in self.reports.values():
+            for reason, v in report.get("dropped", {}).items():
                 out[reason] = out.get(reason, 0) + v
         return out
+
+    def serving_report(self) -> dict[str, Any]:
+        return merge_reports([r.get("serving", {}) for r in self.reports.values()])
 
