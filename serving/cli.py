@@ -105,6 +105,33 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
 
 
+def _cmd_dashboards(args: argparse.Namespace) -> int:
+    from telemetry.dashboards import DASHBOARD_DIR, build_dashboards, write_dashboards
+
+    if args.action == "generate":
+        for p in write_dashboards(args.out or DASHBOARD_DIR):
+            print(f"wrote {p}")
+        return 0
+    from telemetry.grafana_push import PushError, push_dashboards
+
+    if not args.url or not args.token:
+        raise CliError("push needs --url and --token (a Grafana service account token with the Editor role)")
+    try:
+        for line in push_dashboards(args.url, args.token, build_dashboards(), folder_uid=args.folder_uid,
+                                    prometheus_url=args.prometheus_url):
+            print(line)
+    except PushError as exc:
+        raise CliError(str(exc)) from exc
+    return 0
+
+
+def _cmd_alerts(args: argparse.Namespace) -> int:
+    from telemetry.alerts import RULES_PATH, write_rules
+
+    print(f"wrote {write_rules(args.out or RULES_PATH)}")
+    return 0
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from serving.config import ConfigError, load_serve_file
 
@@ -160,6 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="Serve config file (default: the demo config)")
     p.add_argument("--exit", action="store_true", help="stop after printing the summary")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("dashboards", help="generate the Grafana dashboards, or push them to Grafana")
+    p.add_argument("action", choices=["generate", "push"])
+    p.add_argument("--out", help="generate: output folder (default: k8s/dashboards)")
+    p.add_argument("--url", help="push: Grafana URL, e.g. http://localhost:3000")
+    p.add_argument("--token", help="push: Grafana service account token")
+    p.add_argument("--folder-uid", help="push: folder to put the dashboards in")
+    p.add_argument("--prometheus-url", help="push: also create/update a Prometheus data source with this URL")
+    p.set_defaults(func=_cmd_dashboards)
+
+    p = sub.add_parser("alerts", help="generate the Prometheus alert rules file")
+    p.add_argument("action", choices=["generate"])
+    p.add_argument("--out", help="output file (default: k8s/prometheus/ecoserve-rules.yaml)")
+    p.set_defaults(func=_cmd_alerts)
 
     p = sub.add_parser("check-config", help="validate a Serve config file's ecoserve settings")
     p.add_argument("config")

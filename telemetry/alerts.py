@@ -1,0 +1,138 @@
+"""Prometheus alert rules, generated from one source: the rules file (`k8s/prometheus/
+ecoserve-rules.yaml`, loaded by `make demo`'s Prometheus) and the `PrometheusRule` in `k8s/`
+both come from `rule_groups()`. Each rule has a summary, a description and a runbook link
+to the README's "Runbook" section.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["Thresholds", "rule_groups", "rules_yaml", "RULES_PATH", "RUNBOOK_URL"]
+
+RULES_PATH = Path(__file__).resolve().parent.parent / "k8s" / "prometheus" / "ecoserve-rules.yaml"
+RUNBOOK_URL = "https://github.com/ecoserve/ecoserve/blob/main/README.md#runbook"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    systemic_failure_excess: float = 0.05  # absolute excess over the independence baseline
+    min_labeled_outcomes: int = 100  # do not judge a window with fewer complete labeled outcomes
+    excess_for: str = "15m"
+    unanimity_drop_ratio: float = 0.8  # last 15 min below 80% of the previous 6 h
+    min_predictions: int = 50
+    label_stall_minutes: int = 30
+    coverage_age_s: int = 86400
+    min_coverage: float = 0.5
+    min_propensity: float = 0.01
+    member_missing_ratio: float = 0.01
+
+
+def _rule(alert: str, expr: str, for_: str, severity: str, summary: str, description: str) -> dict[str, Any]:
+    return {
+        "alert": alert,
+        "expr": expr,
+        "for": for_,
+        "labels": {"severity": severity},
+        "annotations": {
+            "summary": summary,
+            "description": description,
+            "runbook_url": f"{RUNBOOK_URL}-{alert.lower()}",
+        },
+    }
+
+
+def rule_groups(t: Thresholds = Thresholds()) -> list[dict[str, Any]]:
+    rules = [
+        _rule(
+            "EcoserveSystemicFailureExcess",
+            f'ecoserve_window_systemic_failure_excess_ratio{{subgroup="all"}} > {t.systemic_failure_excess} '
+            f'and on (ecosystem) ecoserve_window_labeled_outcomes{{subgroup="all"}} >= {t.min_labeled_outcomes}',
+            t.excess_for, "warning",
+            "Members of {{ $labels.ecosystem }} fail together far more than independent models would",
+            "Systemic failure rate exceeds its independence baseline by {{ $value | humanizePercentage }} "
+            f"(threshold {t.systemic_failure_excess:.0%}) over the rolling window.",
+        ),
+        _rule(
+            "EcoserveSubgroupSystemicFailureExcess",
+            f'ecoserve_window_systemic_failure_excess_ratio{{subgroup!="all"}} > {t.systemic_failure_excess} '
+            f'and on (ecosystem, subgroup, subgroup_value) ecoserve_window_labeled_outcomes{{subgroup!="all"}} '
+            f'>= {t.min_labeled_outcomes}',
+            t.excess_for, "warning",
+            "{{ $labels.subgroup }}={{ $labels.subgroup_value }} in {{ $labels.ecosystem }}: systemic failure excess",
+            "In this subgroup all members fail together {{ $value | humanizePercentage }} more often than "
+            "independent members would.",
+        ),
+        _rule(
+            "EcoserveUnanimityDrop",
+            "(sum by (ecosystem) (increase(ecoserve_unanimous_total{subgroup=\"all\"}[15m])) "
+            "/ sum by (ecosystem) (increase(ecoserve_predicted_total{subgroup=\"all\"}[15m]))) "
+            f"< {t.unanimity_drop_ratio} * (sum by (ecosystem) (increase(ecoserve_unanimous_total{{subgroup=\"all\"}}[6h] offset 15m)) "
+            "/ sum by (ecosystem) (increase(ecoserve_predicted_total{subgroup=\"all\"}[6h] offset 15m))) "
+            f"and on (ecosystem) sum by (ecosystem) (increase(ecoserve_predicted_total{{subgroup=\"all\"}}[15m])) >= {t.min_predictions}",
+            "10m", "warning",
+            "Members of {{ $labels.ecosystem }} suddenly disagree (label-free early warning)",
+            "Unanimity over the last 15 minutes fell below "
+            f"{t.unanimity_drop_ratio:.0%} of the previous 6 hours: input drift or a broken member, before any label arrives.",
+        ),
+        _rule(
+            "EcoserveLabelsStalled",
+            f'sum by (ecosystem) (increase(ecoserve_labeled_outcomes_total{{subgroup="all"}}[{t.label_stall_minutes}m])) == 0 '
+            f"and on (ecosystem) sum by (ecosystem) (increase(ecoserve_outcomes_total[{t.label_stall_minutes}m])) > 0",
+            "10m", "warning",
+            "No labels for {{ $labels.ecosystem }} while it serves traffic",
+            f"No label (observed or assumed) joined in {t.label_stall_minutes} minutes although outcomes are recorded: "
+            "the feedback pipeline is stalled.",
+        ),
+        _rule(
+            "EcoserveLabelCoverageLow",
+            f'ecoserve_label_coverage_ratio{{age_seconds="{t.coverage_age_s}"}} < {t.min_coverage}',
+            "1h", "warning",
+            "Few old outcomes of {{ $labels.ecosystem }} have labels",
+            f"Only {{{{ $value | humanizePercentage }}}} of outcomes older than {t.coverage_age_s} s have a label "
+            f"(threshold {t.min_coverage:.0%}).",
+        ),
+        _rule(
+            "EcoserveExplorationPositivity",
+            f"ecoserve_window_min_propensity < {t.min_propensity}",
+            "5m", "warning",
+            "Exploration positivity violated in {{ $labels.ecosystem }}",
+            f"The smallest logged propensity is {{{{ $value }}}} (floor {t.min_propensity}): off-policy estimates "
+            "rest on huge importance weights.",
+        ),
+        _rule(
+            "EcoserveMemberMissingOutputs",
+            "sum by (ecosystem, member) (rate(ecoserve_member_missing_outputs_total[5m])) "
+            "/ on (ecosystem) group_left sum by (ecosystem) (rate(ecoserve_outcomes_total[5m])) "
+            f"> {t.member_missing_ratio}",
+            "5m", "critical",
+            "Member {{ $labels.member }} of {{ $labels.ecosystem }} is erroring or timing out",
+            "{{ $value | humanizePercentage }} of outcomes lack this member's output (errors or timeouts).",
+        ),
+        _rule(
+            "EcoserveOutcomesDropped",
+            "sum(increase(ecoserve_outcomes_dropped_total[5m])) > 0",
+            "0m", "critical",
+            "Outcome records are being dropped",
+            "{{ $value }} outcome records were dropped in 5 minutes (gateway queue full or recorder unreachable): "
+            "ecosystem metrics are missing data.",
+        ),
+    ]
+    return [{"name": "ecoserve", "rules": rules}]
+
+
+def rules_yaml(t: Thresholds = Thresholds()) -> str:
+    return "# Generated by `ecoserve alerts generate` from telemetry/alerts.py; do not edit.\n" + yaml.safe_dump(
+        {"groups": rule_groups(t)}, sort_keys=False, width=200
+    )
+
+
+def write_rules(path: str | Path = RULES_PATH) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(rules_yaml())
+    return p

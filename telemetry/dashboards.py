@@ -1,0 +1,323 @@
+"""Grafana dashboards as code (grafana-foundation-sdk), generated from one panel list.
+
+`build_dashboards()` returns the five dashboards as JSON-able dicts (Grafana's current
+dashboard schema); `write_dashboards(dir)` writes them (committed under
+`k8s/dashboards/`; a test fails when they are stale). Every dashboard is templated by
+a Prometheus data source variable, `ecosystem`, `member` and `subgroup`, and a
+`window` for the ratios computed from additive counters. Every panel says what it
+means and what a bad value looks like.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from grafana_foundation_sdk.builders import bargauge, dashboard, heatmap, prometheus, stat, table, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.dashboard import (
+    DataSourceRef,
+    DataTransformerConfig,
+    VariableOption,
+    VariableRefresh,
+)
+
+__all__ = ["PanelSpec", "DASHBOARDS", "build_dashboards", "write_dashboards", "panel_queries", "DASHBOARD_DIR"]
+
+DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "k8s" / "dashboards"
+DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
+E = 'ecosystem=~"$ecosystem"'
+ALL = 'subgroup="all"'
+W = "[$window]"
+
+
+@dataclass(frozen=True)
+class PanelSpec:
+    kind: str  # timeseries | stat | bargauge | table_matrix | heatmap
+    title: str
+    description: str
+    queries: tuple[tuple[str, str], ...]  # (expr, legend)
+    unit: str = "percentunit"
+    width: int = 12
+    height: int = 8
+    instant: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _ratio(num: str, den: str, by: str = "ecosystem") -> str:
+    return f"sum by ({by}) (increase({num}{W})) / sum by ({by}) (increase({den}{W}))"
+
+
+SFR = _ratio(f"ecoserve_systemic_failures_total{{{E},{ALL}}}", f"ecoserve_complete_outcomes_total{{{E},{ALL}}}")
+BASELINE = (
+    f"exp(sum by (ecosystem) (ln(1 - sum by (ecosystem, member) (increase(ecoserve_member_correct_total{{{E},{ALL}}}{W}))"
+    f" / sum by (ecosystem, member) (increase(ecoserve_member_labeled_total{{{E},{ALL}}}{W})))))"
+)
+
+OVERVIEW = [
+    PanelSpec("timeseries", "Systemic failure rate vs independence baseline",
+              "Share of labeled outcomes that every member got wrong (people with no recourse), next to what it would "
+              "be if members failed independently (product of their error rates). Bad: the observed line far above "
+              "the baseline, or rising.",
+              ((SFR, "{{ecosystem}} observed"), (BASELINE, "{{ecosystem}} independent"))),
+    PanelSpec("timeseries", "Homogeneity excess (systemic failure minus baseline)",
+              "How much more often all members fail together than independent members would, over the recorder's "
+              "rolling window. Bad: clearly above 0 and growing; alerts fire above the configured threshold.",
+              ((f"ecoserve_window_systemic_failure_excess_ratio{{{E},{ALL}}}", "{{ecosystem}}"),)),
+    PanelSpec("timeseries", "Consistent success rate",
+              "Share of labeled outcomes every member got right. Bad: falling while accuracy holds (errors are "
+              "spreading across members).",
+              ((_ratio(f"ecoserve_consistent_successes_total{{{E},{ALL}}}", f"ecoserve_complete_outcomes_total{{{E},{ALL}}}"), "{{ecosystem}}"),)),
+    PanelSpec("timeseries", "Unanimity (label-free)",
+              "Share of outcomes where every member predicted the same class; needs no labels, so it moves before "
+              "labels arrive. Bad: a sharp drop (input drift, a broken member).",
+              ((_ratio(f"ecoserve_unanimous_total{{{E},{ALL}}}", f"ecoserve_predicted_total{{{E},{ALL}}}"), "{{ecosystem}}"),)),
+    PanelSpec("bargauge", "Failures per instance: observed vs independent",
+              "Distribution of how many members fail on an outcome (k = 0..M), observed and under independence "
+              "(Poisson-binomial), over the rolling window. Bad: observed mass at k = M far above independent.",
+              ((f"ecoserve_window_failures_per_instance_ratio{{{E}}}", "{{ecosystem}} {{kind}} k={{k}}"),), instant=True,
+              width=12),
+    PanelSpec("timeseries", "Member accuracy",
+              "Accuracy of each member on labeled outcomes. Bad: one member dropping away from the others.",
+              ((_ratio(f'ecoserve_member_correct_total{{{E},member=~"$member",{ALL}}}',
+                       f'ecoserve_member_labeled_total{{{E},member=~"$member",{ALL}}}', "ecosystem, member"),
+                "{{ecosystem}} {{member}}"),)),
+    PanelSpec("table_matrix", "Pairwise kappa",
+              "Cohen's kappa between members (agreement beyond chance, label-free), rolling window. Bad: values "
+              "near 1 everywhere (members are copies: no diversity) or a member near 0 with all others (broken).",
+              ((f'ecoserve_window_kappa{{{E},member_a=~"$member"}}', ""),), unit="none", instant=True, width=12,
+              extra={"row": "member_a", "column": "member_b"}),
+    PanelSpec("timeseries", "Pairwise agreement",
+              "Share of outcomes on which two members agree (label-free). Bad: a pair's agreement dropping fast.",
+              ((f'increase(ecoserve_pair_agreements_total{{{E},member_a=~"$member",{ALL}}}{W}) / ignoring(member_a, '
+                f"member_b) group_left increase(ecoserve_predicted_total{{{E},{ALL}}}{W})",
+                "{{ecosystem}} {{member_a}}-{{member_b}}"),)),
+    PanelSpec("timeseries", "Ambiguity and discrepancy",
+              "Ambiguity: share of outcomes where some near-best member disagrees with the reference (served or "
+              "primary) member; discrepancy: the largest such share for one member. Bad: high values mean the "
+              "served answer depends on an arbitrary choice of model.",
+              ((f"ecoserve_window_ambiguity_ratio{{{E}}}", "{{ecosystem}} ambiguity"),
+               (f"ecoserve_window_discrepancy_ratio{{{E}}}", "{{ecosystem}} discrepancy"))),
+    PanelSpec("timeseries", "Compression-identified exemplars",
+              "Share of outcomes where the compressed members' modal prediction differs from the uncompressed ones' "
+              "(the long tail compression loses). Bad: rising, or concentrated in a subgroup.",
+              ((f"ecoserve_window_cie_ratio{{{E}}}", "{{ecosystem}}"),)),
+]
+
+SUBGROUPS = [
+    PanelSpec("timeseries", "Systemic failure rate by subgroup",
+              "Systemic failure rate inside each declared subgroup value and intersection ('other' = undeclared "
+              "values). Bad: one group far above the others.",
+              ((_ratio(f'ecoserve_systemic_failures_total{{{E},subgroup=~"$subgroup"}}',
+                       f'ecoserve_complete_outcomes_total{{{E},subgroup=~"$subgroup"}}', "ecosystem, subgroup, subgroup_value"),
+                "{{subgroup}}={{subgroup_value}}"),)),
+    PanelSpec("bargauge", "Systemic failure excess by subgroup",
+              "Observed systemic failure minus each group's own independence baseline (rolling window). Bad: a "
+              "group with a large positive excess: its members fail together on it.",
+              ((f'ecoserve_window_systemic_failure_excess_ratio{{{E},subgroup=~"$subgroup"}}',
+                "{{subgroup}}={{subgroup_value}}"),), instant=True),
+    PanelSpec("bargauge", "Systemic failure vs baseline by subgroup",
+              "Side by side per group: observed systemic failure and its independence baseline. Bad: the observed "
+              "bar dwarfing the baseline for some groups only.",
+              ((f'ecoserve_window_systemic_failure_ratio{{{E},subgroup=~"$subgroup"}}', "{{subgroup_value}} observed"),
+               (f'ecoserve_window_systemic_failure_baseline_ratio{{{E},subgroup=~"$subgroup"}}', "{{subgroup_value}} baseline")),
+              instant=True),
+    PanelSpec("timeseries", "Labeled outcomes by subgroup",
+              "How many labeled outcomes each group contributes per window (small groups have noisy rates). Bad: a "
+              "group with almost no labels (its metrics cannot be trusted).",
+              ((f'sum by (subgroup, subgroup_value) (increase(ecoserve_complete_outcomes_total{{{E},subgroup=~"$subgroup"}}{W}))',
+                "{{subgroup}}={{subgroup_value}}"),), unit="short"),
+]
+
+LABELS = [
+    PanelSpec("heatmap", "Label delay distribution",
+              "When labels arrive after their prediction (first labels). Bad: the mass moving right (labels "
+              "arriving later and later) or vanishing.",
+              ((f"sum by (le) (increase(ecoserve_label_delay_seconds_bucket{{{E}}}{W}))", "{{le}}"),), unit="s"),
+    PanelSpec("timeseries", "Label delay p50 / p90",
+              "Median and 90th percentile of label delay. Bad: climbing quantiles (the feedback loop slows).",
+              ((f"histogram_quantile(0.5, sum by (ecosystem, le) (rate(ecoserve_label_delay_seconds_bucket{{{E}}}{W})))", "{{ecosystem}} p50"),
+               (f"histogram_quantile(0.9, sum by (ecosystem, le) (rate(ecoserve_label_delay_seconds_bucket{{{E}}}{W})))", "{{ecosystem}} p90")),
+              unit="s"),
+    PanelSpec("timeseries", "Label coverage by prediction age",
+              "Share of outcomes older than each age that have a label. Bad: coverage of old outcomes falling (the "
+              "label pipeline is losing labels).",
+              ((f"ecoserve_label_coverage_ratio{{{E}}}", "{{ecosystem}} older than {{age_seconds}} s"),)),
+    PanelSpec("timeseries", "Observed vs assumed labels",
+              "Labels per window by source: observed (posted) and assumed (timeout). Bad: assumed dominating "
+              "(real labels are not arriving).",
+              ((f"sum by (ecosystem, source) (increase(ecoserve_labeled_outcomes_total{{{E},{ALL}}}{W}))", "{{ecosystem}} {{source}}"),),
+              unit="short"),
+    PanelSpec("timeseries", "Corrections, duplicates, unknown ids",
+              "Labels that changed an existing label, repeated ones, and ones whose request id was unknown on "
+              "arrival. Bad: corrections or unknown ids rising (clients send wrong ids, or labels are unstable).",
+              ((f"sum by (ecosystem, from_source, to_source) (increase(ecoserve_label_corrections_total{{{E}}}{W}))", "{{ecosystem}} corrections {{from_source}}->{{to_source}}"),
+               (f"sum by (ecosystem) (increase(ecoserve_labels_duplicate_total{{{E}}}{W}))", "{{ecosystem}} duplicates"),
+               (f"increase(ecoserve_feedback_unknown_id_total{W})", "unknown ids")),
+              unit="short"),
+    PanelSpec("timeseries", "Pending and expired labels",
+              "Labels waiting for their outcome, and those dropped after the TTL. Bad: pending growing without "
+              "bound, any expiries (labels with ids that never match).",
+              (("ecoserve_labels_pending", "pending"), (f"increase(ecoserve_labels_expired_total{W})", "expired")),
+              unit="short"),
+]
+
+EXPLORATION = [
+    PanelSpec("timeseries", "Exploration rate",
+              "Share of policy-routed outcomes served by a member other than the greedy one. Bad: 0 under an "
+              "exploring policy (the feedback loop only sees what it already serves), or far above the intended rate.",
+              ((f"sum by (ecosystem) (increase(ecoserve_explored_total{{{E}}}{W})) / (sum by (ecosystem) "
+                f"(increase(ecoserve_served_total{{{E}}}{W})) - sum by (ecosystem) (increase(ecoserve_direct_total{{{E}}}{W})))",
+                "{{ecosystem}}"),)),
+    PanelSpec("timeseries", "Served share per member",
+              "Share of outcomes each member served. Bad: one member taking everything under an exploring policy.",
+              ((f'increase(ecoserve_served_total{{{E},member=~"$member"}}{W}) / ignoring(member) group_left sum by '
+                f"(ecosystem) (increase(ecoserve_served_total{{{E}}}{W}))", "{{ecosystem}} {{member}}"),)),
+    PanelSpec("timeseries", "Mean logged propensity per member",
+              "Average propensity with which each member was served. Bad: values near 0 (huge importance weights).",
+              ((f'increase(ecoserve_served_propensity_total{{{E},member=~"$member"}}{W}) / '
+                f'increase(ecoserve_served_total{{{E},member=~"$member"}}{W})', "{{ecosystem}} {{member}}"),),
+              unit="none"),
+    PanelSpec("stat", "Minimum propensity",
+              "Smallest logged propensity among labeled policy-routed outcomes in the window. Bad: below the "
+              "positivity floor (off-policy estimates become unreliable); an alert fires.",
+              ((f"ecoserve_window_min_propensity{{{E}}}", "{{ecosystem}}"),), unit="none", instant=True, width=6),
+    PanelSpec("bargauge", "Effective sample size per member",
+              "Effective number of samples behind each member's off-policy estimate. Bad: small values (the "
+              "estimate rests on a few heavily weighted outcomes).",
+              ((f'ecoserve_window_effective_sample_size{{{E},member=~"$member"}}', "{{ecosystem}} {{member}}"),),
+              unit="short", instant=True, width=6),
+    PanelSpec("timeseries", "IPS and SNIPS value per member",
+              "Off-policy estimate of each member's reward if it served everything (IPS and self-normalized IPS). "
+              "Bad: IPS and SNIPS far apart (high variance), or a member estimated better than the one served.",
+              ((f'ecoserve_window_ips{{{E},member=~"$member"}}', "{{ecosystem}} {{member}} IPS"),
+               (f'ecoserve_window_snips{{{E},member=~"$member"}}', "{{ecosystem}} {{member}} SNIPS")),
+              unit="none"),
+    PanelSpec("timeseries", "SNIPS spread across members",
+              "Best minus worst member by SNIPS. Bad: a large spread that persists (the policy should be moving).",
+              ((f"max by (ecosystem) (ecoserve_window_snips{{{E}}}) - min by (ecosystem) (ecoserve_window_snips{{{E}}})",
+                "{{ecosystem}}"),), unit="none"),
+]
+
+SERVING = [
+    PanelSpec("timeseries", "Requests by status",
+              "Inference requests per second at the gateways, by HTTP status. Bad: 5xx (503: no member could "
+              "answer) or a jump in 4xx (a client sends bad input).",
+              ((f"sum by (ecosystem, code) (rate(ecoserve_requests_total{{{E}}}{W}))", "{{ecosystem}} {{code}}"),),
+              unit="reqps"),
+    PanelSpec("timeseries", "Outcomes recorded per second",
+              "Rows served and recorded. Bad: below the request rate times rows per request (records lost).",
+              ((f"sum by (ecosystem) (rate(ecoserve_outcomes_total{{{E}}}{W}))", "{{ecosystem}}"),), unit="short"),
+    PanelSpec("timeseries", "Member latency p50 / p99 (by provider)",
+              "Time of one member call (one dynamic batch) at the gateway, per member and execution provider. "
+              "Bad: one member's p99 near member_timeout_s (it will start missing outputs).",
+              ((f'histogram_quantile(0.5, sum by (ecosystem, member, provider, le) (rate(ecoserve_member_latency_seconds_bucket{{{E},member=~"$member"}}{W})))',
+                "{{member}} ({{provider}}) p50"),
+               (f'histogram_quantile(0.99, sum by (ecosystem, member, provider, le) (rate(ecoserve_member_latency_seconds_bucket{{{E},member=~"$member"}}{W})))',
+                "{{member}} ({{provider}}) p99")),
+              unit="s"),
+    PanelSpec("timeseries", "Member errors and missing outputs",
+              "Member calls that errored or timed out, and outcomes missing a member's output. Bad: any sustained "
+              "rate (the ecosystem metrics then exclude those outcomes).",
+              ((f'sum by (ecosystem, member, kind) (increase(ecoserve_member_errors_total{{{E},member=~"$member"}}{W}))', "{{member}} {{kind}}"),
+               (f'sum by (ecosystem, member) (increase(ecoserve_member_missing_outputs_total{{{E},member=~"$member"}}{W}))', "{{member}} missing")),
+              unit="short"),
+    PanelSpec("timeseries", "Fallbacks and dropped records",
+              "Rows served by a fallback because the chosen member failed; outcome records the gateways dropped. "
+              "Bad: any dropped records (telemetry is losing data), sustained fallbacks.",
+              ((f"sum by (ecosystem, member) (increase(ecoserve_fallbacks_total{{{E}}}{W}))", "{{ecosystem}} fallback from {{member}}"),
+               (f"sum by (reason) (increase(ecoserve_outcomes_dropped_total{W}))", "dropped ({{reason}})")),
+              unit="short"),
+]
+
+DASHBOARDS: dict[str, tuple[str, list[PanelSpec]]] = {
+    "ecoserve-overview": ("ecoserve / Ecosystem overview", OVERVIEW),
+    "ecoserve-subgroups": ("ecoserve / Subgroups", SUBGROUPS),
+    "ecoserve-labels": ("ecoserve / Labels and feedback loops", LABELS),
+    "ecoserve-exploration": ("ecoserve / Exploration", EXPLORATION),
+    "ecoserve-serving": ("ecoserve / Serving", SERVING),
+}
+
+
+def _target(expr: str, legend: str, ref: str, instant: bool, fmt_table: bool = False) -> prometheus.Dataquery:
+    q = prometheus.Dataquery().expr(expr).legend_format(legend or "__auto").ref_id(ref).datasource(DS)
+    q = q.instant() if instant else q.range()
+    if fmt_table:
+        from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
+        q = q.format(PromQueryFormat.TABLE)
+    return q
+
+
+def _panel(spec: PanelSpec) -> Any:
+    kinds = {"timeseries": timeseries.Panel, "stat": stat.Panel, "bargauge": bargauge.Panel,
+             "table_matrix": table.Panel, "heatmap": heatmap.Panel}
+    p = kinds[spec.kind]().title(spec.title).description(spec.description).datasource(DS)
+    p = p.span(spec.width).height(spec.height)
+    if spec.kind != "heatmap":
+        p = p.unit(spec.unit)
+    for i, (expr, legend) in enumerate(spec.queries):
+        p = p.with_target(_target(expr, legend, chr(ord("A") + i), spec.instant, spec.kind == "table_matrix"))
+    if spec.kind == "table_matrix":
+        p = p.with_transformation(DataTransformerConfig(
+            id_val="groupingToMatrix",
+            options={"columnField": spec.extra["column"], "rowField": spec.extra["row"], "valueField": "Value"},
+        ))
+    if spec.kind == "heatmap":
+        p = p.calculate(False)
+    return p
+
+
+def _variables() -> list[Any]:
+    ds = dashboard.DatasourceVariable("datasource").label("Prometheus").type("prometheus")
+    eco = (dashboard.QueryVariable("ecosystem").label("Ecosystem").datasource(DS)
+           .query("label_values(ecoserve_outcomes_total, ecosystem)").multi(True).include_all(True)
+           .all_value(".*").refresh(VariableRefresh.ON_TIME_RANGE_CHANGED))
+    member = (dashboard.QueryVariable("member").label("Member").datasource(DS)
+              .query('label_values(ecoserve_served_total{ecosystem=~"$ecosystem"}, member)').multi(True)
+              .include_all(True).all_value(".*").refresh(VariableRefresh.ON_TIME_RANGE_CHANGED))
+    subgroup = (dashboard.QueryVariable("subgroup").label("Subgroup").datasource(DS)
+                .query('label_values(ecoserve_complete_outcomes_total{ecosystem=~"$ecosystem"}, subgroup)')
+                .multi(True).include_all(True).all_value(".*").refresh(VariableRefresh.ON_TIME_RANGE_CHANGED))
+    window = (dashboard.CustomVariable("window").label("Window").values("5m,15m,1h,6h,24h")
+              .current(VariableOption(selected=True, text="1h", value="1h")))
+    return [ds, eco, member, subgroup, window]
+
+
+def build_dashboards() -> dict[str, dict[str, Any]]:
+    out = {}
+    for uid, (title, panels) in DASHBOARDS.items():
+        d = (dashboard.Dashboard(title).uid(uid).tags(["ecoserve"]).refresh("30s").time("now-6h", "now")
+             .timezone("browser").editable())
+        for v in _variables():
+            d = d.with_variable(v)
+        for spec in panels:
+            d = d.with_panel(_panel(spec))
+        out[uid] = json.loads(json.dumps(d.build(), cls=JSONEncoder))
+    return out
+
+
+def dashboard_json(d: dict[str, Any]) -> str:
+    return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+
+def write_dashboards(directory: str | Path = DASHBOARD_DIR) -> list[Path]:
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for uid, d in build_dashboards().items():
+        p = out / f"{uid}.json"
+        p.write_text(dashboard_json(d))
+        paths.append(p)
+    return paths
+
+
+def panel_queries(d: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(panel title, PromQL expression, instant) for every query of a dashboard."""
+    out = []
+    for panel in d.get("panels", []):
+        for t in panel.get("targets", []):
+            out.append((panel["title"], t["expr"], bool(t.get("instant"))))
+    return out
