@@ -114,8 +114,9 @@ def _cmd_dashboards(args: argparse.Namespace) -> int:
         return 0
     from telemetry.grafana_push import PushError, push_dashboards
 
-    if not args.url or not args.token:
-        raise CliError("push needs --url and --token (a Grafana service account token with the Editor role)")
+    if not args.url or not (args.token or "@" in args.url):
+        raise CliError("push needs --url and --token (a Grafana service account token with the Editor role), "
+                       "or user:password in the URL")
     try:
         for line in push_dashboards(args.url, args.token, build_dashboards(), folder_uid=args.folder_uid,
                                     prometheus_url=args.prometheus_url):

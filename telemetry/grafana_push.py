@@ -33,7 +33,7 @@ def _explain(exc: Exception, url: str) -> str:
 
 def push_dashboards(
     url: str,
-    token: str,
+    token: str | None,
     dashboards: dict[str, dict[str, Any]],
     *,
     folder_uid: str | None = None,
@@ -49,7 +49,7 @@ def push_dashboards(
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise PushError(f"--url must be an http(s) URL like http://localhost:3000, got {url!r}")
-    api = GrafanaApi.from_url(url, credential=token, timeout=timeout_s)
+    api = GrafanaApi.from_url(url, credential=token or None, timeout=timeout_s)  # None: user:pass in the URL
     done = []
     try:
         if prometheus_url:
