@@ -168,6 +168,10 @@ class TelemetryConfig(_Strict):
     window_s: float = Field(default=3600.0, gt=0, description="rolling window of the ecoserve_window_* gauges")
     window_buckets: int = Field(default=12, ge=1, le=1440, description="buckets the window slides by")
     sweep_interval_s: float = Field(default=5.0, gt=0, description="assumed-label and pending-expiry sweep period")
+    coverage_ages_s: tuple[float, ...] = Field(
+        default=(60.0, 600.0, 3600.0, 86400.0, 604800.0), min_length=1,
+        description="prediction ages of ecoserve_label_coverage_ratio",
+    )
     recorder: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=0.25))
 
     def resolved_store_url(self) -> str:

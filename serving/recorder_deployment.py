@@ -116,6 +116,7 @@ class RecorderDeployment:
             max_pending=cfg.max_pending,
             window_s=cfg.window_s,
             window_buckets=cfg.window_buckets,
+            coverage_ages_s=cfg.coverage_ages_s,
         )
         log.info("recorder ready on %s store; %d outcomes stored", self.store.backend, self.store.count_outcomes())
         self._stop = threading.Event()

@@ -173,8 +173,8 @@ EXPLORATION = [
                 "{{ecosystem}}"),)),
     PanelSpec("timeseries", "Served share per member",
               "Share of outcomes each member served. Bad: one member taking everything under an exploring policy.",
-              ((f'increase(ecoserve_served_total{{{E},member=~"$member"}}{W}) / ignoring(member) group_left sum by '
-                f"(ecosystem) (increase(ecoserve_served_total{{{E}}}{W}))", "{{ecosystem}} {{member}}"),)),
+              ((f'sum by (ecosystem, member) (increase(ecoserve_served_total{{{E},member=~"$member"}}{W})) / on (ecosystem) '
+                f"group_left sum by (ecosystem) (increase(ecoserve_served_total{{{E}}}{W}))", "{{ecosystem}} {{member}}"),)),
     PanelSpec("timeseries", "Mean logged propensity per member",
               "Average propensity with which each member was served. Bad: values near 0 (huge importance weights).",
               ((f'increase(ecoserve_served_propensity_total{{{E},member=~"$member"}}{W}) / '

@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from telemetry.counts import EcosystemCounts, group_keys
-from telemetry.recorder import COVERAGE_AGES_S, DELAY_BUCKETS_S, SOURCES, Recorder
+from telemetry.recorder import DELAY_BUCKETS_S, SOURCES, Recorder
 from telemetry.serving_stats import LATENCY_BUCKETS_S
 from telemetry.summary import summarize
 
@@ -134,7 +134,7 @@ class EcoserveCollector(Collector):
                 fams["ecoserve_member_latency_seconds"].add_metric(key.split("|"), cum, total)
             coverage = r.coverage()
             for eco, by_age in coverage.items():
-                for age in COVERAGE_AGES_S:
+                for age in r.coverage_ages_s:
                     total, labeled = by_age[age]
                     if total:
                         fams["ecoserve_label_coverage_ratio"].add_metric([eco, f"{age:g}"], labeled / total)

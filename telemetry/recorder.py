@@ -205,8 +205,10 @@ class Recorder:
         max_pending: int = 100_000,
         window_s: float = 3600.0,
         window_buckets: int = 12,
+        coverage_ages_s: Sequence[float] = COVERAGE_AGES_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.coverage_ages_s = tuple(coverage_ages_s)
         self.specs = specs
         self.store = store
         self.pending_ttl_s = pending_ttl_s
@@ -495,7 +497,7 @@ class Recorder:
         stamp, cached = self._coverage_cache
         if now - stamp < max_age_s and cached:
             return cached
-        fresh = {name: self.store.coverage(name, now, COVERAGE_AGES_S) for name in self.state}
+        fresh = {name: self.store.coverage(name, now, self.coverage_ages_s) for name in self.state}
         self._coverage_cache = (now, fresh)
         return fresh
 
