@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 REPO   ?= model_repository
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-fast bench build-models clean
+.PHONY: help setup tools demo test test-fast bench build-models clean
 
 help:
 	@echo "make demo   - set up, build the demo models, run the demo (see README)"
@@ -24,19 +24,36 @@ $(STAMP): pyproject.toml | $(PY)
 
 setup: $(STAMP)
 
+# Debian packages the tests and the demo use: prometheus (server + promtool), kubectl, wrk (bench).
+# Installed when missing and apt-get can run (root or passwordless sudo); otherwise this says
+# which tests will be skipped and why.
+TOOLS_PKGS := prometheus kubectl wrk
+tools:
+	@missing=""; for b in prometheus promtool kubectl wrk; do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	if command -v apt-get >/dev/null && { [ -z "$$SUDO" ] || sudo -n true 2>/dev/null; }; then \
+	  echo "installing Debian packages:$(TOOLS_PKGS) (missing:$$missing)"; \
+	  $$SUDO apt-get update -qq >/dev/null && $$SUDO apt-get install -y -qq $(TOOLS_PKGS) >/dev/null || \
+	    echo "WARNING: apt-get install failed"; \
+	else \
+	  echo "WARNING: cannot install$$missing (no apt-get or no root)."; \
+	  echo "  Skipped: promtool checks and the real-Prometheus test (prometheus), k8s render tests (kubectl); bench falls back to a Python load generator (wrk)."; \
+	fi
+
 build-models: $(STAMP)
 	$(VENV)/bin/ecoserve build-models --repository $(REPO)
 
-demo: build-models
+demo: build-models tools
 	@bash scripts/demo.sh
 
-test: $(STAMP)
+test: $(STAMP) tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) tools
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-bench: build-models
+bench: build-models tools
 	$(PY) -m bench
 
 clean:

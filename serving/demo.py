@@ -30,10 +30,22 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from models.heldout import load_heldout
 from serving.config import DEMO_CONFIG, load_serve_file
+from serving.prometheus_local import prometheus_binary, start_prometheus
 
 __all__ = ["run_demo"]
 
 NEVER_LABELED = 0.15  # share of outcomes whose label never arrives
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 240) -> None:
@@ -155,8 +167,16 @@ def run_demo(exit_after: bool = False, config: str | None = None) -> int:
     env = {**os.environ, "ECOSERVE_FEEDBACK_TOKEN": token}
     print(f"starting ecoserve ({cfg_path}) ... (Ray and the models take ~30 s)")
     proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", str(cfg_path)], env=env)
+    prom = None
     try:
         _wait_ready(url, proc)
+        if prometheus_binary() is not None:
+            prom = start_prometheus(f"127.0.0.1:{file.http_port}", Path(".demo/prometheus"),
+                                    port=9090 if _port_free(9090) else None, scrape_interval_s=5.0)
+            print(f"Prometheus {prom.url} scrapes {url}/metrics every 5 s, alert rules loaded")
+        else:
+            print("Prometheus is not installed (Debian: sudo apt-get install prometheus, or `make tools`): "
+                  "the demo runs without it")
         rng = random.Random(0)
         ecos = list(file.serving.ecosystems)
         sent = {}
@@ -177,6 +197,10 @@ def run_demo(exit_after: bool = False, config: str | None = None) -> int:
         print(f"where to look:\n  metrics:     {url}/metrics\n  models:      {url}/v2/models/digits"
               f"  {url}/v2/models/credit\n  feedback:    POST {url}/v2/feedback  (Authorization: Bearer {token})\n"
               f"  outcomes:    {file.serving.telemetry.store_url}")
+        if prom is not None:
+            print(f"  Prometheus:  {prom.url}  (alerts: {prom.url}/alerts)\n"
+                  f"  Grafana:     add a Prometheus data source {prom.url} and push the dashboards:\n"
+                  f"               ecoserve dashboards push --url http://admin:admin@localhost:3000 --prometheus-url {prom.url}")
         if exit_after:
             return 0
         print("\nthe system keeps running; Ctrl-C to stop")
@@ -187,6 +211,8 @@ def run_demo(exit_after: bool = False, config: str | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        if prom is not None:
+            prom.stop()
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             try:
