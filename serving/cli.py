@@ -133,6 +133,21 @@ def _cmd_alerts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_k8s(args: argparse.Namespace) -> int:
+    from serving.config import ConfigError
+    from serving.k8s import generate_k8s
+    from telemetry.alerts import write_rules
+    from telemetry.dashboards import write_dashboards
+
+    try:
+        paths = generate_k8s() + write_dashboards() + [write_rules()]
+    except ConfigError as exc:
+        raise CliError(str(exc)) from exc
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from serving.config import ConfigError, load_serve_file
 
@@ -191,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dashboards", help="generate the Grafana dashboards, or push them to Grafana")
     p.add_argument("action", choices=["generate", "push"])
-    p.add_argument("--out", help="generate: output folder (default: k8s/dashboards)")
+    p.add_argument("--out", help="generate: output folder (default: k8s/base/dashboards)")
     p.add_argument("--url", help="push: Grafana URL, e.g. http://localhost:3000")
     p.add_argument("--token", help="push: Grafana service account token")
     p.add_argument("--folder-uid", help="push: folder to put the dashboards in")
@@ -200,8 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("alerts", help="generate the Prometheus alert rules file")
     p.add_argument("action", choices=["generate"])
-    p.add_argument("--out", help="output file (default: k8s/prometheus/ecoserve-rules.yaml)")
+    p.add_argument("--out", help="output file (default: k8s/base/prometheus/ecoserve-rules.yaml)")
     p.set_defaults(func=_cmd_alerts)
+
+    p = sub.add_parser("k8s", help="regenerate the generated parts of k8s/ (RayService, patches, rules, dashboards)")
+    p.add_argument("action", choices=["generate"])
+    p.set_defaults(func=_cmd_k8s)
 
     p = sub.add_parser("check-config", help="validate a Serve config file's ecoserve settings")
     p.add_argument("config")

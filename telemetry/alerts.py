@@ -1,4 +1,4 @@
-"""Prometheus alert rules, generated from one source: the rules file (`k8s/prometheus/
+"""Prometheus alert rules, generated from one source: the rules file (`k8s/base/prometheus/
 ecoserve-rules.yaml`, loaded by `make demo`'s Prometheus) and the `PrometheusRule` in `k8s/`
 both come from `rule_groups()`. Each rule has a summary, a description and a runbook link
 to the README's "Runbook" section.
@@ -14,7 +14,7 @@ import yaml
 
 __all__ = ["Thresholds", "rule_groups", "rules_yaml", "RULES_PATH", "RUNBOOK_URL"]
 
-RULES_PATH = Path(__file__).resolve().parent.parent / "k8s" / "prometheus" / "ecoserve-rules.yaml"
+RULES_PATH = Path(__file__).resolve().parent.parent / "k8s" / "base" / "prometheus" / "ecoserve-rules.yaml"
 RUNBOOK_URL = "https://github.com/ecoserve/ecoserve/blob/main/README.md#runbook"
 
 

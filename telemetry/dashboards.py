@@ -2,7 +2,7 @@
 
 `build_dashboards()` returns the five dashboards as JSON-able dicts (Grafana's current
 dashboard schema); `write_dashboards(dir)` writes them (committed under
-`k8s/dashboards/`; a test fails when they are stale). Every dashboard is templated by
+`k8s/base/dashboards/`; a test fails when they are stale). Every dashboard is templated by
 a Prometheus data source variable, `ecosystem`, `member` and `subgroup`, and a
 `window` for the ratios computed from additive counters. Every panel says what it
 means and what a bad value looks like.
@@ -26,7 +26,7 @@ from grafana_foundation_sdk.models.dashboard import (
 
 __all__ = ["PanelSpec", "DASHBOARDS", "build_dashboards", "write_dashboards", "panel_queries", "DASHBOARD_DIR"]
 
-DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "k8s" / "dashboards"
+DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "k8s" / "base" / "dashboards"
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 E = 'ecosystem=~"$ecosystem"'
 ALL = 'subgroup="all"'
