@@ -1,4 +1,4 @@
-"""Ecosystem telemetry: the metric core, and (later) outcome storage and streaming.
+"""Ecosystem telemetry: the metric core, outcome storage, the label join, and streaming metrics.
 
 Never imports `serving` or Ray: everything here runs and tests without them.
 """
