@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -58,7 +59,13 @@ class Running:
         stop(self._haproxy_before)
 
 
-def start(file: ServeFile, *, num_cpus: int | None = None, ready_timeout_s: float = 180.0) -> Running:
+def start(
+    file: ServeFile,
+    *,
+    num_cpus: int | None = None,
+    ready_timeout_s: float = 180.0,
+    after_ray_init: Callable[[], None] | None = None,
+) -> Running:
     """Start a local Ray, deploy the app from the config file, wait until it answers ready."""
     import ray
     from ray import serve
@@ -75,6 +82,8 @@ def start(file: ServeFile, *, num_cpus: int | None = None, ready_timeout_s: floa
         logging_level=logging.WARNING,
         runtime_env={"env_vars": {k: os.environ[k] for k in {**FAST_INGRESS_ENV, **LOCAL_ENV}}},
     )
+    if after_ray_init is not None:
+        after_ray_init()  # e.g. take SIGTERM back from the handler Ray's core worker installs
     try:
         serve.start(http_options={"host": file.http_host, "port": file.http_port})
         serve.run(
@@ -131,14 +140,21 @@ def serve_foreground(config: str | None) -> int:
     file = load_serve_file(config or DEMO_CONFIG)
     if config is None:
         print(f"serving the demo config {DEMO_CONFIG}")
-    running = start(file)
     done = threading.Event()
 
     def _stop(signum: int, _: Any) -> None:
         done.set()
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    def install() -> None:
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+
+    # handlers before Ray starts and again right after (ray.init installs its own SIGTERM
+    # handler, which would end the process without the graceful stop); a signal that arrives
+    # while starting stops the server as soon as it is up
+    install()
+    running = start(file, after_ray_init=install)
+    install()
     print(f"ecoserve is serving at {running.url}  (Ctrl-C to stop)")
     for name in file.serving.ecosystems:
         print(f"  POST {running.url}/v2/models/{name}/infer")
