@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,29 +29,10 @@ import yaml
 
 from bench.load import LoadResult, run_load, run_wrk
 from models.heldout import load_heldout
+from serving.server import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 SETUPS = ["baseline", "colocated_fast", "colocated_fast_notelemetry", "colocated_default", "per_member_fast"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 240) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 def ecoserve_config(repo: Path, port: int, placement: str, telemetry: bool, tmp: Path) -> dict[str, Any]:
@@ -76,7 +56,7 @@ def ecoserve_config(repo: Path, port: int, placement: str, telemetry: bool, tmp:
 
 
 def start_setup(setup: str, repo: Path, tmp: Path, telemetry: bool = True) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     if setup == "baseline":
         cmd = [sys.executable, "-m", "bench.baseline_server", "--repository", str(repo), "--port", str(port)]
@@ -93,7 +73,7 @@ def start_setup(setup: str, repo: Path, tmp: Path, telemetry: bool = True) -> tu
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, proc)
+        wait_ready(url, proc)
     except BaseException:
         stop_setup(proc)
         print(f"{setup} failed to start; its log ends:\n" + "\n".join(log.read_text().splitlines()[-30:]))

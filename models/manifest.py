@@ -27,12 +27,32 @@ __all__ = [
     "EcosystemManifest",
     "MANIFEST_NAME",
     "load_manifest",
+    "describe_validation_error",
     "list_ecosystems",
 ]
 
 MANIFEST_NAME = "ecosystem.yaml"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _DTYPES = ("float32", "float64", "int64", "int32")
+
+
+def _check_name(v: str) -> str:
+    if not _NAME.match(v):
+        raise ValueError(f"must match {_NAME.pattern}, got {v!r}")
+    return v
+
+
+def describe_validation_error(err: ValidationError, prefix: str = "") -> list[str]:
+    """One line per problem: `(prefix.)key.path: message (got VALUE)` (shared by every config reader)."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join([prefix] * bool(prefix) + [str(x) for x in e["loc"]]) or "(top level)"
+        bad = e.get("input")
+        shown = "{...}" if isinstance(bad, dict) else repr(bad)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"{loc}: {e['msg']} (got {shown})")
+    return lines
 
 
 class ManifestError(ValueError):
@@ -75,12 +95,7 @@ class MemberSpec(_Strict):
     family: str = Field(default="", description="model family, for people reading the manifest")
     compressed_from: str | None = Field(default=None, description="member it was compressed from")
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError(f"must match {_NAME.pattern}, got {v!r}")
-        return v
+    _name = field_validator("name")(classmethod(lambda cls, v: _check_name(v)))
 
     @field_validator("path")
     @classmethod
@@ -110,12 +125,7 @@ class EcosystemManifest(_Strict):
     )
     heldout: str | None = Field(default=None, description="held-out split (.npz), relative path")
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _NAME.match(v):
-            raise ValueError(f"must match {_NAME.pattern}, got {v!r}")
-        return v
+    _name = field_validator("name")(classmethod(lambda cls, v: _check_name(v)))
 
     @field_validator("subgroups")
     @classmethod
@@ -169,15 +179,8 @@ class EcosystemManifest(_Strict):
 
 
 def _describe(err: ValidationError, source: Path) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        bad = e.get("input")
-        shown = repr(bad) if not isinstance(bad, dict) else "{...}"
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        lines.append(f"{source}: field '{loc}': {e['msg']} (got {shown})")
-    return "\n".join(lines)
+    return "\n".join(f"{source}: field '{line.split(': ', 1)[0]}': {line.split(': ', 1)[1]}"
+                     for line in describe_validation_error(err))
 
 
 def load_manifest(path: str | Path) -> EcosystemManifest:

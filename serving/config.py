@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from models.manifest import describe_validation_error
+
 __all__ = [
     "ConfigError",
     "ResourcesConfig",
@@ -232,15 +234,7 @@ class ServeFile(BaseModel):
 
 def validation_message(err: ValidationError, prefix: str = "") -> str:
     """One line per problem: `key.path: message (got VALUE)`."""
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + [str(x) for x in e["loc"]])
-        bad = e.get("input")
-        shown = "{...}" if isinstance(bad, dict) else repr(bad)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        lines.append(f"{loc}: {e['msg']} (got {shown})")
-    return "\n".join(lines)
+    return "\n".join(describe_validation_error(err, prefix))
 
 
 def parse_serving(args: Any, prefix: str = "args") -> ServingConfig:

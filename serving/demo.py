@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from models.heldout import load_heldout
 from serving.config import DEMO_CONFIG, load_serve_file
 from serving.prometheus_local import prometheus_binary, start_prometheus
+from serving.server import wait_ready
 
 __all__ = ["run_demo"]
 
@@ -46,20 +47,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 240) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"`ecoserve serve` exited with status {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not become ready in {timeout_s} s")
 
 
 def _replay(url: str, repo: Path, ecosystem: str, rows_per_request: int) -> list[tuple[str, int]]:
@@ -169,7 +156,7 @@ def run_demo(exit_after: bool = False, config: str | None = None) -> int:
     proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", str(cfg_path)], env=env)
     prom = None
     try:
-        _wait_ready(url, proc)
+        wait_ready(url, proc)
         if prometheus_binary() is not None:
             prom = start_prometheus(f"127.0.0.1:{file.http_port}", Path(".demo/prometheus"),
                                     port=9090 if _port_free(9090) else None, scrape_interval_s=5.0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from pathlib import Path
 import httpx
 import yaml
 
+from serving.server import free_port
 from telemetry.alerts import RULES_PATH
 
 __all__ = ["LocalPrometheus", "start_prometheus", "prometheus_binary"]
@@ -21,12 +21,6 @@ __all__ = ["LocalPrometheus", "start_prometheus", "prometheus_binary"]
 
 def prometheus_binary() -> str | None:
     return shutil.which("prometheus")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -62,7 +56,7 @@ def start_prometheus(
     if binary is None:
         raise FileNotFoundError("the `prometheus` binary is not installed (Debian: apt-get install prometheus)")
     workdir.mkdir(parents=True, exist_ok=True)
-    port = port or _free_port()
+    port = port or free_port()
     config = {
         "global": {"scrape_interval": f"{scrape_interval_s:g}s", "evaluation_interval": f"{scrape_interval_s:g}s"},
         "rule_files": [str(rules.resolve())],

@@ -13,6 +13,7 @@ port 8000).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -26,7 +27,7 @@ import httpx
 
 from serving.config import DEMO_CONFIG, ServeFile, load_serve_file
 
-__all__ = ["FAST_INGRESS_ENV", "serve_foreground", "start", "stop", "Running"]
+__all__ = ["FAST_INGRESS_ENV", "serve_foreground", "start", "stop", "Running", "free_port", "wait_ready"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,31 @@ FAST_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTI
 # A local server has no load balancer to drain from: Serve's 30 s proxy drain would only delay
 # Ctrl-C (measured: `serve.delete` took 36 s with HAProxy ingress, 1 s with this at 1 s).
 LOCAL_ENV = {"RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for local servers, tests and benchmarks)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: Any = None, timeout_s: float = 240.0) -> None:
+    """Poll `url`/v2/health/ready until 200; fail early if `proc` (a Popen) exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server process exited with status {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url}/v2/health/ready did not answer within {timeout_s} s")
+        time.sleep(0.25)
 
 
 def _haproxy_pids() -> set[int]:
@@ -94,20 +120,18 @@ def start(
         )
         host = "127.0.0.1" if file.http_host in ("0.0.0.0", "::") else file.http_host
         url = f"http://{host}:{file.http_port}"
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the app did not answer {url}/v2/health/ready within {ready_timeout_s} s")
-            time.sleep(0.25)
+        wait_ready(url, timeout_s=ready_timeout_s)
     except BaseException:
         stop(haproxy_before)
         raise
     return Running(url, haproxy_before)
+
+
+async def _flush_gateway(app_name: str) -> Any:
+    from ray import serve
+
+    gw = serve.get_deployment_handle("Gateway", app_name=app_name)
+    return await asyncio.wait_for(gw.flush.remote(), timeout=30)
 
 
 def stop(haproxy_before: set[int] | None = None) -> None:
@@ -119,8 +143,9 @@ def stop(haproxy_before: set[int] | None = None) -> None:
         # still runs (Serve stops deployments in no fixed order), then delete gracefully
         for name in list(serve.status().applications):
             try:
-                gw = serve.get_deployment_handle("Gateway", app_name=name)
-                flushed = gw.flush.remote().result(timeout_s=30)
+                # from inside an event loop: with the throughput-optimized settings in the
+                # environment at import, handles route on the caller's loop and refuse sync use
+                flushed = asyncio.run(_flush_gateway(name))
                 log.info("flushed %s outcome records before shutdown", flushed)
             except Exception as exc:  # no gateway, or telemetry off
                 log.warning("flush before shutdown: %s", exc)

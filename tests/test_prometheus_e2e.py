@@ -22,6 +22,7 @@ from conftest import serving_args
 from models.heldout import load_heldout
 from serving.config import load_serve_file
 from serving.prometheus_local import prometheus_binary, start_prometheus
+from serving.server import free_port
 from serving_cases import infer_body
 from telemetry.dashboards import build_dashboards, panel_queries
 
@@ -34,8 +35,6 @@ CREDIT = ["logreg", "forest", "gboost", "mlp", "knn"]
 def stack(serving_repo, tmp_path_factory):
     if prometheus_binary() is None:
         pytest.skip("the prometheus binary is not installed (make test installs Debian's prometheus package)")
-    from test_serving_e2e import _free_port
-
     from serving.server import start
 
     mp = pytest.MonkeyPatch()
@@ -48,7 +47,7 @@ def stack(serving_repo, tmp_path_factory):
     eco = args["ecosystems"]
     eco.pop("broken"), eco.pop("dead")
     eco["faulty"]["faults"] = {"knn": {"error": True}}  # member errors for the serving panels
-    port = _free_port()
+    port = free_port()
     cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
            "applications": [{"name": "ecoserve", "route_prefix": "/", "import_path": "serving.app:build_app", "args": args}]}
     path = tmp / "serve.yaml"

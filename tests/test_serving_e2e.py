@@ -6,8 +6,6 @@ on 2 CPUs with fractional resources, and talks to it with httpx and tritonclient
 
 from __future__ import annotations
 
-import socket
-
 import httpx
 import numpy as np
 import onnxruntime as ort
@@ -18,22 +16,17 @@ from scipy.stats import chisquare
 from conftest import serving_args
 from models.heldout import load_heldout
 from serving.config import load_serve_file
+from serving.server import free_port
 from serving_cases import BAD_REQUESTS, encode, infer_body
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def server(serving_repo, tmp_path_factory):
     from serving.server import start
 
-    port = _free_port()
+    port = free_port()
     cfg = {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},

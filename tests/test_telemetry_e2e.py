@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import PG_ADMIN_URL, _pg_available
 from models.heldout import load_heldout
 from serving.config import load_serve_file
+from serving.server import free_port
 from serving_cases import infer_body
 
 pytestmark = pytest.mark.slow
@@ -30,8 +31,6 @@ MEMBERS = ["logreg", "forest", "gboost", "mlp", "knn"]
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def server(request, serving_repo, tmp_path_factory, monkeypatch_module):
-    from test_serving_e2e import _free_port
-
     from serving.server import start
 
     tmp = tmp_path_factory.mktemp("tele")
@@ -48,7 +47,7 @@ def server(request, serving_repo, tmp_path_factory, monkeypatch_module):
             conn.execute(f"CREATE DATABASE {db_name}")
         store_url = f"postgresql://postgres@127.0.0.1:5432/{db_name}"
     monkeypatch_module.setenv("ECOSERVE_FEEDBACK_TOKEN", TOKEN)
-    port = _free_port()
+    port = free_port()
     args = {
         "model_repository": str(serving_repo),
         "provider": "cpu",
