@@ -83,7 +83,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 
 
-def _family(name: str) -> Metric:
+def _family(name: str) -> Any:  # the concrete *MetricFamily: add_metric differs per type
     kind, labels, doc = METRICS[name]
     base = name.removesuffix("_total") if kind == "counter" else name
     if kind == "counter":
@@ -111,7 +111,7 @@ class EcoserveCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         r = self.recorder
         with r._lock:
-            fams = {name: _family(name) for name in METRICS}
+            fams: dict[str, Any] = {name: _family(name) for name in METRICS}
             for eco, st in r.state.items():
                 self._ecosystem(fams, eco, st)
             fams["ecoserve_feedback_unknown_id_total"].add_metric([], r.unknown_ids)
@@ -140,7 +140,7 @@ class EcoserveCollector(Collector):
                         fams["ecoserve_label_coverage_ratio"].add_metric([eco, f"{age:g}"], labeled / total)
         yield from fams.values()
 
-    def _ecosystem(self, fams: dict[str, Metric], eco: str, st: Any) -> None:
+    def _ecosystem(self, fams: dict[str, Any], eco: str, st: Any) -> None:
         spec = st.spec
         members = spec.members
         fams["ecoserve_outcomes_total"].add_metric([eco], st.outcomes)
@@ -186,7 +186,7 @@ class EcoserveCollector(Collector):
             fams["ecoserve_label_delay_seconds"].add_metric([eco, source], cum, total[0])
         self._window(fams, eco, st)
 
-    def _window(self, fams: dict[str, Metric], eco: str, st: Any) -> None:
+    def _window(self, fams: dict[str, Any], eco: str, st: Any) -> None:
         counts, exploration = st.window.total()
         members = st.spec.members
         for sg, value, c in _subgroups(counts):
