@@ -133,7 +133,8 @@ def summary(url: str, ecosystems: list[str]) -> str:
             b = _get(m, "ecoserve_window_systemic_failure_baseline_ratio", ecosystem=eco, subgroup=sg, subgroup_value=val)
             lines.append(f"    {sg}={val}: systemic failure {_fmt(v)} (independent: {_fmt(b)})")
         ips = [(lab["member"], v) for lab, v in m.get("ecoserve_window_snips", []) if lab.get("ecosystem") == eco]
-        if ips:
+        min_prop = _get(m, "ecoserve_window_min_propensity", ecosystem=eco)
+        if ips and min_prop is not None and min_prop < 1:  # off-policy values only where the policy explores
             served = {lab["member"]: v for lab, v in m.get("ecoserve_served_total", []) if lab.get("ecosystem") == eco}
             total = sum(served.values()) or 1
             mp = _get(m, "ecoserve_window_min_propensity", ecosystem=eco)
