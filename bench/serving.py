@@ -8,6 +8,7 @@ Setups (env BENCH_SETUPS, comma-separated, selects):
 - colocated_fast: ecoserve default (members in the gateway replica, HAProxy + throughput-optimized);
 - colocated_default: members in the gateway replica, Serve's default ingress;
 - per_member_fast: one deployment per member (handles), HAProxy + throughput-optimized;
+- colocated_fast_recorder_in_gateway: the default with `telemetry.recorder_in_gateway: true`;
 - colocated_fast_notelemetry: the default with telemetry off (no recording): the on/off ratio.
 """
 
@@ -32,10 +33,12 @@ from models.heldout import load_heldout
 from serving.server import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
-SETUPS = ["baseline", "colocated_fast", "colocated_fast_notelemetry", "colocated_default", "per_member_fast"]
+SETUPS = ["baseline", "colocated_fast", "colocated_fast_recorder_in_gateway", "colocated_fast_notelemetry",
+          "colocated_default", "per_member_fast"]
 
 
-def ecoserve_config(repo: Path, port: int, placement: str, telemetry: bool, tmp: Path) -> dict[str, Any]:
+def ecoserve_config(repo: Path, port: int, placement: str, telemetry: bool, tmp: Path,
+                    recorder_in_gateway: bool = False) -> dict[str, Any]:
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
@@ -48,7 +51,8 @@ def ecoserve_config(repo: Path, port: int, placement: str, telemetry: bool, tmp:
                 "gateway": {"num_cpus": 0.5},
                 "members": {"num_cpus": 0.2},
                 "batching": {"max_batch_size": 64, "batch_wait_timeout_s": 0.0},
-                "telemetry": {"enabled": telemetry, "store_url": f"sqlite:///{tmp}/outcomes-{port}.db"},
+                "telemetry": {"enabled": telemetry, "store_url": f"sqlite:///{tmp}/outcomes-{port}.db",
+                              "recorder_in_gateway": recorder_in_gateway},
                 "ecosystems": {"digits": {"policy": {"kind": "primary", "primary": "mlp_a"}}},
             },
         }],
@@ -66,7 +70,8 @@ def start_setup(setup: str, repo: Path, tmp: Path, telemetry: bool = True) -> tu
         telemetry = telemetry and not setup.endswith("notelemetry")
         env.update(RAY_SERVE_ENABLE_HA_PROXY=fast, RAY_SERVE_THROUGHPUT_OPTIMIZED=fast)
         cfg = tmp / f"{setup}-{int(telemetry)}.yaml"
-        cfg.write_text(yaml.safe_dump(ecoserve_config(repo, port, placement, telemetry, tmp)))
+        cfg.write_text(yaml.safe_dump(ecoserve_config(repo, port, placement, telemetry, tmp,
+                                                      recorder_in_gateway=setup.endswith("recorder_in_gateway"))))
         cmd = [sys.executable, "-m", "serving.cli", "serve", str(cfg)]
     log = tmp / f"{setup}-{int(telemetry)}.log"
     with log.open("wb") as fh:
@@ -127,7 +132,7 @@ def run(repo: Path) -> list[tuple[str, ...]]:
                 b = base[(rows, conc)]
                 ratio = f"{r.rps / b.rps:.2f}x rps, {r.pct(50) / b.pct(50):.2f}x p50"
             off = results.get("colocated_fast_notelemetry")
-            if setup == "colocated_fast" and off is not None:
+            if setup in ("colocated_fast", "colocated_fast_recorder_in_gateway") and off is not None:
                 ratio += f"; telemetry on/off {r.rps / off[(rows, conc)].rps:.2f}x rps"
             rows_out.append((setup, str(rows), str(conc), f"{r.rps:.0f}", f"{r.pct(50) * 1e3:.1f}",
                              f"{r.pct(99) * 1e3:.1f}", str(r.errors), ratio))

@@ -13,6 +13,7 @@ Deployments:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from serving.config import ServingConfig, parse_serving
 from serving.dataplane import Dataplane
 from serving.http import build_http_app
 from serving.members import BatchedLocalMember, LocalMember, MemberCall, Prediction, RemoteMember
-from serving.recorder_deployment import HandleTelemetry, RecorderDeployment, recorder_specs
+from serving.recorder_deployment import HandleTelemetry, LocalTelemetry, RecorderDeployment, RecorderHost, recorder_specs
 from serving.shipper import OutcomeShipper
 from telemetry.records import Outcome
 
@@ -79,7 +80,9 @@ class Gateway:
             return LocalMember(session, fault)
 
         self.shipper: OutcomeShipper | None = None
-        self.telemetry: HandleTelemetry | None = None
+        self.telemetry: HandleTelemetry | LocalTelemetry | None = None
+        self.host: RecorderHost | None = None
+        send: Any = None
         if recorder is not None:
             self.telemetry = HandleTelemetry(recorder)
 
@@ -87,6 +90,17 @@ class Gateway:
                 reply: dict[str, Any] = await recorder.record.remote(batch, reporter, report)
                 return reply
 
+        elif cfg.telemetry.enabled and cfg.telemetry.recorder_in_gateway:
+            t = cfg.telemetry
+            self.host = host = RecorderHost(recorder_specs(cfg), t.model_copy(
+                update={"store_url": t.resolved_store_url(), "store_url_env": None}).model_dump(mode="json"))
+            self.telemetry = LocalTelemetry(host.recorder)
+
+            async def send(batch: list[Outcome], reporter: str, report: dict[str, Any]) -> dict[str, Any]:
+                reply: dict[str, Any] = await asyncio.to_thread(host.record, batch, reporter, report)
+                return reply
+
+        if send is not None:
             t = cfg.telemetry
             self.shipper = OutcomeShipper(
                 send, max_queue=t.max_queue, max_batch=t.max_batch, flush_interval_s=t.flush_interval_s,
@@ -114,6 +128,8 @@ class Gateway:
         # graceful shutdown: zero records lost from this replica's queue
         if self.shipper is not None:
             await self.shipper.close()
+        if self.host is not None:
+            self.host.close()
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_http_app(self.dataplane, self.telemetry, self.feedback_token)
@@ -131,6 +147,9 @@ def build_app(args: dict[str, Any]) -> Application:
     cfg = parse_serving(args)
     # replicas may not share the driver's working directory: pin the repository path now
     cfg = cfg.model_copy(update={"model_repository": str(Path(cfg.model_repository).resolve())})
+    if not cfg.telemetry.store_url_env:  # a relative SQLite path is pinned here too
+        cfg = cfg.model_copy(update={"telemetry": cfg.telemetry.model_copy(
+            update={"store_url": cfg.telemetry.resolved_store_url()})})
     config = cfg.model_dump(mode="json")
     handles: dict[str, Any] | None = None
     if cfg.placement == "per_member":
@@ -150,7 +169,7 @@ def build_app(args: dict[str, Any]) -> Application:
                     graceful_shutdown_wait_loop_s=0.5,
                 ).bind(str(repo), eco, name, current[name].version, config)
     recorder = None
-    if cfg.telemetry.enabled:
+    if cfg.telemetry.enabled and not cfg.telemetry.recorder_in_gateway:
         t = cfg.telemetry
         # a relative SQLite path is pinned here (replicas may run elsewhere); a URL from the
         # environment (a Secret) is read in the recorder replica, never put in the app's args

@@ -175,6 +175,11 @@ class TelemetryConfig(_Strict):
         description="prediction ages of ecoserve_label_coverage_ratio",
     )
     recorder: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=0.25))
+    recorder_in_gateway: bool = Field(
+        default=False,
+        description="run the recorder inside the gateway process (one gateway replica only) instead of "
+        "as its own deployment",
+    )
 
     def resolved_store_url(self) -> str:
         if self.store_url_env:
@@ -203,6 +208,12 @@ class ServingConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+
+    @model_validator(mode="after")
+    def _one_writer(self) -> ServingConfig:
+        if self.telemetry.recorder_in_gateway and self.gateway.num_replicas != 1:
+            raise ValueError("telemetry.recorder_in_gateway needs gateway.num_replicas: 1 (one writer per store)")
+        return self
 
     @model_validator(mode="after")
     def _policies_name_members(self) -> ServingConfig:

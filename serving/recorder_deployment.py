@@ -24,7 +24,7 @@ from telemetry.recorder import EcosystemSpec, FeedbackError, LabelItem, Recorder
 from telemetry.records import Outcome
 from telemetry.store import open_store
 
-__all__ = ["RecorderDeployment", "recorder_specs", "HandleTelemetry", "LocalTelemetry", "feedback_reply"]
+__all__ = ["RecorderDeployment", "RecorderHost", "recorder_specs", "HandleTelemetry", "LocalTelemetry", "feedback_reply"]
 
 log = logging.getLogger("ray.serve")
 
@@ -103,9 +103,10 @@ class HandleTelemetry:
         return data
 
 
-@serve.deployment(name="Recorder", health_check_period_s=2, health_check_timeout_s=10,
-                  graceful_shutdown_timeout_s=5, graceful_shutdown_wait_loop_s=0.5)
-class RecorderDeployment:
+class RecorderHost:
+    """A recorder with its store and sweep thread: the body of the Recorder deployment, and what a
+    gateway runs in-process with `telemetry.recorder_in_gateway`."""
+
     def __init__(self, specs: dict[str, EcosystemSpec], telemetry: dict[str, Any]) -> None:
         cfg = TelemetryConfig.model_validate(telemetry)
         self.store = open_store(cfg.resolved_store_url())
@@ -144,6 +145,15 @@ class RecorderDeployment:
     def sweep(self) -> dict[str, int]:
         return self.recorder.sweep()
 
-    def __del__(self) -> None:
+    def close(self) -> None:
         self._stop.set()
         self.store.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+RecorderDeployment = serve.deployment(
+    name="Recorder", health_check_period_s=2, health_check_timeout_s=10,
+    graceful_shutdown_timeout_s=5, graceful_shutdown_wait_loop_s=0.5,
+)(RecorderHost)

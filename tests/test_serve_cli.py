@@ -33,7 +33,8 @@ def _pids(name: str) -> set[int]:
     return out
 
 
-def test_sigterm_flushes_every_record_and_stops_everything(serving_repo, tmp_path):
+@pytest.mark.parametrize("recorder_in_gateway", [False, True], ids=["recorder-deployment", "recorder-in-gateway"])
+def test_sigterm_flushes_every_record_and_stops_everything(serving_repo, tmp_path, recorder_in_gateway):
     from telemetry.store import open_store
 
     port = free_port()
@@ -43,7 +44,8 @@ def test_sigterm_flushes_every_record_and_stops_everything(serving_repo, tmp_pat
                              "args": {"model_repository": str(serving_repo), "provider": "cpu",
                                       "gateway": {"num_cpus": 0.5},
                                       # a long flush interval: records sit in the gateway queue at SIGTERM
-                                      "telemetry": {"store_url": f"sqlite:///{db}", "flush_interval_s": 30},
+                                      "telemetry": {"store_url": f"sqlite:///{db}", "flush_interval_s": 30,
+                                                    "recorder_in_gateway": recorder_in_gateway},
                                       "ecosystems": {"digits": {"policy": {"kind": "primary", "primary": "mlp_a"}}}}}]}
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -68,6 +70,8 @@ def test_sigterm_flushes_every_record_and_stops_everything(serving_repo, tmp_pat
             r = httpx.post(f"{url}/v2/models/digits/infer", json=infer_body(x, id=f"term-{i}"), timeout=30)
             assert r.status_code == 200
             sent += len(x)
+        m = httpx.get(f"{url}/metrics", timeout=10)
+        assert m.status_code == 200 and "ecoserve_outcomes_total" in m.text
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out[-3000:]
