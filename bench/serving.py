@@ -5,10 +5,12 @@ cores with it, the same for every setup.
 
 Setups (env BENCH_SETUPS, comma-separated, selects):
 - baseline: plain uvicorn + FastAPI, every digits member in one process, no Ray;
-- colocated_fast: ecoserve default (members in the gateway replica, HAProxy + throughput-optimized);
+- colocated_fast: members in the gateway replica, HAProxy + throughput-optimized, recorder as its
+  own deployment (the default once there are several gateway replicas);
 - colocated_default: members in the gateway replica, Serve's default ingress;
 - per_member_fast: one deployment per member (handles), HAProxy + throughput-optimized;
-- colocated_fast_recorder_in_gateway: the default with `telemetry.recorder_in_gateway: true`;
+- colocated_fast_recorder_in_gateway: the same with the recorder in the gateway (the default with one
+  gateway replica);
 - colocated_fast_notelemetry: the default with telemetry off (no recording): the on/off ratio.
 """
 
@@ -72,6 +74,8 @@ def start_setup(setup: str, repo: Path, tmp: Path, telemetry: bool = True) -> tu
         cfg = tmp / f"{setup}-{int(telemetry)}.yaml"
         cfg.write_text(yaml.safe_dump(ecoserve_config(repo, port, placement, telemetry, tmp,
                                                       recorder_in_gateway=setup.endswith("recorder_in_gateway"))))
+        # (colocated_fast pins the recorder to its own deployment; the default with one gateway
+        # replica is the in-gateway recorder, measured by colocated_fast_recorder_in_gateway)
         cmd = [sys.executable, "-m", "serving.cli", "serve", str(cfg)]
     log = tmp / f"{setup}-{int(telemetry)}.log"
     with log.open("wb") as fh:

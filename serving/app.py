@@ -90,7 +90,7 @@ class Gateway:
                 reply: dict[str, Any] = await recorder.record.remote(batch, reporter, report)
                 return reply
 
-        elif cfg.telemetry.enabled and cfg.telemetry.recorder_in_gateway:
+        elif cfg.telemetry.enabled and cfg.recorder_in_gateway():
             t = cfg.telemetry
             self.host = host = RecorderHost(recorder_specs(cfg), t.model_copy(
                 update={"store_url": t.resolved_store_url(), "store_url_env": None}).model_dump(mode="json"))
@@ -169,7 +169,7 @@ def build_app(args: dict[str, Any]) -> Application:
                     graceful_shutdown_wait_loop_s=0.5,
                 ).bind(str(repo), eco, name, current[name].version, config)
     recorder = None
-    if cfg.telemetry.enabled and not cfg.telemetry.recorder_in_gateway:
+    if cfg.telemetry.enabled and not cfg.recorder_in_gateway():
         t = cfg.telemetry
         # a relative SQLite path is pinned here (replicas may run elsewhere); a URL from the
         # environment (a Secret) is read in the recorder replica, never put in the app's args

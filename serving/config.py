@@ -175,10 +175,10 @@ class TelemetryConfig(_Strict):
         description="prediction ages of ecoserve_label_coverage_ratio",
     )
     recorder: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=0.25))
-    recorder_in_gateway: bool = Field(
-        default=False,
-        description="run the recorder inside the gateway process (one gateway replica only) instead of "
-        "as its own deployment",
+    recorder_in_gateway: bool | None = Field(
+        default=None,
+        description="run the recorder inside the gateway process instead of as its own deployment; "
+        "default: inside when there is one gateway replica (measured faster), a deployment otherwise",
     )
 
     def resolved_store_url(self) -> str:
@@ -208,6 +208,11 @@ class ServingConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+
+    def recorder_in_gateway(self) -> bool:
+        """Where the recorder runs (one writer per store: in the gateway only with one replica)."""
+        choice = self.telemetry.recorder_in_gateway
+        return self.gateway.num_replicas == 1 if choice is None else choice
 
     @model_validator(mode="after")
     def _one_writer(self) -> ServingConfig:

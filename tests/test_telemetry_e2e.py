@@ -53,7 +53,8 @@ def server(request, serving_repo, tmp_path_factory, monkeypatch_module):
         "provider": "cpu",
         "gateway": {"num_cpus": 0.5},
         "auth": {"feedback_token_env": "ECOSERVE_FEEDBACK_TOKEN"},
-        "telemetry": {"store_url": store_url, "flush_interval_s": 0.1, "sweep_interval_s": 0.5},
+        "telemetry": {"store_url": store_url, "flush_interval_s": 0.1, "sweep_interval_s": 0.5,
+                      "recorder_in_gateway": False},  # its own deployment: this module kills it mid-stream
         "ecosystems": {"credit": {"policy": {"kind": "primary", "primary": "logreg"}}},
     }
     cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
