@@ -181,12 +181,6 @@ class _EcosystemState:
             return None
         return {attr: [g.get(attr, "") for g in groups] for attr in self.spec.subgroups}
 
-    def all_counts(self) -> EcosystemCounts:
-        total = self.predictions
-        for s in SOURCES:
-            total = total + self.labels[s]
-        return total
-
 
 def _correct(spec: EcosystemSpec, preds: np.ndarray, served: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Correctness (N, M) in {1, 0, -1} of stored outcomes given their labels (class ids or rewards)."""

@@ -159,26 +159,6 @@ def _decode_rows(rows: Sequence[Sequence[Any]]) -> list[StoredOutcome]:
     ]
 
 
-def _row_to_outcome(r: Any) -> StoredOutcome:
-    return StoredOutcome(
-        request_id=r.request_id,
-        ecosystem=r.ecosystem,
-        created_at=r.created_at,
-        predictions=json.loads(r.predictions),
-        served=r.served,
-        intended=r.intended,
-        greedy=r.greedy,
-        propensities=json.loads(r.propensities),
-        direct=bool(r.direct),
-        groups=json.loads(r.groups),
-        label=r.label,
-        label_source=r.label_source,
-        counted_label=r.counted_label,
-        counted_source=r.counted_source,
-        counted_time=r.counted_time,
-    )
-
-
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), _CHUNK):
         yield items[i : i + _CHUNK]
@@ -326,12 +306,12 @@ class OutcomeStore:
     def unlabeled_before(self, ecosystem: str, before: float, limit: int = 10_000) -> list[StoredOutcome]:
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(outcomes)
+                select(*[outcomes.c[c] for c in _COLUMNS])
                 .where(and_(outcomes.c.ecosystem == ecosystem, outcomes.c.label_source.is_(None),
                             outcomes.c.created_at < before))
                 .limit(limit)
-            )
-            return [_row_to_outcome(r) for r in rows]
+            ).fetchall()
+            return _decode_rows(rows)
 
     def coverage(self, ecosystem: str, now: float, ages_s: Iterable[float]) -> dict[float, tuple[int, int]]:
         """For each age: (outcomes older than it, of which labeled)."""
