@@ -112,3 +112,18 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def write_serve_file(path: Path, port: int, args: dict) -> Path:
+    """A Serve config file for the ecoserve app on 127.0.0.1:port (what `ecoserve serve` reads)."""
+    import yaml
+
+    cfg = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [
+            {"name": "ecoserve", "route_prefix": "/", "import_path": "serving.app:build_app", "args": args}
+        ],
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path

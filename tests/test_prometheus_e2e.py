@@ -16,9 +16,8 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-import yaml
 
-from conftest import serving_args
+from conftest import write_serve_file, serving_args
 from models.heldout import load_heldout
 from serving.config import load_serve_file
 from serving.prometheus_local import prometheus_binary, start_prometheus
@@ -48,10 +47,7 @@ def stack(serving_repo, tmp_path_factory):
     eco.pop("broken"), eco.pop("dead")
     eco["faulty"]["faults"] = {"knn": {"error": True}}  # member errors for the serving panels
     port = free_port()
-    cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
-           "applications": [{"name": "ecoserve", "route_prefix": "/", "import_path": "serving.app:build_app", "args": args}]}
-    path = tmp / "serve.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = write_serve_file(tmp / "serve.yaml", port, args)
     running = start(load_serve_file(path), num_cpus=2)
     prom = None
     try:

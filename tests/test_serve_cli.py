@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
+from conftest import write_serve_file
 from models.heldout import load_heldout
 from serving.server import free_port
 from serving_cases import infer_body
@@ -39,16 +39,14 @@ def test_sigterm_flushes_every_record_and_stops_everything(serving_repo, tmp_pat
 
     port = free_port()
     db = tmp_path / "outcomes.db"
-    cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
-           "applications": [{"name": "ecoserve", "route_prefix": "/", "import_path": "serving.app:build_app",
-                             "args": {"model_repository": str(serving_repo), "provider": "cpu",
-                                      "gateway": {"num_cpus": 0.5},
-                                      # a long flush interval: records sit in the gateway queue at SIGTERM
-                                      "telemetry": {"store_url": f"sqlite:///{db}", "flush_interval_s": 30,
-                                                    "recorder_in_gateway": recorder_in_gateway},
-                                      "ecosystems": {"digits": {"policy": {"kind": "primary", "primary": "mlp_a"}}}}}]}
-    path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = write_serve_file(tmp_path / "serve.yaml", port, {
+        "model_repository": str(serving_repo),
+        "provider": "cpu",
+        "gateway": {"num_cpus": 0.5},
+        # a long flush interval: records sit in the gateway queue at SIGTERM
+        "telemetry": {"store_url": f"sqlite:///{db}", "flush_interval_s": 30, "recorder_in_gateway": recorder_in_gateway},
+        "ecosystems": {"digits": {"policy": {"kind": "primary", "primary": "mlp_a"}}},
+    })
     before = {n: _pids(n) for n in ("raylet", "gcs_server", "haproxy")}
     proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", str(path)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -10,10 +10,9 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-import yaml
 from scipy.stats import chisquare
 
-from conftest import serving_args
+from conftest import serving_args, write_serve_file
 from models.heldout import load_heldout
 from serving.config import load_serve_file
 from serving.server import free_port
@@ -27,16 +26,7 @@ def server(serving_repo, tmp_path_factory):
     from serving.server import start
 
     port = free_port()
-    cfg = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [
-            {"name": "ecoserve", "route_prefix": "/", "import_path": "serving.app:build_app",
-             "args": serving_args(serving_repo)}
-        ],
-    }
-    path = tmp_path_factory.mktemp("cfg") / "serve.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = write_serve_file(tmp_path_factory.mktemp("cfg") / "serve.yaml", port, serving_args(serving_repo))
     running = start(load_serve_file(path), num_cpus=2)
     try:
         yield running.url

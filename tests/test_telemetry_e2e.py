@@ -15,10 +15,9 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import PG_ADMIN_URL, _pg_available
+from conftest import write_serve_file, PG_ADMIN_URL, _pg_available
 from models.heldout import load_heldout
 from serving.config import load_serve_file
 from serving.server import free_port
@@ -57,10 +56,7 @@ def server(request, serving_repo, tmp_path_factory, monkeypatch_module):
                       "recorder_in_gateway": False},  # its own deployment: this module kills it mid-stream
         "ecosystems": {"credit": {"policy": {"kind": "primary", "primary": "logreg"}}},
     }
-    cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
-           "applications": [{"name": "ecoserve", "route_prefix": "/", "import_path": "serving.app:build_app", "args": args}]}
-    path = tmp / "serve.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = write_serve_file(tmp / "serve.yaml", port, args)
     running = start(load_serve_file(path), num_cpus=2)
     try:
         yield running.url
