@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from serving.http import build_http_app
 from serving.members import BatchedLocalMember, LocalMember, MemberCall, Prediction, RemoteMember
 from serving.recorder_deployment import HandleTelemetry, LocalTelemetry, RecorderDeployment, RecorderHost, recorder_specs
 from serving.shipper import OutcomeShipper
+from telemetry.ledger import Ledger
 from telemetry.records import Outcome
 
 __all__ = ["build_app", "Gateway", "MemberDeployment"]
@@ -83,12 +85,17 @@ class Gateway:
         self.telemetry: HandleTelemetry | LocalTelemetry | None = None
         self.host: RecorderHost | None = None
         send: Any = None
+        reclaim: Any = None
         if recorder is not None:
             self.telemetry = HandleTelemetry(recorder)
 
             async def send(batch: list[Outcome], reporter: str, report: dict[str, Any]) -> dict[str, Any]:
                 reply: dict[str, Any] = await recorder.record.remote(batch, reporter, report)
                 return reply
+
+            async def reclaim(ledger: str, accepted: dict[str, int]) -> dict[str, int]:
+                lost: dict[str, int] = await recorder.reclaim.remote(ledger, accepted)
+                return lost
 
         elif cfg.telemetry.enabled and cfg.recorder_in_gateway():
             t = cfg.telemetry
@@ -100,11 +107,17 @@ class Gateway:
                 reply: dict[str, Any] = await asyncio.to_thread(host.record, batch, reporter, report)
                 return reply
 
+            async def reclaim(ledger: str, accepted: dict[str, int]) -> dict[str, int]:
+                return await asyncio.to_thread(host.reclaim, ledger, accepted)
+
         if send is not None:
             t = cfg.telemetry
+            # crash accounting of this replica's queue: see telemetry.ledger
+            ledger = Ledger(t.resolved_ledger_dir(), uuid.uuid4().hex[:16], list(cfg.ecosystems), t.store_key())
             self.shipper = OutcomeShipper(
                 send, max_queue=t.max_queue, max_batch=t.max_batch, flush_interval_s=t.flush_interval_s,
                 on_reply=self._apply_rewards, report=lambda: self.dataplane.stats.snapshot(),
+                ledger=ledger, reclaim=reclaim,
             )
         self.dataplane = Dataplane.build(cfg, factory, sink=self.shipper.put if self.shipper else None)
         if self.shipper is not None:

@@ -174,12 +174,28 @@ class TelemetryConfig(_Strict):
         default=(60.0, 600.0, 3600.0, 86400.0, 604800.0), min_length=1,
         description="prediction ages of ecoserve_label_coverage_ratio",
     )
+    ledger_dir: str | None = Field(
+        default=None,
+        description="where gateways keep their crash ledgers (telemetry.ledger); default: "
+        "TMPDIR/ecoserve-ledgers/STORE_KEY. Use a volume that outlives the container",
+    )
     recorder: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=0.25))
     recorder_in_gateway: bool | None = Field(
         default=None,
         description="run the recorder inside the gateway process instead of as its own deployment; "
         "default: inside when there is one gateway replica (measured faster), a deployment otherwise",
     )
+
+    def store_key(self) -> str:
+        """A stable name for the store, the same in every process (no password in it)."""
+        from telemetry.ledger import store_key
+
+        return store_key(self.store_url, self.store_url_env)
+
+    def resolved_ledger_dir(self) -> Path:
+        from telemetry.ledger import default_ledger_dir
+
+        return Path(self.ledger_dir) / self.store_key() if self.ledger_dir else default_ledger_dir(self.store_key())
 
     def resolved_store_url(self) -> str:
         if self.store_url_env:

@@ -139,6 +139,9 @@ class RecorderHost:
     def feedback(self, items: list[LabelItem]) -> dict[str, Any]:
         return feedback_reply(self.recorder, items)
 
+    def reclaim(self, ledger: str, accepted: dict[str, int]) -> dict[str, int]:
+        return self.recorder.reclaim(ledger, accepted)
+
     def metrics(self) -> bytes:
         return exposition(self.recorder)
 

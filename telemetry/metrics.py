@@ -56,7 +56,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ecoserve_feedback_unknown_id_total": ("counter", (), "Labels whose request id had no stored outcome on arrival (held as pending)."),
     "ecoserve_labels_expired_total": ("counter", (), "Pending labels dropped after their TTL without an outcome."),
     "ecoserve_labels_pending": ("gauge", (), "Labels waiting for their outcome."),
-    "ecoserve_outcomes_dropped_total": ("counter", ("reason",), "Outcome records the gateways dropped (queue full, recorder unreachable)."),
+    "ecoserve_outcomes_dropped_total": ("counter", ("reason",), "Outcome records the gateways dropped because their queue was full (the recorder down or slower than traffic)."),
+    "ecoserve_outcomes_lost_total": ("counter", ("ecosystem",), "Outcome records a gateway replica accepted and never handed over because it crashed (counted from its ledger once it is found dead)."),
     "ecoserve_outcomes_duplicate_id_total": ("counter", (), "Outcome records whose request id was already stored (retries; clients reusing ids)."),
     "ecoserve_requests_total": ("counter", ("ecosystem", "code"), "Inference requests by HTTP status, counted at the gateways."),
     "ecoserve_member_latency_seconds": ("histogram", ("ecosystem", "member", "provider"), "Time of one member call (one batch), at the gateway."),
@@ -118,7 +119,7 @@ class EcoserveCollector(Collector):
             fams["ecoserve_labels_expired_total"].add_metric([], r.expired)
             fams["ecoserve_labels_pending"].add_metric([], r.pending)
             fams["ecoserve_outcomes_duplicate_id_total"].add_metric([], r.duplicate_outcome_ids)
-            for reason in ("queue_full", "recorder_error"):
+            for reason in ("queue_full",):
                 fams["ecoserve_outcomes_dropped_total"].add_metric([reason], r.dropped().get(reason, 0))
             fams["ecoserve_window_seconds"].add_metric([], r.window_s)
             serving = r.serving_report()
@@ -145,6 +146,7 @@ class EcoserveCollector(Collector):
         members = spec.members
         fams["ecoserve_outcomes_total"].add_metric([eco], st.outcomes)
         fams["ecoserve_outcomes_incomplete_total"].add_metric([eco], st.incomplete)
+        fams["ecoserve_outcomes_lost_total"].add_metric([eco], st.lost)
         fams["ecoserve_explored_total"].add_metric([eco], st.explored)
         fams["ecoserve_direct_total"].add_metric([eco], st.direct)
         fams["ecoserve_labels_duplicate_total"].add_metric([eco], st.duplicates)

@@ -175,6 +175,7 @@ class _EcosystemState:
         self.delay = {s: (np.zeros(len(DELAY_BUCKETS_S) + 1, dtype=np.int64), [0.0]) for s in SOURCES}
         self.corrections: dict[tuple[str, str], int] = {}
         self.duplicates = 0
+        self.lost = 0  # records a crashed gateway accepted and never handed over (telemetry.ledger)
 
     def groups_of(self, groups: Sequence[dict[str, str]]) -> dict[str, list[str]] | None:
         if not self.spec.subgroups:
@@ -225,7 +226,7 @@ class Recorder:
     # ------------------------------------------------------ event counts
     # API-event counters are kept in the store (`ecoserve_event_counts`) so that a restart
     # does not reset them; keys: "unknown_ids", "expired", "duplicate_outcome_ids",
-    # "pending_rejected", "unknown_ecosystem", "duplicates|ECO", "corrections|ECO|FROM|TO".
+    # "pending_rejected", "unknown_ecosystem", "duplicates|ECO", "corrections|ECO|FROM|TO", "lost|ECO".
     def _load_events(self, events: dict[str, int]) -> None:
         for key, v in events.items():
             parts = key.split("|")
@@ -233,6 +234,8 @@ class Recorder:
                 setattr(self, parts[0], v)
             elif parts[0] == "duplicates" and parts[1] in self.state:
                 self.state[parts[1]].duplicates = v
+            elif parts[0] == "lost" and parts[1] in self.state:
+                self.state[parts[1]].lost = v
             elif parts[0] == "corrections" and len(parts) == 4 and parts[1] in self.state:
                 self.state[parts[1]].corrections[(parts[2], parts[3])] = v
 
@@ -267,12 +270,17 @@ class Recorder:
         """Store and count a batch of outcomes; join labels that were waiting for them.
 
         `report` is the gateway's cumulative `{"dropped": {reason: n}, "serving": ServingStats
-        snapshot}`; the latest per reporter is kept and the metrics show the sum."""
+        snapshot, "progress": {ecosystem: records handed over so far}}`; the latest per reporter
+        is kept and the metrics show the sum. `progress` is stored with the outcomes, in the
+        same transaction, for the reporter's crash ledger (`reclaim`)."""
         with self._lock:
+            progress = None
             if report is not None and reporter:
                 self.reports[reporter] = report
+                if items and report.get("progress"):
+                    progress = (reporter, {str(k): int(v) for k, v in report["progress"].items()})
             known = [o for o in items if o.ecosystem in self.state]
-            inserted = self.store.insert_outcomes([o.to_row() for o in known])
+            inserted = self.store.insert_outcomes([o.to_row() for o in known], progress)
             self._event({"unknown_ecosystem": len(items) - len(known), "duplicate_outcome_ids": len(known) - len(inserted)})
             fresh = [o for o in known if o.request_id in inserted]
             for name, st in self.state.items():
@@ -442,6 +450,16 @@ class Recorder:
             sel = np.flatnonzero(recent)
             sub = {k: [v[i] for i in sel] for k, v in groups.items()} if groups else None
             st.window.add(EcosystemCounts.from_arrays(st.shape, preds[sel], c[sel], sub))
+
+    def reclaim(self, ledger: str, accepted: dict[str, int]) -> dict[str, int]:
+        """Count the records a crashed gateway accepted and never handed over (its ledger's
+        `accepted` minus what the store holds of it); a ledger already reclaimed counts nothing."""
+        with self._lock:
+            lost = self.store.reclaim_ledger(ledger, {str(k): int(v) for k, v in accepted.items()})
+            for eco, n in lost.items():
+                if eco in self.state:
+                    self.state[eco].lost += n
+            return lost
 
     # ------------------------------------------------------------ sweep
     def sweep(self) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """The durable outcome store: one schema, two backends (SQLite in WAL mode, PostgreSQL).
 
-SQLAlchemy Core, no ORM. Schema (version 1; `ecoserve_schema` holds the version,
-and `migrate()` brings an older store forward, so a later change can add a step):
+SQLAlchemy Core, no ORM. Schema (version 2; `ecoserve_schema` holds the version,
+and `migrate()` brings an older store forward one step at a time):
 
     ecoserve_outcomes         one row per served row (request_id is the key)
       request_id, ecosystem, created_at (unix s), members, versions (JSON lists),
@@ -13,6 +13,10 @@ and `migrate()` brings an older store forward, so a later change can add a step)
     ecoserve_label_history    every correction (a label that differed from the current one)
     ecoserve_pending_labels   labels that arrived before their outcome (TTL-bounded)
     ecoserve_event_counts     persistent counters of API events (duplicates, corrections, ...)
+    ecoserve_ledgers          (v2) per gateway ledger and ecosystem: records stored, and whether the
+                              ledger of a crashed gateway was reclaimed (`telemetry.ledger`)
+
+Migrations: 1 -> 2 creates `ecoserve_ledgers`.
 
 Labels are stored as numbers: a class id (ground_truth mode) or a reward (bandit).
 Knows nothing of Ray, HTTP or Prometheus.
@@ -21,12 +25,14 @@ Knows nothing of Ray, HTTP or Prometheus.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Engine,
@@ -51,7 +57,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 __all__ = ["StoreError", "OutcomeStore", "StoredOutcome", "SCHEMA_VERSION", "open_store"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _CHUNK = 500  # ids per IN (...) query: well under SQLite's variable limit
 
 metadata = MetaData()
@@ -114,6 +120,17 @@ event_counts = Table(
     Column("value", Integer, nullable=False),
 )
 
+ledgers = Table(
+    "ecoserve_ledgers",  # v2: crash accounting of gateway queues (see telemetry.ledger)
+    metadata,
+    Column("ledger", String(64), primary_key=True),
+    Column("ecosystem", String(64), primary_key=True),
+    Column("stored", BigInteger, nullable=False),  # records of this ledger stored (or accounted for)
+    Column("reclaimed", Boolean, nullable=False, default=False),
+    Column("updated_at", Float, nullable=False),
+)
+_V1_TABLES = [schema_table, outcomes, label_history, pending_labels, event_counts]
+
 
 class StoreError(RuntimeError):
     """The store could not be opened or written; wraps the database's own error."""
@@ -174,27 +191,38 @@ class OutcomeStore:
         """Create or upgrade the schema; returns the version now in place."""
         try:
             with self.engine.begin() as conn:
-                metadata.create_all(conn)
+                metadata.create_all(conn, tables=_V1_TABLES)
                 version = conn.execute(select(func.max(schema_table.c.version))).scalar()
-                if version is None:
+                if version is None:  # a new store: every table, at the current version
+                    metadata.create_all(conn)
                     conn.execute(insert(schema_table).values(version=SCHEMA_VERSION))
                     version = SCHEMA_VERSION
                 if version > SCHEMA_VERSION:
                     raise StoreError(
                         f"the store has schema version {version}, newer than this ecoserve's {SCHEMA_VERSION}"
                     )
-                # future: `if version < 2: ...migration steps...; update the version row`
+                if version < 2:  # 1 -> 2: crash accounting of gateway queues
+                    ledgers.create(conn, checkfirst=True)
+                    version = 2
+                conn.execute(update(schema_table).values(version=version))
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot prepare the outcome store ({self.backend}): {exc}") from exc
         return int(version)
 
     # --------------------------------------------------------- outcomes
-    def insert_outcomes(self, rows: list[dict[str, Any]]) -> set[str]:
-        """Insert outcome rows; a request_id already stored is skipped. Returns the ids inserted."""
-        if not rows:
+    def insert_outcomes(
+        self, rows: list[dict[str, Any]], progress: tuple[str, dict[str, int]] | None = None
+    ) -> set[str]:
+        """Insert outcome rows; a request_id already stored is skipped. Returns the ids inserted.
+
+        `progress` = (ledger id, {ecosystem: records of that ledger handed over so far}), written in
+        the same transaction (never lowered, so a resent batch changes nothing)."""
+        if not rows and not progress:
             return set()
         ids = [r["request_id"] for r in rows]
         with self.engine.begin() as conn:
+            if progress:
+                self._progress(conn, *progress)
             existing: set[str] = set()
             for chunk in _chunks(ids):
                 existing.update(conn.execute(select(outcomes.c.request_id).where(outcomes.c.request_id.in_(chunk))).scalars())
@@ -362,23 +390,71 @@ class OutcomeStore:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(pending_labels)).scalar() or 0)
 
+    # ---------------------------------------------------------- ledgers
+    @staticmethod
+    def _progress(conn: Any, ledger: str, through: dict[str, int]) -> None:
+        now = time.time()
+        for eco, n in through.items():
+            res = conn.execute(
+                update(ledgers).where(and_(ledgers.c.ledger == ledger, ledgers.c.ecosystem == eco,
+                                           ledgers.c.stored < n))
+                .values(stored=n, updated_at=now)
+            )
+            if not res.rowcount:
+                exists = conn.execute(select(ledgers.c.stored).where(
+                    and_(ledgers.c.ledger == ledger, ledgers.c.ecosystem == eco))).first()
+                if exists is None:
+                    conn.execute(insert(ledgers).values(ledger=ledger, ecosystem=eco, stored=n, reclaimed=False,
+                                                        updated_at=now))
+
+    def ledger_progress(self, ledger: str) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(ledgers.c.ecosystem, ledgers.c.stored).where(ledgers.c.ledger == ledger))
+            return {r.ecosystem: int(r.stored) for r in rows}
+
+    def reclaim_ledger(self, ledger: str, accepted: dict[str, int]) -> dict[str, int]:
+        """A crashed gateway's ledger: lost = accepted - stored per ecosystem, added to the
+        `lost|ECO` event counters and the ledger marked reclaimed, in one transaction.
+        A ledger already reclaimed returns {} (nothing counted twice)."""
+        now = time.time()
+        with self.engine.begin() as conn:
+            rows = {r.ecosystem: r for r in conn.execute(select(ledgers).where(ledgers.c.ledger == ledger))}
+            if any(r.reclaimed for r in rows.values()):
+                return {}
+            lost = {eco: max(0, n - (int(rows[eco].stored) if eco in rows else 0)) for eco, n in accepted.items()}
+            conn.execute(update(ledgers).where(ledgers.c.ledger == ledger).values(reclaimed=True, updated_at=now))
+            new = [{"ledger": ledger, "ecosystem": eco, "stored": 0, "reclaimed": True, "updated_at": now}
+                   for eco in accepted if eco not in rows]
+            if not rows and not new:  # a ledger with no ecosystem: still mark it
+                new = [{"ledger": ledger, "ecosystem": "", "stored": 0, "reclaimed": True, "updated_at": now}]
+            if new:
+                conn.execute(insert(ledgers), new)
+            self._bump(conn, {f"lost|{eco}": v for eco, v in lost.items()})
+        return lost
+
     # ----------------------------------------------------- event counts
     def bump(self, increments: dict[str, int]) -> None:
         """Add to persistent event counters (so they survive a recorder restart)."""
+        if not any(increments.values()):
+            return
+        with self.engine.begin() as conn:
+            self._bump(conn, increments)
+
+    @staticmethod
+    def _bump(conn: Any, increments: dict[str, int]) -> None:
         items = {k: v for k, v in increments.items() if v}
         if not items:
             return
-        with self.engine.begin() as conn:
-            have = set(conn.execute(select(event_counts.c.key).where(event_counts.c.key.in_(list(items)))).scalars())
-            if have:
-                conn.execute(
-                    update(event_counts).where(event_counts.c.key == bindparam("k"))
-                    .values(value=event_counts.c.value + bindparam("v")),
-                    [{"k": k, "v": items[k]} for k in have],
-                )
-            new = [{"key": k, "value": v} for k, v in items.items() if k not in have]
-            if new:
-                conn.execute(insert(event_counts), new)
+        have = set(conn.execute(select(event_counts.c.key).where(event_counts.c.key.in_(list(items)))).scalars())
+        if have:
+            conn.execute(
+                update(event_counts).where(event_counts.c.key == bindparam("k"))
+                .values(value=event_counts.c.value + bindparam("v")),
+                [{"k": k, "v": items[k]} for k in have],
+            )
+        new = [{"key": k, "value": v} for k, v in items.items() if k not in have]
+        if new:
+            conn.execute(insert(event_counts), new)
 
     def event_counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:

@@ -1,0 +1,93 @@
+"""A gateway replica (with the recorder inside it, the default) is killed with records queued, on
+the real Ray Serve app: after Serve restarts it, the store holds what was handed over, and
+`ecoserve_outcomes_lost_total` counts exactly the rest of what the client was answered for."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import httpx
+import pytest
+
+from conftest import write_serve_file
+from models.heldout import load_heldout
+from serving.config import load_serve_file
+from serving.server import _flush_gateway, free_port
+from serving_cases import infer_body
+from test_telemetry_e2e import metric, scrape
+
+pytestmark = pytest.mark.slow
+ROWS = 5
+
+
+@pytest.fixture(scope="module")
+def server(serving_repo, tmp_path_factory):
+    from serving.server import start
+
+    tmp = tmp_path_factory.mktemp("crash")
+    db = tmp / "outcomes.db"
+    args = {
+        "model_repository": str(serving_repo),
+        "provider": "cpu",
+        "gateway": {"num_cpus": 0.5},
+        # nothing is handed over unless the test asks: the queue is what the kill loses
+        "telemetry": {"store_url": f"sqlite:///{db}", "flush_interval_s": 60, "ledger_dir": str(tmp / "ledgers")},
+        "ecosystems": {"credit": {"policy": {"kind": "primary", "primary": "logreg"}}},
+    }
+    port = free_port()
+    running = start(load_serve_file(write_serve_file(tmp / "serve.yaml", port, args)), num_cpus=2)
+    try:
+        yield running.url, db, tmp / "ledgers"
+    finally:
+        running.stop()
+
+
+def stored(db) -> int:
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute("SELECT count(*) FROM ecoserve_outcomes").fetchone()[0])
+
+
+def test_gateway_killed_with_records_queued(server, serving_repo):
+    import asyncio
+
+    import ray
+
+    url, db, ledgers = server
+    x = load_heldout(serving_repo / "credit").X[:ROWS]
+
+    def send(k: int) -> int:
+        for _ in range(k):
+            r = httpx.post(f"{url}/v2/models/credit/infer", json=infer_body(x), timeout=30)
+            assert r.status_code == 200, r.text
+        return k * ROWS
+
+    handed = send(6)
+    assert asyncio.run(_flush_gateway("ecoserve")) == handed
+    assert stored(db) == handed
+    queued = send(4)
+    assert stored(db) == handed  # still in the gateway's queue
+    assert len(list(ledgers.rglob("*.ledger"))) == 1  # the live gateway's ledger
+
+    gateways = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Gateway" in a["name"]]
+    assert len(gateways) == 1, gateways
+    ray.kill(ray.get_actor(gateways[0]["name"], namespace=gateways[0]["namespace"]), no_restart=True)
+
+    deadline = time.monotonic() + 120
+    m: dict = {}
+    while time.monotonic() < deadline:  # Serve restarts the replica; it reclaims the dead ledger
+        try:
+            m = scrape(url)
+            if metric(m, "ecoserve_outcomes_lost_total", ecosystem="credit"):
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    assert metric(m, "ecoserve_outcomes_lost_total", ecosystem="credit") == queued
+    assert metric(m, "ecoserve_outcomes_total", ecosystem="credit") == handed  # rebuilt from the store
+    assert stored(db) + metric(m, "ecoserve_outcomes_lost_total", ecosystem="credit") == handed + queued
+    assert len(list(ledgers.rglob("*.ledger"))) == 1  # the dead one removed; the new replica's own
+    # the restarted gateway serves and records again
+    more = send(2)
+    assert asyncio.run(_flush_gateway("ecoserve")) == more
+    assert stored(db) == handed + more
