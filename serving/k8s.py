@@ -53,7 +53,8 @@ def _pod(container: dict[str, Any]) -> dict[str, Any]:
         "spec": {
             "initContainers": [INIT],
             "containers": [container],
-            "volumes": [{"name": "models", "emptyDir": {}}],
+            # ledgers: gateways' crash ledgers (telemetry.ledger_dir); an emptyDir outlives container restarts
+            "volumes": [{"name": "models", "emptyDir": {}}, {"name": "ledgers", "emptyDir": {"sizeLimit": "64Mi"}}],
         },
     }
 
@@ -66,7 +67,8 @@ def _ray_container(name: str, cpu: str, memory: str, gpus: int = 0) -> dict[str,
         "name": name,
         "image": IMAGE,
         "env": ENV,
-        "volumeMounts": [{"name": "models", "mountPath": "/models"}],
+        "volumeMounts": [{"name": "models", "mountPath": "/models"},
+                         {"name": "ledgers", "mountPath": "/var/lib/ecoserve/ledgers"}],
         "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": limits},
     }
     return c

@@ -118,8 +118,16 @@ def rule_groups(t: Thresholds = Thresholds()) -> list[dict[str, Any]]:
             "sum(increase(ecoserve_outcomes_dropped_total[5m])) > 0",
             "0m", "critical",
             "Outcome records are being dropped",
-            "{{ $value }} outcome records were dropped in 5 minutes (gateway queue full or recorder unreachable): "
-            "ecosystem metrics are missing data.",
+            "{{ $value }} outcome records were dropped in 5 minutes (a gateway queue was full: the recorder is "
+            "down or slower than traffic): ecosystem metrics are missing data.",
+        ),
+        _rule(
+            "EcoserveOutcomesLost",
+            "sum by (ecosystem) (increase(ecoserve_outcomes_lost_total[15m])) > 0",
+            "0m", "warning",
+            "A gateway of {{ $labels.ecosystem }} crashed with outcome records queued",
+            "{{ $value }} outcome records of {{ $labels.ecosystem }} were lost in the last 15 minutes: a gateway "
+            "replica died before handing them to the recorder.",
         ),
     ]
     return [{"name": "ecoserve", "rules": rules}]

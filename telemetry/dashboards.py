@@ -224,11 +224,13 @@ SERVING = [
               ((f'sum by (ecosystem, member, kind) (increase(ecoserve_member_errors_total{{{E},member=~"$member"}}{W}))', "{{member}} {{kind}}"),
                (f'sum by (ecosystem, member) (increase(ecoserve_member_missing_outputs_total{{{E},member=~"$member"}}{W}))', "{{member}} missing")),
               unit="short"),
-    PanelSpec("timeseries", "Fallbacks and dropped records",
-              "Rows served by a fallback because the chosen member failed; outcome records the gateways dropped. "
-              "Bad: any dropped records (telemetry is losing data), sustained fallbacks.",
+    PanelSpec("timeseries", "Fallbacks, dropped and lost records",
+              "Rows served by a fallback because the chosen member failed; outcome records the gateways dropped "
+              "(queue full) or lost (a gateway crashed with them queued). "
+              "Bad: any dropped or lost records (telemetry is missing data), sustained fallbacks.",
               ((f"sum by (ecosystem, member) (increase(ecoserve_fallbacks_total{{{E}}}{W}))", "{{ecosystem}} fallback from {{member}}"),
-               (f"sum by (reason) (increase(ecoserve_outcomes_dropped_total{W}))", "dropped ({{reason}})")),
+               (f"sum by (reason) (increase(ecoserve_outcomes_dropped_total{W}))", "dropped ({{reason}})"),
+               (f"sum by (ecosystem) (increase(ecoserve_outcomes_lost_total{{{E}}}{W}))", "lost in a crash ({{ecosystem}})")),
               unit="short"),
 ]
 
