@@ -280,7 +280,7 @@ class Recorder:
                 if items and report.get("progress"):
                     progress = (reporter, {str(k): int(v) for k, v in report["progress"].items()})
             known = [o for o in items if o.ecosystem in self.state]
-            inserted = self.store.insert_outcomes([o.to_row() for o in known], progress)
+            inserted = self.store.insert_outcomes(known, progress)
             self._event({"unknown_ecosystem": len(items) - len(known), "duplicate_outcome_ids": len(known) - len(inserted)})
             fresh = [o for o in known if o.request_id in inserted]
             for name, st in self.state.items():

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["Outcome"]
+__all__ = ["Outcome", "RowEncoder", "ROW_COLUMNS"]
 
 
 @dataclass(frozen=True)
@@ -34,22 +37,48 @@ class Outcome:
     def fallback(self) -> bool:
         return self.served != self.intended
 
-    def to_row(self) -> dict[str, object]:
-        import json
 
-        return {
-            "request_id": self.request_id,
-            "ecosystem": self.ecosystem,
-            "created_at": self.time_s,
-            "members": json.dumps(list(self.members)),
-            "versions": json.dumps(list(self.versions)),
-            "predictions": json.dumps([int(v) for v in self.predictions]),
-            "served": int(self.served),
-            "intended": int(self.intended),
-            "greedy": int(self.greedy),
-            "propensities": json.dumps([float(v) for v in self.propensities]),
-            "policy": self.policy,
-            "direct": self.direct,
-            "groups": json.dumps({str(k): str(v) for k, v in self.groups.items()}, sort_keys=True),
-            "fingerprint": self.input_fingerprint,
-        }
+ROW_COLUMNS = (
+    "request_id", "ecosystem", "created_at", "members", "versions", "predictions", "served", "intended", "greedy",
+    "propensities", "policy", "direct", "groups", "fingerprint",
+)
+
+
+class RowEncoder:
+    """Outcomes -> store rows (tuples in `ROW_COLUMNS` order), JSON columns included.
+
+    The recorder's hottest path: member/version lists, propensity vectors and group dicts repeat
+    from row to row, so their JSON is cached (bounded); class ids are ints, joined directly.
+    Produces exactly what `json.dumps` would (a test compares)."""
+
+    def __init__(self, max_cache: int = 4096) -> None:
+        self.max_cache = max_cache
+        self._names: dict[tuple[str, ...], str] = {}
+        self._props: dict[tuple[float, ...], str] = {}
+        self._groups: dict[tuple[tuple[str, str], ...], str] = {}
+
+    def _cached(self, cache: dict[Any, str], key: Any, make: Callable[[], str]) -> str:
+        v = cache.get(key)
+        if v is None:
+            if len(cache) >= self.max_cache:
+                cache.clear()
+            v = cache[key] = make()
+        return v
+
+    def rows(self, outcomes: Sequence[Outcome]) -> list[tuple[Any, ...]]:
+        names, props, groups = self._names, self._props, self._groups
+        out = []
+        for o in outcomes:
+            members = names.get(o.members) or self._cached(names, o.members, lambda: json.dumps(list(o.members)))
+            versions = names.get(o.versions) or self._cached(names, o.versions, lambda: json.dumps(list(o.versions)))
+            p = props.get(o.propensities) or self._cached(
+                props, o.propensities, lambda: json.dumps([float(v) for v in o.propensities]))
+            gkey = tuple(sorted(o.groups.items())) if o.groups else ()
+            g = groups.get(gkey) or self._cached(
+                groups, gkey, lambda: json.dumps({str(k): str(v) for k, v in gkey}, sort_keys=True))
+            out.append((
+                o.request_id, o.ecosystem, o.time_s, members, versions,
+                "[" + ", ".join(map(str, map(int, o.predictions))) + "]",
+                int(o.served), int(o.intended), int(o.greedy), p, o.policy, bool(o.direct), g, o.input_fingerprint,
+            ))
+        return out

@@ -55,6 +55,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
+from telemetry.records import ROW_COLUMNS, Outcome, RowEncoder
+
 __all__ = ["StoreError", "OutcomeStore", "StoredOutcome", "SCHEMA_VERSION", "open_store"]
 
 SCHEMA_VERSION = 2
@@ -185,6 +187,7 @@ class OutcomeStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.backend = engine.dialect.name
+        self._encoder = RowEncoder()
 
     # ----------------------------------------------------------- schema
     def migrate(self) -> int:
@@ -211,27 +214,33 @@ class OutcomeStore:
 
     # --------------------------------------------------------- outcomes
     def insert_outcomes(
-        self, rows: list[dict[str, Any]], progress: tuple[str, dict[str, int]] | None = None
+        self, items: Sequence[Outcome], progress: tuple[str, dict[str, int]] | None = None
     ) -> set[str]:
-        """Insert outcome rows; a request_id already stored is skipped. Returns the ids inserted.
+        """Insert outcomes; a request_id already stored (or repeated in `items`) is skipped.
+        Returns the ids inserted.
 
         `progress` = (ledger id, {ecosystem: records of that ledger handed over so far}), written in
         the same transaction (never lowered, so a resent batch changes nothing)."""
-        if not rows and not progress:
+        if not items and not progress:
             return set()
-        ids = [r["request_id"] for r in rows]
+        ids = [o.request_id for o in items]
         with self.engine.begin() as conn:
             if progress:
                 self._progress(conn, *progress)
             existing: set[str] = set()
             for chunk in _chunks(ids):
-                existing.update(conn.execute(select(outcomes.c.request_id).where(outcomes.c.request_id.in_(chunk))).scalars())
-            fresh: dict[str, dict[str, Any]] = {}
-            for r in rows:
-                if r["request_id"] not in existing and r["request_id"] not in fresh:
-                    fresh[r["request_id"]] = r
+                existing.update(r[0] for r in conn.exec_driver_sql(
+                    f"SELECT request_id FROM ecoserve_outcomes WHERE request_id IN ({self._ph(len(chunk))})",
+                    tuple(chunk)).fetchall())
+            fresh: dict[str, Outcome] = {}
+            for o in items:
+                if o.request_id not in existing and o.request_id not in fresh:
+                    fresh[o.request_id] = o
             if fresh:
-                conn.execute(insert(outcomes), list(fresh.values()))
+                conn.exec_driver_sql(
+                    f"INSERT INTO ecoserve_outcomes ({', '.join(ROW_COLUMNS)}) VALUES ({self._ph(len(ROW_COLUMNS))})",
+                    self._encoder.rows(list(fresh.values())),
+                )
         return set(fresh)
 
     def _ph(self, n: int) -> str:

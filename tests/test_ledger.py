@@ -90,8 +90,8 @@ def test_store_progress_never_goes_down_and_a_ledger_is_reclaimed_once(store_url
     store = open_store(store_url)
     try:
         o = outcome(1, (1, 1, 0), 1000.0)
-        store.insert_outcomes([o.to_row()], ("L1", {"eco": 5}))
-        store.insert_outcomes([o.to_row()], ("L1", {"eco": 3}))  # a late resend: ignored
+        store.insert_outcomes([o], ("L1", {"eco": 5}))
+        store.insert_outcomes([o], ("L1", {"eco": 3}))  # a late resend: ignored
         store.insert_outcomes([], ("L1", {"eco": 6, "other": 1}))
         assert store.ledger_progress("L1") == {"eco": 6, "other": 1}
         assert store.reclaim_ledger("L1", {"eco": 9, "other": 1, "third": 2}) == {"eco": 3, "other": 0, "third": 2}
@@ -106,7 +106,7 @@ def test_store_progress_never_goes_down_and_a_ledger_is_reclaimed_once(store_url
 def test_a_version_1_store_is_migrated_in_place(tmp_path):
     url = f"sqlite:///{tmp_path / 'v1.db'}"
     store = open_store(url)
-    store.insert_outcomes([outcome(1, (1, 1, 0), 1000.0).to_row()])
+    store.insert_outcomes([outcome(1, (1, 1, 0), 1000.0)])
     with store.engine.begin() as conn:  # what a version-1 store looked like
         conn.execute(text("DROP TABLE ecoserve_ledgers"))
         conn.execute(text("UPDATE ecoserve_schema SET version = 1"))

@@ -198,3 +198,29 @@ def test_readme_documents_every_metric():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for name in METRICS:
         assert f"`{name}`" in readme, name
+
+
+def test_row_encoder_writes_what_json_dumps_would():
+    import json
+
+    from telemetry.records import ROW_COLUMNS, RowEncoder
+
+    cases = [
+        outcome(1, (1, -1, 0), 5.0, sex="female"),
+        Outcome("r2", "eco", 6.5, MEMBERS, ("1", "2", "3"), tuple(np.array([2, 0, 1])), 2, 1,
+                tuple(np.array([0.25, 0.5, 0.25])), 1, "epsilon_greedy", False, {"z": "ü", "a": 'q"x'}, "fp"),
+        Outcome("r3", "eco", 7.0, MEMBERS, ("1", "1", "1"), (0, 0, 0), 0, 0, (1.0, 0, 0), 0, "direct", True, {}, ""),
+    ]
+    enc = RowEncoder(max_cache=2)  # tiny: the cache is cleared on the way
+    for _ in range(2):
+        for o, row in zip(cases, enc.rows(cases)):
+            want = {
+                "request_id": o.request_id, "ecosystem": o.ecosystem, "created_at": o.time_s,
+                "members": json.dumps(list(o.members)), "versions": json.dumps(list(o.versions)),
+                "predictions": json.dumps([int(v) for v in o.predictions]), "served": o.served,
+                "intended": o.intended, "greedy": o.greedy,
+                "propensities": json.dumps([float(v) for v in o.propensities]), "policy": o.policy,
+                "direct": o.direct, "groups": json.dumps({str(k): str(v) for k, v in o.groups.items()}, sort_keys=True),
+                "fingerprint": o.input_fingerprint,
+            }
+            assert dict(zip(ROW_COLUMNS, row)) == want
