@@ -17,7 +17,7 @@ def _table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> 
 
 
 def main(argv: list[str]) -> int:
-    sections = argv or ["core", "telemetry", "serving"]
+    sections = argv or ["core", "telemetry", "onoff", "serving"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     if "core" in sections:
         from bench import core
@@ -30,6 +30,17 @@ def main(argv: list[str]) -> int:
             "label ingest (recorder.feedback, batches of 1,000, 50,000 labels, 6 members, 1 subgroup attribute)",
             telemetry.run(),
             ("store", "labels/s", "floor: bare UPDATEs/s", "ratio", "target"),
+        )
+    if "onoff" in sections:
+        from pathlib import Path
+
+        from bench import serving
+
+        _table(
+            "telemetry on vs off (the default config; side by side, alternating ABBA rounds; digits, 6 members)",
+            serving.onoff(Path(os.environ.get("REPO", "model_repository"))),
+            ("rows/req", "concurrency", "on req/s (median)", "off req/s (median)", "on/off", "per-round on/off",
+             "p50 on/off", "server CPU ms/req on / off", "CPU off/on", "errors", "target"),
         )
     if "serving" in sections:
         from pathlib import Path

@@ -62,7 +62,7 @@ def run_load(url: str, x: np.ndarray, rows: int, concurrency: int, duration_s: f
     return asyncio.run(_run(url, bodies, concurrency, duration_s))
 
 
-def run_wrk(url: str, body: bytes, concurrency: int, duration_s: float, tmpdir: str) -> LoadResult:
+def run_wrk(url: str, body: bytes, concurrency: int, duration_s: float, tmpdir: str, warmup: bool = True) -> LoadResult:
     """The same measurement with wrk (C, one thread): far less client overhead than Python.
     Latencies are wrk's percentiles (50/99), reported through `LoadResult.pct`."""
     import re
@@ -77,7 +77,8 @@ def run_wrk(url: str, body: bytes, concurrency: int, duration_s: float, tmpdir: 
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'local f = io.open("{body_file}", "rb"); wrk.body = f:read("*a"); f:close()\n'
     )
-    subprocess.run(["wrk", "-t1", f"-c{concurrency}", "-d1s", "-s", str(script), url], capture_output=True, check=True)
+    if warmup:
+        subprocess.run(["wrk", "-t1", f"-c{concurrency}", "-d1s", "-s", str(script), url], capture_output=True, check=True)
     out = subprocess.run(
         ["wrk", "-t1", f"-c{concurrency}", f"-d{duration_s:g}s", "--latency", "-s", str(script), url],
         capture_output=True, text=True, check=True,

@@ -11,7 +11,13 @@ Setups (env BENCH_SETUPS, comma-separated, selects):
 - per_member_fast: one deployment per member (handles), HAProxy + throughput-optimized;
 - colocated_fast_recorder_in_gateway: the same with the recorder in the gateway (the default with one
   gateway replica);
-- colocated_fast_notelemetry: the default with telemetry off (no recording): the on/off ratio.
+- colocated_fast_notelemetry: the default with telemetry off (no recording).
+
+`onoff()` measures the telemetry cost alone: the default (recorder in the gateway) with
+telemetry on and with it off run side by side (two Ray instances, one idle while the other is
+loaded) and are measured alternately, in ABBA order over `BENCH_ROUNDS` rounds, so that drift
+and noise on this shared machine hit both alike; it reports the ratio of the medians and the
+spread of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -70,7 +76,9 @@ def start_setup(setup: str, repo: Path, tmp: Path, telemetry: bool = True) -> tu
         placement = "per_member" if setup.startswith("per_member") else "colocated"
         fast = "1" if "_fast" in setup else "0"
         telemetry = telemetry and not setup.endswith("notelemetry")
-        env.update(RAY_SERVE_ENABLE_HA_PROXY=fast, RAY_SERVE_THROUGHPUT_OPTIMIZED=fast)
+        env.update(RAY_SERVE_ENABLE_HA_PROXY=fast, RAY_SERVE_THROUGHPUT_OPTIMIZED=fast,
+                   # HAProxy's fixed side ports, freed so that two setups can run side by side
+                   RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()), RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()))
         cfg = tmp / f"{setup}-{int(telemetry)}.yaml"
         cfg.write_text(yaml.safe_dump(ecoserve_config(repo, port, placement, telemetry, tmp,
                                                       recorder_in_gateway=setup.endswith("recorder_in_gateway"))))
@@ -100,16 +108,87 @@ def stop_setup(proc: subprocess.Popen[bytes]) -> None:
 
 
 def measure(url: str, x: Any, duration_s: float, tmpdir: str) -> dict[tuple[int, int], LoadResult]:
-    out = {}
-    for rows in (1, 32):
-        chunk = x[:rows]
-        body = json.dumps({"inputs": [{"name": "input", "shape": list(chunk.shape), "datatype": "FP32",
-                                       "data": chunk.ravel().tolist()}]}).encode()
-        for conc in (1, 16, 64):
-            if shutil.which("wrk"):
-                out[(rows, conc)] = run_wrk(f"{url}/v2/models/digits/infer", body, conc, duration_s, tmpdir)
-            else:
-                out[(rows, conc)] = run_load(f"{url}/v2/models/digits/infer", x, rows, conc, duration_s)
+    return {(rows, conc): _point(url, x, rows, conc, duration_s, tmpdir) for rows in (1, 32) for conc in (1, 16, 64)}
+
+
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system) used so far by `root` and every process below it: a server's
+    whole Ray instance (GCS, raylet, workers, HAProxy), not the load generator, not the other setup."""
+    parent: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(d.name)] = int(fields[1])
+        cpu[int(d.name)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    tree, frontier = {root}, [root]
+    while frontier:
+        p = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == p and c not in tree]
+        tree.update(kids)
+        frontier.extend(kids)
+    return sum(cpu.get(p, 0.0) for p in tree)
+
+
+def _point(url: str, x: Any, rows: int, conc: int, duration_s: float, tmpdir: str, warmup: bool = True) -> LoadResult:
+    chunk = x[:rows]
+    body = json.dumps({"inputs": [{"name": "input", "shape": list(chunk.shape), "datatype": "FP32",
+                                   "data": chunk.ravel().tolist()}]}).encode()
+    if shutil.which("wrk"):
+        return run_wrk(f"{url}/v2/models/digits/infer", body, conc, duration_s, tmpdir, warmup)
+    return run_load(f"{url}/v2/models/digits/infer", x, rows, conc, duration_s)
+
+
+ONOFF_POINTS = ((1, 1), (1, 64), (32, 1), (32, 64))
+
+
+def onoff(repo: Path) -> list[tuple[str, ...]]:
+    """Telemetry on vs off, side by side and interleaved (see the module docstring)."""
+    import statistics
+
+    duration_s = float(os.environ.get("BENCH_SECONDS", "5"))
+    rounds = int(os.environ.get("BENCH_ROUNDS", "4"))
+    x = load_heldout(repo / "digits").X
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        on_proc, on_url = start_setup("colocated_fast_recorder_in_gateway", repo, Path(tmp))
+        try:
+            off_proc, off_url = start_setup("colocated_fast_notelemetry", repo, Path(tmp))
+            try:
+                for rows, conc in ONOFF_POINTS:
+                    on: list[LoadResult] = []
+                    off: list[LoadResult] = []
+                    cpu = {id(on): [0.0, 0], id(off): [0.0, 0]}  # CPU seconds, requests
+                    for url in (on_url, off_url):
+                        _point(url, x, rows, conc, 1.0, tmp)  # warm-up
+                    for k in range(rounds):
+                        order = [(on, on_url, on_proc), (off, off_url, off_proc)]
+                        for acc, url, proc in order if k % 2 == 0 else order[::-1]:
+                            c0 = tree_cpu_s(proc.pid)
+                            r = _point(url, x, rows, conc, duration_s, tmp, warmup=False)
+                            cpu[id(acc)][0] += tree_cpu_s(proc.pid) - c0
+                            cpu[id(acc)][1] += r.requests
+                            acc.append(r)
+                    per_round = sorted(a.rps / b.rps for a, b in zip(on, off))
+                    cpu_on = cpu[id(on)][0] / max(1, cpu[id(on)][1])
+                    cpu_off = cpu[id(off)][0] / max(1, cpu[id(off)][1])
+                    on_rps = statistics.median(r.rps for r in on)
+                    off_rps = statistics.median(r.rps for r in off)
+                    on_p50 = statistics.median(r.pct(50) for r in on)
+                    off_p50 = statistics.median(r.pct(50) for r in off)
+                    out.append((str(rows), str(conc), f"{on_rps:.0f}", f"{off_rps:.0f}", f"{on_rps / off_rps:.2f}x",
+                                f"{per_round[0]:.2f}-{per_round[-1]:.2f}", f"{on_p50 / off_p50:.2f}x",
+                                f"{cpu_on * 1e3:.2f} / {cpu_off * 1e3:.2f}", f"{cpu_off / cpu_on:.2f}x",
+                                str(sum(r.errors for r in on + off)), ">= 0.95x"))
+            finally:
+                stop_setup(off_proc)
+        finally:
+            stop_setup(on_proc)
     return out
 
 
@@ -135,9 +214,6 @@ def run(repo: Path) -> list[tuple[str, ...]]:
             if base is not None and setup != "baseline":
                 b = base[(rows, conc)]
                 ratio = f"{r.rps / b.rps:.2f}x rps, {r.pct(50) / b.pct(50):.2f}x p50"
-            off = results.get("colocated_fast_notelemetry")
-            if setup in ("colocated_fast", "colocated_fast_recorder_in_gateway") and off is not None:
-                ratio += f"; telemetry on/off {r.rps / off[(rows, conc)].rps:.2f}x rps"
             rows_out.append((setup, str(rows), str(conc), f"{r.rps:.0f}", f"{r.pct(50) * 1e3:.1f}",
                              f"{r.pct(99) * 1e3:.1f}", str(r.errors), ratio))
     return rows_out

@@ -17,7 +17,9 @@ answered), and for a single row also `request_id`, `served_member`, `propensity`
 from __future__ import annotations
 
 import math
-import uuid
+import os
+import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -143,6 +145,40 @@ def _first_bad(data: Any) -> Any:
     return None
 
 
+class _Uuid7:
+    """Time-ordered request ids: UUIDv7 (RFC 9562), 32 hex digits like `uuid4().hex`.
+
+    48 bits of Unix milliseconds, then a 12-bit counter (monotonic within a process), then 62
+    random bits. Why not uuid4: the outcome store's index on request_id is a B-tree, and random
+    keys dirty a page per inserted row once the index outgrows a commit, so the cost per stored
+    row grew with the store (SQLite here: 3.5 us/row at the start, 22 us/row by 200k rows; with
+    time-ordered keys it stayed at 3.5). One `os.urandom` call per request, not per row (each call
+    costs ~10 us on this VM)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ms = 0
+        self._seq = 0
+
+    def take(self, n: int) -> list[str]:
+        rand = os.urandom(8 * n)
+        with self._lock:
+            ms = time.time_ns() // 1_000_000
+            if ms > self._ms:
+                self._ms, self._seq = ms, 0
+            out = []
+            for i in range(n):
+                if self._seq > 0xFFF:  # 4,096 ids in one millisecond: borrow the next one (RFC 9562 6.2)
+                    self._ms, self._seq = self._ms + 1, 0
+                tail = int.from_bytes(rand[8 * i : 8 * i + 8], "big") & 0x3FFFFFFFFFFFFFFF | 0x8000000000000000
+                out.append(f"{self._ms:012x}7{self._seq:03x}{tail:016x}")
+                self._seq += 1
+            return out
+
+
+new_request_ids = _Uuid7().take
+
+
 def row_request_ids(req: InferRequest, header_id: str | None, n: int) -> tuple[str, list[str]]:
     """(request-level id, one id per row)."""
     base = req.id or header_id
@@ -158,8 +194,11 @@ def row_request_ids(req: InferRequest, header_id: str | None, n: int) -> tuple[s
             raise BadRequest(f"parameters.request_ids: an id is longer than {MAX_ID_LENGTH} characters")
         return base or ids[0], list(ids)
     if base is None:
-        base = uuid.uuid4().hex
-        return base, [base] if n == 1 else [uuid.uuid4().hex for _ in range(n)]
+        if n == 1:
+            (only,) = new_request_ids(1)
+            return only, [only]
+        ids = new_request_ids(n + 1)
+        return ids[0], ids[1:]
     return base, [base] if n == 1 else [f"{base}/{i}" for i in range(n)]
 
 

@@ -60,6 +60,8 @@ from telemetry.records import ROW_COLUMNS, Outcome, RowEncoder
 __all__ = ["StoreError", "OutcomeStore", "StoredOutcome", "SCHEMA_VERSION", "open_store"]
 
 SCHEMA_VERSION = 2
+SQLITE_CACHE_KIB = 65536  # per connection
+SQLITE_MMAP_BYTES = 1 << 30
 _CHUNK = 500  # ids per IN (...) query: well under SQLite's variable limit
 
 metadata = MetaData()
@@ -489,6 +491,11 @@ def open_store(url: str) -> OutcomeStore:
                 cur = dbapi_conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
                 cur.execute("PRAGMA synchronous=NORMAL")  # durable at each WAL checkpoint; safe with WAL
+                # outcome ids are random, so inserts touch index pages all over the file: with SQLite's
+                # default 2 MiB page cache the cost per row grew with the store (12 -> 26 us/row by 240k
+                # rows here). A 64 MiB cache and memory-mapped reads keep it flat.
+                cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
+                cur.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
                 cur.close()
         else:
             engine = create_engine(url, pool_pre_ping=True)
