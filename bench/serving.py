@@ -156,11 +156,14 @@ def onoff(repo: Path) -> list[tuple[str, ...]]:
     x = load_heldout(repo / "digits").X
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        on_proc, on_url = start_setup("colocated_fast_recorder_in_gateway", repo, Path(tmp))
+        on_setup = os.environ.get("BENCH_ONOFF_ON", "colocated_fast_recorder_in_gateway")
+        points = [tuple(int(v) for v in p.split("x")) for p in os.environ["BENCH_ONOFF_POINTS"].split(",")] \
+            if os.environ.get("BENCH_ONOFF_POINTS") else ONOFF_POINTS
+        on_proc, on_url = start_setup(on_setup, repo, Path(tmp))
         try:
             off_proc, off_url = start_setup("colocated_fast_notelemetry", repo, Path(tmp))
             try:
-                for rows, conc in ONOFF_POINTS:
+                for rows, conc in points:
                     on: list[LoadResult] = []
                     off: list[LoadResult] = []
                     cpu = {id(on): [0.0, 0], id(off): [0.0, 0]}  # CPU seconds, requests

@@ -17,6 +17,7 @@ import logging
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
+from itertools import islice
 from typing import Any
 
 from telemetry.ledger import Ledger, find_dead
@@ -124,12 +125,15 @@ class OutcomeShipper:
         self.reclaimed.update(found)
         return found
 
-    async def flush(self, poll: bool = True) -> int:
-        """Send everything queued (in batches); with `poll`, call even when empty (fresh policy stats)."""
+    async def flush(self, poll: bool = True, drain: bool = False) -> int:
+        """Send what is queued now, in batches (records that arrive meanwhile wait for the next
+        period, so each hand-over is one period's worth); with `drain`, until the queue is empty;
+        with `poll`, call even when empty (fresh policy stats)."""
         sent = 0
         async with self._lock:
-            while self.queue or poll:
-                batch = [self.queue[i] for i in range(min(self.max_batch, len(self.queue)))]
+            due = len(self.queue)
+            while (self.queue and (drain or sent < due)) or poll:
+                batch = list(islice(self.queue, min(self.max_batch, len(self.queue))))
                 through = dict(self.handed)
                 for o in batch:
                     through[o.ecosystem] = through.get(o.ecosystem, 0) + 1
@@ -152,7 +156,7 @@ class OutcomeShipper:
         the recorder is already gone, the ledger stays behind and what is left is counted as lost
         when another process of the same store reclaims it."""
         try:
-            await asyncio.wait_for(self.flush(poll=False), timeout=timeout_s)
+            await asyncio.wait_for(self.flush(poll=False, drain=True), timeout=timeout_s)
         except Exception as exc:
             log.warning("%d outcome records not handed over at shutdown: %s", len(self.queue), exc)
         finally:

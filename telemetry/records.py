@@ -10,7 +10,7 @@ from typing import Any
 __all__ = ["Outcome", "RowEncoder", "ROW_COLUMNS"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """One row's record: what every member said, who served, with what propensity."""
 
@@ -56,6 +56,7 @@ class RowEncoder:
         self._names: dict[tuple[str, ...], str] = {}
         self._props: dict[tuple[float, ...], str] = {}
         self._groups: dict[tuple[tuple[str, str], ...], str] = {}
+        self._preds: dict[tuple[int, ...], str] = {}  # members mostly agree: few distinct vectors
 
     def _cached(self, cache: dict[Any, str], key: Any, make: Callable[[], str]) -> str:
         v = cache.get(key)
@@ -66,7 +67,7 @@ class RowEncoder:
         return v
 
     def rows(self, outcomes: Sequence[Outcome]) -> list[tuple[Any, ...]]:
-        names, props, groups = self._names, self._props, self._groups
+        names, props, groups, preds = self._names, self._props, self._groups, self._preds
         out = []
         for o in outcomes:
             members = names.get(o.members) or self._cached(names, o.members, lambda: json.dumps(list(o.members)))
@@ -76,9 +77,10 @@ class RowEncoder:
             gkey = tuple(sorted(o.groups.items())) if o.groups else ()
             g = groups.get(gkey) or self._cached(
                 groups, gkey, lambda: json.dumps({str(k): str(v) for k, v in gkey}, sort_keys=True))
+            pr = preds.get(o.predictions) or self._cached(
+                preds, o.predictions, lambda: "[" + ", ".join(map(str, map(int, o.predictions))) + "]")
             out.append((
-                o.request_id, o.ecosystem, o.time_s, members, versions,
-                "[" + ", ".join(map(str, map(int, o.predictions))) + "]",
+                o.request_id, o.ecosystem, o.time_s, members, versions, pr,
                 int(o.served), int(o.intended), int(o.greedy), p, o.policy, bool(o.direct), g, o.input_fingerprint,
             ))
         return out

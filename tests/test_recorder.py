@@ -224,3 +224,20 @@ def test_row_encoder_writes_what_json_dumps_would():
                 "fingerprint": o.input_fingerprint,
             }
             assert dict(zip(ROW_COLUMNS, row)) == want
+
+
+@pytest.mark.parametrize("returning", [True, False], ids=["insert-returning", "select-first"])
+def test_outcome_ids_already_stored_are_skipped_either_way(store_url, returning):
+    store = open_store(store_url)
+    store._returning = returning and store._returning  # the SQLite < 3.35 path, forced
+    store._insert_cache.clear()
+    try:
+        a, b = outcome(1, (1, 1, 0), 5.0), outcome(2, (0, 1, 0), 5.0)
+        assert store.insert_outcomes([a, b]) == {"r1", "r2"}
+        again = outcome(1, (0, 0, 0), 6.0)  # same id, different content: the stored one stays
+        assert store.insert_outcomes([again, outcome(3, (1, 0, 0), 6.0), outcome(3, (1, 1, 1), 6.0)]) == {"r3"}
+        got = store.get_outcomes(["r1", "r3"])
+        assert got["r1"].predictions == [1, 1, 0] and got["r3"].predictions == [1, 0, 0]
+        assert store.count_outcomes() == 3
+    finally:
+        store.close()
