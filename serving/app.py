@@ -143,7 +143,6 @@ class Gateway:
                 runner.enable_batching(cfg.batching.max_batch_size, cfg.batching.batch_wait_timeout_s)
         tune_gc()
 
-
     def _apply_rewards(self, reply: dict[str, Any]) -> None:
         """Policies learn from labels: the recorder's reward totals replace the observed counts."""
         for eco, (successes, failures) in reply.get("rewards", {}).items():
