@@ -75,7 +75,10 @@ def start_setup(setup: str, repo: Path, tmp: Path, telemetry: bool = True) -> tu
     else:
         placement = "per_member" if setup.startswith("per_member") else "colocated"
         fast = "1" if "_fast" in setup else "0"
-        telemetry = telemetry and not setup.endswith("notelemetry")
+        telemetry = telemetry and "notelemetry" not in setup
+        if setup.endswith("_nogc"):
+            env["ECOSERVE_GC_TUNING"] = "0"
+            setup = setup.removesuffix("_nogc")
         env.update(RAY_SERVE_ENABLE_HA_PROXY=fast, RAY_SERVE_THROUGHPUT_OPTIMIZED=fast,
                    # HAProxy's fixed side ports, freed so that two setups can run side by side
                    RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()), RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()))
@@ -161,7 +164,7 @@ def onoff(repo: Path) -> list[tuple[str, ...]]:
             if os.environ.get("BENCH_ONOFF_POINTS") else ONOFF_POINTS
         on_proc, on_url = start_setup(on_setup, repo, Path(tmp))
         try:
-            off_proc, off_url = start_setup("colocated_fast_notelemetry", repo, Path(tmp))
+            off_proc, off_url = start_setup(os.environ.get("BENCH_ONOFF_OFF", "colocated_fast_notelemetry"), repo, Path(tmp))
             try:
                 for rows, conc in points:
                     on: list[LoadResult] = []

@@ -133,7 +133,7 @@ class OutcomeShipper:
         async with self._lock:
             due = len(self.queue)
             while (self.queue and (drain or sent < due)) or poll:
-                batch = list(islice(self.queue, min(self.max_batch, len(self.queue))))
+                batch = list(islice(self.queue, min(self.max_batch, len(self.queue) if drain else due - sent)))
                 through = dict(self.handed)
                 for o in batch:
                     through[o.ecosystem] = through.get(o.ecosystem, 0) + 1

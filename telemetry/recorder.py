@@ -280,7 +280,11 @@ class Recorder:
                 if items and report.get("progress"):
                     progress = (reporter, {str(k): int(v) for k, v in report["progress"].items()})
             known = [o for o in items if o.ecosystem in self.state]
-            inserted = self.store.insert_outcomes(known, progress)
+            unlost: dict[str, int] = {}
+            inserted = self.store.insert_outcomes(known, progress, unlost)
+            for eco, n in unlost.items():  # a hand-over that landed after its gateway was counted lost
+                if eco in self.state:
+                    self.state[eco].lost -= n
             self._event({"unknown_ecosystem": len(items) - len(known), "duplicate_outcome_ids": len(known) - len(inserted)})
             fresh = [o for o in known if o.request_id in inserted]
             for name, st in self.state.items():

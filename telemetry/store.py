@@ -221,13 +221,15 @@ class OutcomeStore:
 
     # --------------------------------------------------------- outcomes
     def insert_outcomes(
-        self, items: Sequence[Outcome], progress: tuple[str, dict[str, int]] | None = None
+        self, items: Sequence[Outcome], progress: tuple[str, dict[str, int]] | None = None,
+        unlost: dict[str, int] | None = None,
     ) -> set[str]:
         """Insert outcomes; a request_id already stored (or repeated in `items`) is skipped.
         Returns the ids inserted.
 
         `progress` = (ledger id, {ecosystem: records of that ledger handed over so far}), written in
-        the same transaction (never lowered, so a resent batch changes nothing)."""
+        the same transaction (never lowered, so a resent batch changes nothing); see `_progress`
+        for `unlost`."""
         if not items and not progress:
             return set()
         fresh: dict[str, Outcome] = {}
@@ -235,7 +237,7 @@ class OutcomeStore:
             fresh.setdefault(o.request_id, o)
         with self.engine.begin() as conn:
             if progress:
-                self._progress(conn, *progress)
+                self._progress(conn, *progress, unlost)
             if not self._returning:  # SQLite < 3.35: look the ids up first
                 for chunk in _chunks(list(fresh)):
                     for r in conn.exec_driver_sql(
@@ -422,18 +424,28 @@ class OutcomeStore:
             return int(conn.execute(select(func.count()).select_from(pending_labels)).scalar() or 0)
 
     # ---------------------------------------------------------- ledgers
-    def _progress(self, conn: Any, ledger: str, through: dict[str, int]) -> None:
-        """Upsert a ledger's stored counts, never lowering them (one statement per ecosystem)."""
-        ph = self._ph(5)
-        now = time.time()
+    def _progress(self, conn: Any, ledger: str, through: dict[str, int], unlost: dict[str, int] | None) -> None:
+        """Raise a ledger's stored counts (never lower them). Counts arriving for a ledger already
+        reclaimed (a hand-over that was in flight when its gateway died, and landed after another
+        gateway counted it lost) are taken back from `lost|ECO` and reported in `unlost`."""
+        ph1 = self._ph(1)
         for eco, n in through.items():
-            conn.exec_driver_sql(
-                f"INSERT INTO ecoserve_ledgers (ledger, ecosystem, stored, reclaimed, updated_at) VALUES ({ph}) "
-                "ON CONFLICT (ledger, ecosystem) DO UPDATE SET "
-                "stored = CASE WHEN ecoserve_ledgers.stored < excluded.stored THEN excluded.stored "
-                "ELSE ecoserve_ledgers.stored END, updated_at = excluded.updated_at",
-                (ledger, eco, int(n), False, now),
-            )
+            n = int(n)
+            row = conn.exec_driver_sql(
+                f"SELECT stored, reclaimed FROM ecoserve_ledgers WHERE ledger = {ph1} AND ecosystem = {ph1}",
+                (ledger, eco)).first()
+            if row is None:
+                conn.exec_driver_sql(
+                    "INSERT INTO ecoserve_ledgers (ledger, ecosystem, stored, reclaimed, updated_at) "
+                    f"VALUES ({self._ph(5)})", (ledger, eco, n, False, time.time()))
+            elif n > row[0]:
+                conn.exec_driver_sql(
+                    f"UPDATE ecoserve_ledgers SET stored = {ph1}, updated_at = {ph1} "
+                    f"WHERE ledger = {ph1} AND ecosystem = {ph1}", (n, time.time(), ledger, eco))
+                if row[1]:
+                    self._bump(conn, {f"lost|{eco}": -(n - int(row[0]))})
+                    if unlost is not None:
+                        unlost[eco] = unlost.get(eco, 0) + n - int(row[0])
 
     def ledger_progress(self, ledger: str) -> dict[str, int]:
         with self.engine.connect() as conn:

@@ -99,6 +99,14 @@ def test_store_progress_never_goes_down_and_a_ledger_is_reclaimed_once(store_url
         assert store.reclaim_ledger("L2", {"eco": 4}) == {"eco": 4}  # nothing of it was ever stored
         events = store.event_counts()
         assert events["lost|eco"] == 7 and events["lost|third"] == 2 and "lost|other" not in events
+        # a hand-over that was in flight when L1's gateway died lands after the reclaim:
+        # its records are stored after all, so they are taken back from the lost count
+        unlost: dict[str, int] = {}
+        store.insert_outcomes([outcome(2, (0, 1, 0), 1000.0)], ("L1", {"eco": 8}), unlost)
+        assert unlost == {"eco": 2} and store.event_counts()["lost|eco"] == 5
+        unlost.clear()
+        store.insert_outcomes([outcome(2, (0, 1, 0), 1000.0)], ("L1", {"eco": 8}), unlost)  # resent
+        assert unlost == {} and store.event_counts()["lost|eco"] == 5
     finally:
         store.close()
 
@@ -215,3 +223,32 @@ def test_store_key_hides_the_url():
     assert "secret" not in key and len(key) == 16
     assert store_key("postgresql://user:secret@db/x") == key != store_key("sqlite:///a.db")
     assert store_key(None, "ECOSERVE_STORE_URL") == store_key("ignored", "ECOSERVE_STORE_URL")
+
+
+def test_a_flush_hands_over_one_period_and_drain_empties_the_queue(tmp_path):
+    """Records queued while a hand-over runs wait for the next period (so each hand-over is one
+    period's worth, not a stream of small ones); `drain` (shutdown) sends everything; each
+    hand-over carries the ledger's progress."""
+    sent: list[tuple[int, dict[str, int]]] = []
+
+    async def run() -> None:
+        shipper: OutcomeShipper
+
+        async def send(batch, reporter, report):
+            sent.append((len(batch), dict(report["progress"])))
+            if len(sent) == 1:
+                shipper.put([outcome(100 + i, (1, 1, 1), 1.0) for i in range(3)])  # arrives meanwhile
+            return {}
+
+        shipper = OutcomeShipper(send, max_queue=100, max_batch=4, flush_interval_s=60,
+                                 ledger=Ledger(tmp_path, "L", ["eco"], "K"))
+        shipper.put([outcome(i, (1, 1, 1), 1.0) for i in range(6)])
+        assert await shipper.flush(poll=False) == 6  # batches of 4 + 2; the 3 newcomers wait
+        assert len(shipper.queue) == 3
+        assert await shipper.flush(poll=False, drain=True) == 3
+        assert shipper.ledger is not None and shipper.ledger.accepted() == {"eco": 9}
+        await shipper.close()
+
+    asyncio.run(run())
+    assert sent == [(4, {"eco": 4}), (2, {"eco": 6}), (3, {"eco": 9})]
+    assert not (tmp_path / "L.ledger").exists()  # everything handed over: removed at close
