@@ -68,6 +68,22 @@ def _infer(url, model, x, ids, groups=None):
     assert r.status_code == 200, r.text
 
 
+def _stored(url, ecosystem, n, timeout_s=30.0):
+    """Wait until the recorder has stored `n` outcomes of `ecosystem` (labels for them then join
+    at once, so a second, different label is a correction, not a replaced pending label)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        for fam in text_string_to_metric_families(text):
+            for smp in fam.samples:
+                if smp.name == "ecoserve_outcomes_total" and smp.labels.get("ecosystem") == ecosystem and smp.value >= n:
+                    return
+        time.sleep(0.1)
+    raise AssertionError(f"{n} outcomes of {ecosystem} not stored within {timeout_s} s")
+
+
 def _label(url, items):
     r = httpx.post(f"{url}/v2/feedback", json={"labels": items}, headers={"authorization": f"Bearer {TOKEN}"}, timeout=30)
     assert r.status_code == 200, r.text
@@ -97,12 +113,14 @@ def test_every_panel_query_returns_data(stack, serving_repo):
     send(first, "a")
     _infer(url, "digits", digits.X[:16], [f"{run}-d1-{i}" for i in range(16)])
     _infer(url, "faulty", digits.X[:4], [f"{run}-f1-{i}" for i in range(4)])
+    _stored(url, "digits", 16)
     _label(url, [{"request_id": f"{run}-d1-{i}", "label": int(digits.y[i])} for i in range(16)]
            + [{"request_id": f"{run}-d1-0", "label": (int(digits.y[0]) + 1) % 10}])  # a correction
     time.sleep(4)  # several scrapes of phase 1
     send(rest, "b")
     _infer(url, "digits", digits.X[16:80], [f"{run}-d2-{i}" for i in range(64)])
     _infer(url, "faulty", digits.X[4:20], [f"{run}-f2-{i}" for i in range(16)])
+    _stored(url, "digits", 80)
     _label(url, [{"request_id": f"{run}-d2-{i}", "label": int(digits.y[16 + i])} for i in range(64)]
            + [{"request_id": f"{run}-d2-0", "label": int(digits.y[16])}]  # duplicate
            + [{"request_id": f"{run}-d2-1", "label": (int(digits.y[17]) + 1) % 10}]  # correction
