@@ -65,7 +65,6 @@ class Ledger:
 
     def __init__(self, directory: str | Path, ledger_id: str, ecosystems: Sequence[str], store: str) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.ledger_id, self.store = ledger_id, store
         self.path = self.directory / f"{ledger_id}{SUFFIX}"
         self._index = {eco: i for i, eco in enumerate(ecosystems)}
@@ -78,7 +77,14 @@ class Ledger:
         # created under a temporary name, locked, filled, then renamed: a reclaimer only ever
         # sees complete, locked ledgers (the lock follows the open file through the rename)
         tmp = self.directory / f".{ledger_id}.tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        for attempt in range(3):  # another process may remove the (empty) directory meanwhile
+            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             size = HEADER + 8 * max(1, len(self._index))
@@ -115,6 +121,8 @@ class Ledger:
         self._mm.close()
         os.close(self._fd)  # drops the lock
         self._fd = None
+        if remove:
+            _rmdir_if_empty(self.directory)
 
 
 class DeadLedger:
@@ -128,12 +136,22 @@ class DeadLedger:
         """Reclaimed: delete the file, then drop the lock."""
         self.path.unlink(missing_ok=True)
         self.release()
+        _rmdir_if_empty(self.path.parent)
 
     def release(self) -> None:
         """Not reclaimed (e.g. the recorder is unreachable): keep the file for a later try."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _rmdir_if_empty(directory: Path) -> None:
+    """A store's ledger directory goes once its last ledger does (another process may race to
+    create one in it: `Ledger` makes the directory again, so losing that race is harmless)."""
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
 
 
 def _read(fd: int) -> tuple[str, str, dict[str, int]] | None:
