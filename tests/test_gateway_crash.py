@@ -1,6 +1,7 @@
-"""A gateway replica (with the recorder inside it, the default) is killed with records queued, on
-the real Ray Serve app: after Serve restarts it, the store holds what was handed over, and
-`ecoserve_outcomes_lost_total` counts exactly the rest of what the client was answered for."""
+"""A gateway replica is killed with records queued, on the real Ray Serve app, with the recorder
+inside it (the default) and as its own deployment: after Serve restarts the gateway, the store
+holds what was handed over, and `ecoserve_outcomes_lost_total` counts exactly the rest of what
+the client was answered for."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ pytestmark = pytest.mark.slow
 ROWS = 5
 
 
-@pytest.fixture(scope="module")
-def server(serving_repo, tmp_path_factory):
+@pytest.fixture(scope="module", params=[True, False], ids=["recorder-in-gateway", "recorder-deployment"])
+def server(request, serving_repo, tmp_path_factory):
     from serving.server import start
 
     tmp = tmp_path_factory.mktemp("crash")
@@ -32,7 +33,8 @@ def server(serving_repo, tmp_path_factory):
         "provider": "cpu",
         "gateway": {"num_cpus": 0.5},
         # nothing is handed over unless the test asks: the queue is what the kill loses
-        "telemetry": {"store_url": f"sqlite:///{db}", "flush_interval_s": 60, "ledger_dir": str(tmp / "ledgers")},
+        "telemetry": {"store_url": f"sqlite:///{db}", "flush_interval_s": 60, "ledger_dir": str(tmp / "ledgers"),
+                      "recorder_in_gateway": request.param},
         "ecosystems": {"credit": {"policy": {"kind": "primary", "primary": "logreg"}}},
     }
     port = free_port()
@@ -69,7 +71,8 @@ def test_gateway_killed_with_records_queued(server, serving_repo):
     assert stored(db) == handed  # still in the gateway's queue
     assert len(list(ledgers.rglob("*.ledger"))) == 1  # the live gateway's ledger
 
-    gateways = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Gateway" in a["name"]]
+    gateways = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Gateway" in a["name"]
+                and "ecoserve" in a["name"]]
     assert len(gateways) == 1, gateways
     ray.kill(ray.get_actor(gateways[0]["name"], namespace=gateways[0]["namespace"]), no_restart=True)
 
