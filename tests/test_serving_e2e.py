@@ -86,20 +86,22 @@ def test_shadow_faults_do_not_change_the_served_answer(server, serving_repo):
 def test_thompson_served_shares_match_logged_propensities(server, serving_repo):
     x = load_heldout(serving_repo / "credit").X[:50]
     served, pis = [], []
-    for _ in range(40):
+    for _ in range(80):
         p = httpx.post(f"{server}/v2/models/credit/infer", json=infer_body(x), timeout=30).json()["parameters"]
         served += p["served_members"]
         pis += p["propensities"]
     assert all(0 < q <= 1 for q in pis)
     members = ["logreg", "forest", "gboost", "mlp", "knn"]
-    counts = np.array([served.count(m) for m in members])
-    # no labels arrive in this test, so the policy's distribution is fixed: recover it per member
-    meta_pi = {}
-    for m, q in zip(served, pis):
-        meta_pi.setdefault(m, q)
-    pi = np.array([meta_pi[m] for m in members])
-    assert abs(pi.sum() - 1) < 1e-6
-    assert chisquare(counts, pi * counts.sum()).pvalue > 0.001
+    # the posterior may move during the test (the recorder's reward totals come back with every
+    # hand-over, e.g. labels assumed by the sweep), so test the identity that holds for any
+    # sequence of logged policies: E[sum over rows of 1{served = a} / pi_row(a)] = rows, for each a
+    n = len(served)
+    for m in members:
+        q = np.array([pq for sm, pq in zip(served, pis) if sm == m])
+        ips = float((1.0 / q).sum())
+        # its variance, sum over rows of (1 - pi) / pi, estimated without bias from the served rows
+        std = float(np.sqrt(np.sum((1 - q) / q**2)))
+        assert q.size and abs(ips - n) < 4.5 * std, (m, ips, n, std)  # ~1e-5 false alarms per member
 
 
 def test_concurrent_requests_are_batched_correctly(server, serving_repo):
