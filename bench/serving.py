@@ -17,7 +17,8 @@ Setups (env BENCH_SETUPS, comma-separated, selects):
 telemetry on and with it off run side by side (two Ray instances, one idle while the other is
 loaded) and are measured alternately, in ABBA order over `BENCH_ROUNDS` rounds, so that drift
 and noise on this shared machine hit both alike; it reports the ratio of the medians and the
-spread of the per-round ratios.
+spread of the per-round ratios. `BENCH_ONOFF_ON` / `BENCH_ONOFF_OFF` pick other setups (a
+`_nogc` suffix runs one with `ECOSERVE_GC_TUNING=0`), `BENCH_ONOFF_POINTS` other cells (`32x64,1x1`).
 """
 
 from __future__ import annotations
@@ -167,22 +168,20 @@ def onoff(repo: Path) -> list[tuple[str, ...]]:
             off_proc, off_url = start_setup(os.environ.get("BENCH_ONOFF_OFF", "colocated_fast_notelemetry"), repo, Path(tmp))
             try:
                 for rows, conc in points:
-                    on: list[LoadResult] = []
-                    off: list[LoadResult] = []
-                    cpu = {id(on): [0.0, 0], id(off): [0.0, 0]}  # CPU seconds, requests
+                    runs: dict[str, list[LoadResult]] = {"on": [], "off": []}
+                    cpu_s = {"on": 0.0, "off": 0.0}
                     for url in (on_url, off_url):
                         _point(url, x, rows, conc, 1.0, tmp)  # warm-up
                     for k in range(rounds):
-                        order = [(on, on_url, on_proc), (off, off_url, off_proc)]
-                        for acc, url, proc in order if k % 2 == 0 else order[::-1]:
+                        order = [("on", on_url, on_proc), ("off", off_url, off_proc)]
+                        for name, url, proc in order if k % 2 == 0 else order[::-1]:
                             c0 = tree_cpu_s(proc.pid)
-                            r = _point(url, x, rows, conc, duration_s, tmp, warmup=False)
-                            cpu[id(acc)][0] += tree_cpu_s(proc.pid) - c0
-                            cpu[id(acc)][1] += r.requests
-                            acc.append(r)
+                            runs[name].append(_point(url, x, rows, conc, duration_s, tmp, warmup=False))
+                            cpu_s[name] += tree_cpu_s(proc.pid) - c0
+                    on, off = runs["on"], runs["off"]
                     per_round = sorted(a.rps / b.rps for a, b in zip(on, off))
-                    cpu_on = cpu[id(on)][0] / max(1, cpu[id(on)][1])
-                    cpu_off = cpu[id(off)][0] / max(1, cpu[id(off)][1])
+                    cpu_on = cpu_s["on"] / max(1, sum(r.requests for r in on))
+                    cpu_off = cpu_s["off"] / max(1, sum(r.requests for r in off))
                     on_rps = statistics.median(r.rps for r in on)
                     off_rps = statistics.median(r.rps for r in off)
                     on_p50 = statistics.median(r.pct(50) for r in on)

@@ -51,7 +51,6 @@ class OutcomeShipper:
         self._reclaim = reclaim
         self.reclaim_interval_s = reclaim_interval_s
         self._since_reclaim = 0.0
-        self.reclaimed: dict[str, dict[str, int]] = {}  # ledger id -> lost per ecosystem (this process's finds)
         self._send = send
         self.max_queue = max_queue
         self.max_batch = max_batch
@@ -122,7 +121,6 @@ class OutcomeShipper:
             found[d.ledger_id] = lost
             if any(lost.values()):
                 log.warning("a crashed gateway (ledger %s) lost %s outcome records", d.ledger_id, lost)
-        self.reclaimed.update(found)
         return found
 
     async def flush(self, poll: bool = True, drain: bool = False) -> int:

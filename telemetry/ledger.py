@@ -128,9 +128,9 @@ class Ledger:
 class DeadLedger:
     """A ledger whose owner is gone, locked by this process until `remove()` or `release()`."""
 
-    def __init__(self, path: Path, fd: int, ledger_id: str, store: str, accepted: dict[str, int]) -> None:
+    def __init__(self, path: Path, fd: int, ledger_id: str, accepted: dict[str, int]) -> None:
         self.path, self._fd = path, fd
-        self.ledger_id, self.store, self.accepted = ledger_id, store, accepted
+        self.ledger_id, self.accepted = ledger_id, accepted
 
     def remove(self) -> None:
         """Reclaimed: delete the file, then drop the lock."""
@@ -200,5 +200,5 @@ def find_dead(directory: str | Path, store: str) -> list[DeadLedger]:
         if key != store:
             os.close(fd)
             continue
-        dead.append(DeadLedger(path, fd, ledger_id, key, accepted))
+        dead.append(DeadLedger(path, fd, ledger_id, accepted))
     return dead

@@ -58,29 +58,42 @@ class RowEncoder:
         self._groups: dict[tuple[tuple[str, str], ...], str] = {}
         self._preds: dict[tuple[int, ...], str] = {}  # members mostly agree: few distinct vectors
 
-    def _cached(self, cache: dict[Any, str], key: Any, make: Callable[[], str]) -> str:
-        v = cache.get(key)
-        if v is None:
-            if len(cache) >= self.max_cache:
-                cache.clear()
-            v = cache[key] = make()
+    def _fill(self, cache: dict[Any, str], key: Any, make: Callable[[Any], str]) -> str:
+        if len(cache) >= self.max_cache:
+            cache.clear()
+        v = cache[key] = make(key)
         return v
 
     def rows(self, outcomes: Sequence[Outcome]) -> list[tuple[Any, ...]]:
-        names, props, groups, preds = self._names, self._props, self._groups, self._preds
+        names, props, groups, preds, fill = self._names, self._props, self._groups, self._preds, self._fill
         out = []
         for o in outcomes:
-            members = names.get(o.members) or self._cached(names, o.members, lambda: json.dumps(list(o.members)))
-            versions = names.get(o.versions) or self._cached(names, o.versions, lambda: json.dumps(list(o.versions)))
-            p = props.get(o.propensities) or self._cached(
-                props, o.propensities, lambda: json.dumps([float(v) for v in o.propensities]))
             gkey = tuple(sorted(o.groups.items())) if o.groups else ()
-            g = groups.get(gkey) or self._cached(
-                groups, gkey, lambda: json.dumps({str(k): str(v) for k, v in gkey}, sort_keys=True))
-            pr = preds.get(o.predictions) or self._cached(
-                preds, o.predictions, lambda: "[" + ", ".join(map(str, map(int, o.predictions))) + "]")
             out.append((
-                o.request_id, o.ecosystem, o.time_s, members, versions, pr,
-                int(o.served), int(o.intended), int(o.greedy), p, o.policy, bool(o.direct), g, o.input_fingerprint,
+                o.request_id, o.ecosystem, o.time_s,
+                names.get(o.members) or fill(names, o.members, _json_list),
+                names.get(o.versions) or fill(names, o.versions, _json_list),
+                preds.get(o.predictions) or fill(preds, o.predictions, _json_ints),
+                int(o.served), int(o.intended), int(o.greedy),
+                props.get(o.propensities) or fill(props, o.propensities, _json_floats),
+                o.policy, bool(o.direct),
+                groups.get(gkey) or fill(groups, gkey, _json_groups),
+                o.input_fingerprint,
             ))
         return out
+
+
+def _json_list(names: tuple[str, ...]) -> str:
+    return json.dumps(list(names))
+
+
+def _json_ints(values: tuple[int, ...]) -> str:
+    return "[" + ", ".join(map(str, map(int, values))) + "]"
+
+
+def _json_floats(values: tuple[float, ...]) -> str:
+    return json.dumps([float(v) for v in values])
+
+
+def _json_groups(items: tuple[tuple[str, str], ...]) -> str:
+    return json.dumps({str(k): str(v) for k, v in items}, sort_keys=True)

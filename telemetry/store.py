@@ -62,8 +62,6 @@ from telemetry.records import ROW_COLUMNS, Outcome, RowEncoder
 __all__ = ["StoreError", "OutcomeStore", "StoredOutcome", "SCHEMA_VERSION", "open_store"]
 
 SCHEMA_VERSION = 2
-SQLITE_CACHE_KIB = 65536  # per connection
-SQLITE_MMAP_BYTES = 1 << 30
 _CHUNK = 500  # ids per IN (...) query: well under SQLite's variable limit
 
 metadata = MetaData()
@@ -192,7 +190,7 @@ class OutcomeStore:
         self.engine = engine
         self.backend = engine.dialect.name
         self._encoder = RowEncoder()
-        self._insert_cache: dict[int, str] = {}
+        self._insert_full: str | None = None
         # INSERT ... ON CONFLICT DO NOTHING RETURNING: PostgreSQL, and SQLite from 3.35
         self._returning = self.backend != "sqlite" or sqlite3.sqlite_version_info >= (3, 35)
 
@@ -258,13 +256,15 @@ class OutcomeStore:
         return inserted
 
     def _insert_sql(self, n: int) -> str:
-        sql = self._insert_cache.get(n)
-        if sql is None:
-            one = f"({self._ph(len(ROW_COLUMNS))})"
-            sql = f"INSERT INTO ecoserve_outcomes ({', '.join(ROW_COLUMNS)}) VALUES {', '.join([one] * n)}"
-            if self._returning:
-                sql += " ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
-            self._insert_cache[n] = sql
+        """The INSERT for `n` rows; the full-chunk one (most rows go through it) is kept."""
+        if n == _CHUNK and self._insert_full is not None:
+            return self._insert_full
+        one = f"({self._ph(len(ROW_COLUMNS))})"
+        sql = f"INSERT INTO ecoserve_outcomes ({', '.join(ROW_COLUMNS)}) VALUES {', '.join([one] * n)}"
+        if self._returning:
+            sql += " ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
+        if n == _CHUNK:
+            self._insert_full = sql
         return sql
 
     def _ph(self, n: int) -> str:
@@ -443,9 +443,10 @@ class OutcomeStore:
                     f"UPDATE ecoserve_ledgers SET stored = {ph1}, updated_at = {ph1} "
                     f"WHERE ledger = {ph1} AND ecosystem = {ph1}", (n, time.time(), ledger, eco))
                 if row[1]:
-                    self._bump(conn, {f"lost|{eco}": -(n - int(row[0]))})
+                    late = n - int(row[0])
+                    self._bump(conn, {f"lost|{eco}": -late})
                     if unlost is not None:
-                        unlost[eco] = unlost.get(eco, 0) + n - int(row[0])
+                        unlost[eco] = unlost.get(eco, 0) + late
 
     def ledger_progress(self, ledger: str) -> dict[str, int]:
         with self.engine.connect() as conn:
@@ -520,11 +521,6 @@ def open_store(url: str) -> OutcomeStore:
                 cur = dbapi_conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
                 cur.execute("PRAGMA synchronous=NORMAL")  # durable at each WAL checkpoint; safe with WAL
-                # outcome ids are random, so inserts touch index pages all over the file: with SQLite's
-                # default 2 MiB page cache the cost per row grew with the store (12 -> 26 us/row by 240k
-                # rows here). A 64 MiB cache and memory-mapped reads keep it flat.
-                cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
-                cur.execute(f"PRAGMA mmap_size={SQLITE_MMAP_BYTES}")
                 cur.close()
         else:
             engine = create_engine(url, pool_pre_ping=True)

@@ -230,7 +230,7 @@ def test_row_encoder_writes_what_json_dumps_would():
 def test_outcome_ids_already_stored_are_skipped_either_way(store_url, returning):
     store = open_store(store_url)
     store._returning = returning and store._returning  # the SQLite < 3.35 path, forced
-    store._insert_cache.clear()
+    store._insert_full = None
     try:
         a, b = outcome(1, (1, 1, 0), 5.0), outcome(2, (0, 1, 0), 5.0)
         assert store.insert_outcomes([a, b]) == {"r1", "r2"}
