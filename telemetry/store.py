@@ -25,7 +25,6 @@ Knows nothing of Ray, HTTP or Prometheus.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from itertools import chain
 from collections.abc import Iterable, Iterator, Sequence
@@ -191,8 +190,6 @@ class OutcomeStore:
         self.backend = engine.dialect.name
         self._encoder = RowEncoder()
         self._insert_full: str | None = None
-        # INSERT ... ON CONFLICT DO NOTHING RETURNING: PostgreSQL, and SQLite from 3.35
-        self._returning = self.backend != "sqlite" or sqlite3.sqlite_version_info >= (3, 35)
 
     # ----------------------------------------------------------- schema
     def migrate(self) -> int:
@@ -236,12 +233,8 @@ class OutcomeStore:
         with self.engine.begin() as conn:
             if progress:
                 self._progress(conn, *progress, unlost)
-            if not self._returning:  # SQLite < 3.35: look the ids up first
-                for chunk in _chunks(list(fresh)):
-                    for r in conn.exec_driver_sql(
-                        f"SELECT request_id FROM ecoserve_outcomes WHERE request_id IN ({self._ph(len(chunk))})",
-                        tuple(chunk)).fetchall():
-                        fresh.pop(r[0], None)
+            if self.backend == "sqlite":
+                return self._insert_sqlite(conn, fresh)
             rows = self._encoder.rows(list(fresh.values()))
             # multi-row VALUES, 500 rows per statement: `executemany` steps (and drops and retakes
             # the GIL) once per row, which under a busy event loop cost ~8x the CPU per row here.
@@ -249,20 +242,45 @@ class OutcomeStore:
             inserted: set[str] = set()
             for chunk in _chunks(rows):
                 res = conn.exec_driver_sql(self._insert_sql(len(chunk)), tuple(chain.from_iterable(chunk)))
-                if self._returning:
-                    inserted.update(r[0] for r in res.fetchall())
-                else:
-                    inserted.update(row[0] for row in chunk)
+                inserted.update(r[0] for r in res.fetchall())
         return inserted
+
+    def _insert_sqlite(self, conn: Any, fresh: dict[str, Outcome]) -> set[str]:
+        """SQLite: INSERT OR IGNORE without RETURNING, whose rows Python's sqlite3 steps one at a
+        time, dropping and retaking the GIL for each (under the gateway's busy event loop that was
+        ~40% of the recorder's CPU). The common case, no id stored before, is told by the change
+        count; otherwise the batch is rolled back to a savepoint and inserted again without the
+        ids already stored. The write lock is held from the first INSERT, so no id can appear in
+        between."""
+        rows = self._encoder.rows(list(fresh.values()))
+        conn.exec_driver_sql("SAVEPOINT ecoserve_insert")
+        changed = 0
+        for chunk in _chunks(rows):
+            changed += conn.exec_driver_sql(self._insert_sql(len(chunk)), tuple(chain.from_iterable(chunk))).rowcount
+        if changed != len(rows):
+            conn.exec_driver_sql("ROLLBACK TO SAVEPOINT ecoserve_insert")
+            for chunk in _chunks(list(fresh)):
+                for r in conn.exec_driver_sql(
+                    f"SELECT request_id FROM ecoserve_outcomes WHERE request_id IN ({self._ph(len(chunk))})",
+                    tuple(chunk)).fetchall():
+                    fresh.pop(r[0], None)
+            rows = [row for row in rows if row[0] in fresh]
+            for chunk in _chunks(rows):
+                conn.exec_driver_sql(self._insert_sql(len(chunk)), tuple(chain.from_iterable(chunk)))
+        conn.exec_driver_sql("RELEASE SAVEPOINT ecoserve_insert")
+        return set(fresh)
 
     def _insert_sql(self, n: int) -> str:
         """The INSERT for `n` rows; the full-chunk one (most rows go through it) is kept."""
         if n == _CHUNK and self._insert_full is not None:
             return self._insert_full
         one = f"({self._ph(len(ROW_COLUMNS))})"
-        sql = f"INSERT INTO ecoserve_outcomes ({', '.join(ROW_COLUMNS)}) VALUES {', '.join([one] * n)}"
-        if self._returning:
-            sql += " ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
+        values = ", ".join([one] * n)
+        if self.backend == "sqlite":
+            sql = f"INSERT OR IGNORE INTO ecoserve_outcomes ({', '.join(ROW_COLUMNS)}) VALUES {values}"
+        else:
+            sql = (f"INSERT INTO ecoserve_outcomes ({', '.join(ROW_COLUMNS)}) VALUES {values}"
+                   " ON CONFLICT (request_id) DO NOTHING RETURNING request_id")
         if n == _CHUNK:
             self._insert_full = sql
         return sql
