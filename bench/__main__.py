@@ -39,7 +39,8 @@ def main(argv: list[str]) -> int:
         _table(
             "telemetry on vs off (the default config; side by side, alternating ABBA rounds; digits, 6 members)",
             serving.onoff(Path(os.environ.get("REPO", "model_repository"))),
-            ("rows/req", "concurrency", "on req/s (median)", "off req/s (median)", "on/off", "per-round on/off",
+            ("rows/req", "concurrency", "on req/s (median)", "off req/s (median)", "on/off (paired median)",
+             "paired on/off: IQR (range)",
              "p50 on/off", "server CPU ms/req on / off", "CPU off/on", "errors", "target"),
         )
     if "serving" in sections:

@@ -15,9 +15,10 @@ Setups (env BENCH_SETUPS, comma-separated, selects):
 
 `onoff()` measures the telemetry cost alone: the default (recorder in the gateway) with
 telemetry on and with it off run side by side (two Ray instances, one idle while the other is
-loaded) and are measured alternately, in ABBA order over `BENCH_ROUNDS` rounds, so that drift
-and noise on this shared machine hit both alike; it reports the ratio of the medians and the
-spread of the per-round ratios. `BENCH_ONOFF_ON` / `BENCH_ONOFF_OFF` pick other setups (a
+loaded) and are measured alternately, in ABBA order over `BENCH_ROUNDS` (10) rounds of
+`BENCH_ONOFF_SECONDS` (3) each, so that drift and noise on this shared machine hit both alike.
+Each round gives a paired ratio (on/off, measured back to back); the table shows their median,
+interquartile range and extremes. `BENCH_ONOFF_ON` / `BENCH_ONOFF_OFF` pick other setups (a
 `_nogc` suffix runs one with `ECOSERVE_GC_TUNING=0`), `BENCH_ONOFF_POINTS` other cells (`32x64,1x1`).
 """
 
@@ -155,8 +156,10 @@ def onoff(repo: Path) -> list[tuple[str, ...]]:
     """Telemetry on vs off, side by side and interleaved (see the module docstring)."""
     import statistics
 
-    duration_s = float(os.environ.get("BENCH_SECONDS", "5"))
-    rounds = int(os.environ.get("BENCH_ROUNDS", "4"))
+    # short segments, many rounds: the two halves of a pair run seconds apart, so the machine's
+    # drift (minutes, on this shared VM) cancels in their ratio
+    duration_s = float(os.environ.get("BENCH_ONOFF_SECONDS", "3"))
+    rounds = int(os.environ.get("BENCH_ROUNDS", "10"))
     x = load_heldout(repo / "digits").X
     out = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,15 +182,16 @@ def onoff(repo: Path) -> list[tuple[str, ...]]:
                             runs[name].append(_point(url, x, rows, conc, duration_s, tmp, warmup=False))
                             cpu_s[name] += tree_cpu_s(proc.pid) - c0
                     on, off = runs["on"], runs["off"]
-                    per_round = sorted(a.rps / b.rps for a, b in zip(on, off))
+                    paired = [a.rps / b.rps for a, b in zip(on, off)]  # each pair measured back to back
+                    q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
                     cpu_on = cpu_s["on"] / max(1, sum(r.requests for r in on))
                     cpu_off = cpu_s["off"] / max(1, sum(r.requests for r in off))
                     on_rps = statistics.median(r.rps for r in on)
                     off_rps = statistics.median(r.rps for r in off)
                     on_p50 = statistics.median(r.pct(50) for r in on)
                     off_p50 = statistics.median(r.pct(50) for r in off)
-                    out.append((str(rows), str(conc), f"{on_rps:.0f}", f"{off_rps:.0f}", f"{on_rps / off_rps:.2f}x",
-                                f"{per_round[0]:.2f}-{per_round[-1]:.2f}", f"{on_p50 / off_p50:.2f}x",
+                    out.append((str(rows), str(conc), f"{on_rps:.0f}", f"{off_rps:.0f}", f"{statistics.median(paired):.2f}x",
+                                f"{q1:.2f}-{q3:.2f} ({min(paired):.2f}-{max(paired):.2f})", f"{on_p50 / off_p50:.2f}x",
                                 f"{cpu_on * 1e3:.2f} / {cpu_off * 1e3:.2f}", f"{cpu_off / cpu_on:.2f}x",
                                 str(sum(r.errors for r in on + off)), ">= 0.95x"))
             finally:
