@@ -247,3 +247,26 @@ def test_outcome_ids_already_stored_are_skipped(store_url):
         assert store.count_outcomes() == 1203 and store.get_outcomes(["r3"])["r3"].predictions == [1, 0, 0]
     finally:
         store.close()
+
+
+def test_insert_statements_come_in_ten_sizes(tmp_path):
+    """Every batch is cut into chunks of 500 and powers of two, in order and complete, so the
+    multi-row INSERTs stay compiled in the statement cache whatever the batch sizes."""
+    from telemetry.store import _sized_chunks
+
+    sizes = {500} | {2**k for k in range(9)}
+    for n in [0, 1, 2, 3, 37, 255, 256, 499, 500, 501, 1000, 1234, 2999]:
+        chunks = list(_sized_chunks(list(range(n))))
+        assert [v for c in chunks for v in c] == list(range(n))
+        assert {len(c) for c in chunks} <= sizes and len(chunks) <= n // 500 + 9
+    store = open_store(f"sqlite:///{tmp_path / 'o.db'}")
+    try:
+        start = 0
+        for n in [37, 255, 499, 1234, 3, 777]:
+            assert store.insert_outcomes([outcome(i, (1, 0, 1), 5.0) for i in range(start, start + n)]) == {
+                f"r{i}" for i in range(start, start + n)}
+            start += n
+        assert store.count_outcomes() == start
+        assert set(store._inserts) <= sizes
+    finally:
+        store.close()
