@@ -20,6 +20,8 @@ loaded) and are measured alternately, in ABBA order over `BENCH_ROUNDS` (10) rou
 Each round gives a paired ratio (on/off, measured back to back); the table shows their median,
 interquartile range and extremes. `BENCH_ONOFF_ON` / `BENCH_ONOFF_OFF` pick other setups (a
 `_nogc` suffix runs one with `ECOSERVE_GC_TUNING=0`), `BENCH_ONOFF_POINTS` other cells (`32x64,1x1`).
+`BENCH_ONOFF_ON=colocated_fast_notelemetry` is the A/A control: two identical servers, which
+shows how far the machine alone moves the ratios.
 """
 
 from __future__ import annotations
