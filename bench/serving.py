@@ -154,6 +154,16 @@ def _point(url: str, x: Any, rows: int, conc: int, duration_s: float, tmpdir: st
 ONOFF_POINTS = ((1, 1), (1, 64), (32, 1), (32, 64))
 
 
+def recorder_cpu_s(url: str) -> float:
+    """The server's `ecoserve_recorder_cpu_seconds_total{operation="record"}`, read once the
+    last hand-over is in (NaN with telemetry off)."""
+    time.sleep(0.6)  # > flush_interval_s
+    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith('ecoserve_recorder_cpu_seconds_total{operation="record"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return float("nan")
+
+
 def onoff(repo: Path) -> list[tuple[str, ...]]:
     """Telemetry on vs off, side by side and interleaved (see the module docstring)."""
     import statistics
@@ -177,6 +187,7 @@ def onoff(repo: Path) -> list[tuple[str, ...]]:
                     cpu_s = {"on": 0.0, "off": 0.0}
                     for url in (on_url, off_url):
                         _point(url, x, rows, conc, 1.0, tmp)  # warm-up
+                    rec0 = recorder_cpu_s(on_url)
                     for k in range(rounds):
                         order = [("on", on_url, on_proc), ("off", off_url, off_proc)]
                         for name, url, proc in order if k % 2 == 0 else order[::-1]:
@@ -184,6 +195,7 @@ def onoff(repo: Path) -> list[tuple[str, ...]]:
                             runs[name].append(_point(url, x, rows, conc, duration_s, tmp, warmup=False))
                             cpu_s[name] += tree_cpu_s(proc.pid) - c0
                     on, off = runs["on"], runs["off"]
+                    rec_s = recorder_cpu_s(on_url) - rec0
                     paired = [a.rps / b.rps for a, b in zip(on, off)]  # each pair measured back to back
                     q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
                     cpu_on = cpu_s["on"] / max(1, sum(r.requests for r in on))
@@ -195,6 +207,8 @@ def onoff(repo: Path) -> list[tuple[str, ...]]:
                     out.append((str(rows), str(conc), f"{on_rps:.0f}", f"{off_rps:.0f}", f"{statistics.median(paired):.2f}x",
                                 f"{q1:.2f}-{q3:.2f} ({min(paired):.2f}-{max(paired):.2f})", f"{on_p50 / off_p50:.2f}x",
                                 f"{cpu_on * 1e3:.2f} / {cpu_off * 1e3:.2f}", f"{cpu_off / cpu_on:.2f}x",
+                                f"{rec_s * 1e6 / max(1, sum(r.requests for r in on)):.0f} ({rec_s / max(cpu_s['on'], 1e-9):.1%})"
+                                if rec_s == rec_s else "-",
                                 str(sum(r.errors for r in on + off)), ">= 0.95x"))
             finally:
                 stop_setup(off_proc)

@@ -27,7 +27,8 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -218,6 +219,9 @@ class Recorder:
         self.duplicate_outcome_ids = 0
         self.unknown_ecosystem = 0
         self.reports: dict[str, dict[str, Any]] = {}
+        # CPU seconds of the threads that did the recorder's work, per operation (since start):
+        # the telemetry's own cost, `ecoserve_recorder_cpu_seconds_total`
+        self.cpu_s: dict[str, float] = {"record": 0.0, "feedback": 0.0, "sweep": 0.0}
         self._pending = store.count_pending()
         self._load_events(store.event_counts())
         self._coverage_cache: tuple[float, dict[str, dict[float, tuple[int, int]]]] = (0.0, {})
@@ -251,6 +255,14 @@ class Recorder:
                 st.corrections[(parts[2], parts[3])] = st.corrections.get((parts[2], parts[3]), 0) + v
         self.store.bump(increments)
 
+    @contextmanager
+    def _cpu(self, operation: str) -> Iterator[None]:
+        t0 = time.thread_time()
+        try:
+            yield
+        finally:
+            self.cpu_s[operation] += time.thread_time() - t0
+
     # ---------------------------------------------------------- rebuild
     def _rebuild(self) -> None:
         """Rebuild every cumulative count from the store (restart safety)."""
@@ -273,7 +285,7 @@ class Recorder:
         snapshot, "progress": {ecosystem: records handed over so far}}`; the latest per reporter
         is kept and the metrics show the sum. `progress` is stored with the outcomes, in the
         same transaction, for the reporter's crash ledger (`reclaim`)."""
-        with self._lock:
+        with self._lock, self._cpu("record"):
             progress = None
             if report is not None and reporter:
                 self.reports[reporter] = report
@@ -339,7 +351,7 @@ class Recorder:
     # ---------------------------------------------------------- labels
     def feedback(self, items: Sequence[LabelItem]) -> list[ItemResult]:
         """Apply a batch of labels, all or nothing; see the module docstring for the statuses."""
-        with self._lock:
+        with self._lock, self._cpu("feedback"):
             return self._feedback_locked(list(items), received_at=None, allow_pending=True)
 
     def _feedback_locked(
@@ -468,7 +480,7 @@ class Recorder:
     # ------------------------------------------------------------ sweep
     def sweep(self) -> dict[str, int]:
         """Assume labels for outcomes unlabeled too long; expire pending labels past their TTL."""
-        with self._lock:
+        with self._lock, self._cpu("sweep"):
             now = self.clock()
             assumed = 0
             for name, st in self.state.items():

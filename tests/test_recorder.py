@@ -164,10 +164,15 @@ def test_restart_rebuilds_counts_without_double_counting(store_url):
     r1.record(outs)
     r1.feedback([LabelItem(f"r{i}", int(rng.integers(0, 2))) for i in range(0, 50, 2)])
     r1.feedback([LabelItem("r0", "yes"), LabelItem("r0", "no")])  # corrections must not change counts
-    before = {k: v for k, v in samples(r1).items() if "_total" in k[0] or "_bucket" in k[0]}
+    # (the recorder's CPU counter is this process's, like process_cpu_seconds_total: it restarts at 0)
+    def counters(r: Recorder) -> dict:
+        return {k: v for k, v in samples(r).items()
+                if ("_total" in k[0] or "_bucket" in k[0]) and not k[0].startswith("ecoserve_recorder_cpu")}
+
+    before = counters(r1)
     store.close()
     r2 = Recorder({"eco": SPEC}, open_store(store_url), clock=clock)  # a new process, same store
-    after = {k: v for k, v in samples(r2).items() if "_total" in k[0] or "_bucket" in k[0]}
+    after = counters(r2)
     assert after == before  # every counter: rebuilt from outcomes, labels and persisted event counts
     assert value(r2, "ecoserve_label_corrections_total", ecosystem="eco", from_source="observed", to_source="observed") >= 1
     # a resent batch (the gateway retrying after the crash) is not counted again
@@ -270,3 +275,20 @@ def test_insert_statements_come_in_ten_sizes(tmp_path):
         assert set(store._inserts) <= sizes
     finally:
         store.close()
+
+
+def test_recorder_cpu_is_counted_per_operation(rec):
+    """`ecoserve_recorder_cpu_seconds_total{operation}`: the recorder's own CPU, where it did work."""
+    def cpu(op: str) -> float:
+        return samples(rec)[("ecoserve_recorder_cpu_seconds_total", (("operation", op),))]
+
+    assert cpu("record") == cpu("feedback") == cpu("sweep") == 0.0
+    rec.record([outcome(i, (i % 2, 1, 0), rec.clock_.t) for i in range(2000)])
+    after_record = cpu("record")
+    assert after_record > 0 and cpu("feedback") == 0.0
+    rec.feedback([LabelItem(f"r{i}", "yes") for i in range(2000)])
+    assert cpu("feedback") > 0 and cpu("record") == after_record
+    rec.sweep()
+    assert cpu("sweep") > 0
+    rec.record([outcome(i, (0, 0, 0), rec.clock_.t) for i in range(2000, 4000)])
+    assert cpu("record") > after_record
