@@ -232,6 +232,13 @@ SERVING = [
                (f"sum by (reason) (increase(ecoserve_outcomes_dropped_total{W}))", "dropped ({{reason}})"),
                (f"sum by (ecosystem) (increase(ecoserve_outcomes_lost_total{{{E}}}{W}))", "lost in a crash ({{ecosystem}})")),
               unit="short"),
+    PanelSpec("timeseries", "Telemetry cost: recorder CPU",
+              "Share of one CPU core the recorder uses, by operation: storing and counting outcomes (record), "
+              "applying labels (feedback), assumed labels and expiries (sweep). With the recorder in the gateway "
+              "this comes out of the gateway's CPU. Bad: growing faster than traffic (the store is getting "
+              "slower), or near the recorder's num_cpus.",
+              ((f"sum by (operation) (rate(ecoserve_recorder_cpu_seconds_total{W}))", "{{operation}}"),),
+              unit="percentunit"),
 ]
 
 DASHBOARDS: dict[str, tuple[str, list[PanelSpec]]] = {
