@@ -264,12 +264,12 @@ class OutcomeStore:
         return inserted
 
     def _insert_sqlite(self, conn: Any, fresh: dict[str, Outcome]) -> set[str]:
-        """SQLite: INSERT OR IGNORE without RETURNING, whose rows Python's sqlite3 steps one at a
-        time, dropping and retaking the GIL for each (under the gateway's busy event loop that was
-        ~40% of the recorder's CPU). The common case, no id stored before, is told by the change
+        """SQLite: ON CONFLICT DO NOTHING without RETURNING, whose rows Python's sqlite3 steps one
+        at a time, dropping and retaking the GIL for each (under the gateway's busy event loop that
+        was ~40% of the recorder's CPU). The common case, no id stored before, is told by the change
         count; otherwise the batch is rolled back to a savepoint and inserted again without the
         ids already stored. The write lock is held from the first INSERT, so no id can appear in
-        between."""
+        between. (Not INSERT OR IGNORE: that would also skip a row breaking another constraint.)"""
         rows = self._encoder.rows(list(fresh.values()))
         conn.exec_driver_sql("SAVEPOINT ecoserve_insert")
         changed = 0
@@ -283,8 +283,11 @@ class OutcomeStore:
                     tuple(chunk)).fetchall():
                     fresh.pop(r[0], None)
             rows = [row for row in rows if row[0] in fresh]
+            changed = 0
             for chunk in _sized_chunks(rows):
-                conn.exec_driver_sql(self._insert_sql(len(chunk)), tuple(chain.from_iterable(chunk)))
+                changed += conn.exec_driver_sql(self._insert_sql(len(chunk)), tuple(chain.from_iterable(chunk))).rowcount
+            if changed != len(rows):  # cannot happen under the write lock; never report unstored rows
+                raise StoreError(f"stored {changed} of {len(rows)} new outcomes; the batch is rolled back")
         conn.exec_driver_sql("RELEASE SAVEPOINT ecoserve_insert")
         return set(fresh)
 
@@ -295,11 +298,10 @@ class OutcomeStore:
             return sql
         one = f"({self._ph(len(ROW_COLUMNS))})"
         values = ", ".join([one] * n)
-        if self.backend == "sqlite":
-            sql = f"INSERT OR IGNORE INTO ecoserve_outcomes ({', '.join(ROW_COLUMNS)}) VALUES {values}"
-        else:
-            sql = (f"INSERT INTO ecoserve_outcomes ({', '.join(ROW_COLUMNS)}) VALUES {values}"
-                   " ON CONFLICT (request_id) DO NOTHING RETURNING request_id")
+        # SQLite: ON CONFLICT needs 3.24 (2018); its RETURNING is not used (see _insert_sqlite)
+        sql = f"INSERT INTO ecoserve_outcomes ({', '.join(ROW_COLUMNS)}) VALUES {values} ON CONFLICT (request_id) DO NOTHING"
+        if self.backend != "sqlite":
+            sql += " RETURNING request_id"
         self._inserts[n] = sql
         return sql
 
