@@ -452,11 +452,12 @@ class Recorder:
         exploration = None
         if routed.any():
             idx = np.flatnonzero(routed)
+            rows_ = [items[i] for i in idx.tolist()]
             rewards = values[idx] if spec.label_mode == "bandit" else np.maximum(c[idx, served[idx]], 0).astype(float)
-            props = np.array([items[i].propensities for i in idx], dtype=np.float64).reshape(len(idx), m)
+            props = np.array([o.propensities for o in rows_], dtype=np.float64).reshape(len(idx), m)
             exploration = ExplorationCounts.from_arrays(
                 spec.members, len(spec.classes), preds[idx], served[idx], rewards, props[np.arange(len(idx)), served[idx]],
-                props, np.array([items[i].greedy for i in idx], dtype=np.int64),
+                props, np.array([o.greedy for o in rows_], dtype=np.int64),
             )
             st.exploration = st.exploration + exploration
         recent = label_times >= self.clock() - self.window_s
