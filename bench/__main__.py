@@ -41,7 +41,8 @@ def main(argv: list[str]) -> int:
             serving.onoff(Path(os.environ.get("REPO", "model_repository"))),
             ("rows/req", "concurrency", "on req/s (median)", "off req/s (median)", "on/off (paired median)",
              "paired on/off: IQR (range)",
-             "p50 on/off", "server CPU ms/req on / off", "CPU off/on", "recorder CPU us/req (share)", "errors", "target"),
+             "p50 on/off", "server CPU ms/req on / off", "CPU off/on", "recorder CPU us/req (share)", "errors",
+             "target >= 0.95x: 90% CI of the median"),
         )
     if "serving" in sections:
         from pathlib import Path

@@ -18,8 +18,10 @@ telemetry on and with it off run side by side (two Ray instances, one idle while
 loaded) and are measured alternately, in ABBA order over `BENCH_ROUNDS` (10) rounds of
 `BENCH_ONOFF_SECONDS` (3) each, so that drift and noise on this shared machine hit both alike.
 Each round gives a paired ratio (on/off, measured back to back); the table shows their median,
-interquartile range and extremes. `BENCH_ONOFF_ON` / `BENCH_ONOFF_OFF` pick other setups (a
-`_nogc` suffix runs one with `ECOSERVE_GC_TUNING=0`), `BENCH_ONOFF_POINTS` other cells (`32x64,1x1`).
+interquartile range and extremes. The target (on >= 0.95x off) is judged on a 90% bootstrap
+interval of that median: met, missed, or inconclusive where the noise is larger than the cost.
+`BENCH_ONOFF_ON` / `BENCH_ONOFF_OFF` pick other setups (a `_nogc` suffix runs one with
+`ECOSERVE_GC_TUNING=0`), `BENCH_ONOFF_POINTS` other cells (`32x64,1x1`).
 `BENCH_ONOFF_ON=colocated_fast_notelemetry` is the A/A control: two identical servers, which
 shows how far the machine alone moves the ratios.
 """
@@ -154,6 +156,20 @@ def _point(url: str, x: Any, rows: int, conc: int, duration_s: float, tmpdir: st
 ONOFF_POINTS = ((1, 1), (1, 64), (32, 1), (32, 64))
 
 
+def paired_verdict(paired: list[float], target: float = 0.95, resamples: int = 2000) -> str:
+    """The paired ratios' median with a 90% bootstrap interval, judged against `target`: "met"
+    when the interval's low end is at or above it, "missed" when its high end is below, else
+    "inconclusive" (this machine's noise is larger than the difference)."""
+    import random
+    import statistics
+
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(paired, k=len(paired))) for _ in range(resamples))
+    lo, hi = meds[int(0.05 * resamples)], meds[int(0.95 * resamples) - 1]
+    verdict = "met" if lo >= target else "missed" if hi < target else "inconclusive"
+    return f"{lo:.2f}-{hi:.2f}: {verdict}"
+
+
 def recorder_cpu_s(url: str) -> float:
     """The server's `ecoserve_recorder_cpu_seconds_total{operation="record"}`, read once the
     last hand-over is in (NaN with telemetry off)."""
@@ -209,7 +225,7 @@ def onoff(repo: Path) -> list[tuple[str, ...]]:
                                 f"{cpu_on * 1e3:.2f} / {cpu_off * 1e3:.2f}", f"{cpu_off / cpu_on:.2f}x",
                                 f"{rec_s * 1e6 / max(1, sum(r.requests for r in on)):.0f} ({rec_s / max(cpu_s['on'], 1e-9):.1%})"
                                 if rec_s == rec_s else "-",
-                                str(sum(r.errors for r in on + off)), ">= 0.95x"))
+                                str(sum(r.errors for r in on + off)), paired_verdict(paired)))
             finally:
                 stop_setup(off_proc)
         finally:
