@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -160,9 +162,6 @@ def paired_verdict(paired: list[float], target: float = 0.95, resamples: int = 2
     """The paired ratios' median with a 90% bootstrap interval, judged against `target`: "met"
     when the interval's low end is at or above it, "missed" when its high end is below, else
     "inconclusive" (this machine's noise is larger than the difference)."""
-    import random
-    import statistics
-
     rng = random.Random(0)
     meds = sorted(statistics.median(rng.choices(paired, k=len(paired))) for _ in range(resamples))
     lo, hi = meds[int(0.05 * resamples)], meds[int(0.95 * resamples) - 1]
@@ -182,8 +181,6 @@ def recorder_cpu_s(url: str) -> float:
 
 def onoff(repo: Path) -> list[tuple[str, ...]]:
     """Telemetry on vs off, side by side and interleaved (see the module docstring)."""
-    import statistics
-
     # short segments, many rounds: the two halves of a pair run seconds apart, so the machine's
     # drift (minutes, on this shared VM) cancels in their ratio
     duration_s = float(os.environ.get("BENCH_ONOFF_SECONDS", "3"))

@@ -253,29 +253,29 @@ class OutcomeStore:
                 self._progress(conn, *progress, unlost)
             if self.backend == "sqlite":
                 return self._insert_sqlite(conn, fresh)
-            rows = self._encoder.rows(list(fresh.values()))
-            # multi-row VALUES, 500 rows per statement: `executemany` steps (and drops and retakes
-            # the GIL) once per row, which under a busy event loop cost ~8x the CPU per row here.
-            # ON CONFLICT DO NOTHING RETURNING: ids already stored are skipped, in the same statement.
+            # ON CONFLICT DO NOTHING RETURNING: ids already stored are skipped, in the same statement
             inserted: set[str] = set()
-            for chunk in _sized_chunks(rows):
-                res = conn.exec_driver_sql(self._insert_sql(len(chunk)), tuple(chain.from_iterable(chunk)))
+            for res in self._insert_rows(conn, self._encoder.rows(list(fresh.values()))):
                 inserted.update(r[0] for r in res.fetchall())
         return inserted
+
+    def _insert_rows(self, conn: Any, rows: list[tuple[Any, ...]]) -> Iterator[Any]:
+        """Multi-row INSERTs (up to 500 rows each, in `_sized_chunks`' sizes); yields each result.
+        Not `executemany`: it steps (and drops and retakes the GIL) once per row, which under a
+        busy event loop cost ~8x the CPU per row here."""
+        for chunk in _sized_chunks(rows):
+            yield conn.exec_driver_sql(self._insert_sql(len(chunk)), tuple(chain.from_iterable(chunk)))
 
     def _insert_sqlite(self, conn: Any, fresh: dict[str, Outcome]) -> set[str]:
         """SQLite: ON CONFLICT DO NOTHING without RETURNING, whose rows Python's sqlite3 steps one
         at a time, dropping and retaking the GIL for each (under the gateway's busy event loop that
-        was ~40% of the recorder's CPU). The common case, no id stored before, is told by the change
+        was a third of the recorder's CPU). The common case, no id stored before, is told by the change
         count; otherwise the batch is rolled back to a savepoint and inserted again without the
         ids already stored. The write lock is held from the first INSERT, so no id can appear in
         between. (Not INSERT OR IGNORE: that would also skip a row breaking another constraint.)"""
         rows = self._encoder.rows(list(fresh.values()))
         conn.exec_driver_sql("SAVEPOINT ecoserve_insert")
-        changed = 0
-        for chunk in _sized_chunks(rows):
-            changed += conn.exec_driver_sql(self._insert_sql(len(chunk)), tuple(chain.from_iterable(chunk))).rowcount
-        if changed != len(rows):
+        if sum(res.rowcount for res in self._insert_rows(conn, rows)) != len(rows):
             conn.exec_driver_sql("ROLLBACK TO SAVEPOINT ecoserve_insert")
             for chunk in _chunks(list(fresh)):
                 for r in conn.exec_driver_sql(
@@ -283,9 +283,7 @@ class OutcomeStore:
                     tuple(chunk)).fetchall():
                     fresh.pop(r[0], None)
             rows = [row for row in rows if row[0] in fresh]
-            changed = 0
-            for chunk in _sized_chunks(rows):
-                changed += conn.exec_driver_sql(self._insert_sql(len(chunk)), tuple(chain.from_iterable(chunk))).rowcount
+            changed = sum(res.rowcount for res in self._insert_rows(conn, rows))
             if changed != len(rows):  # cannot happen under the write lock; never report unstored rows
                 raise StoreError(f"stored {changed} of {len(rows)} new outcomes; the batch is rolled back")
         conn.exec_driver_sql("RELEASE SAVEPOINT ecoserve_insert")
