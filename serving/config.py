@@ -179,6 +179,11 @@ class TelemetryConfig(_Strict):
         description="where gateways keep their crash ledgers (telemetry.ledger); default: "
         "TMPDIR/ecoserve-ledgers/STORE_KEY. Use a volume that outlives the container",
     )
+    store_process: bool = Field(
+        default=True,
+        description="write the store from a child process of the recorder (telemetry.store_process): "
+        "its encoding and parameter binding then hold their own GIL, not the gateway's",
+    )
     recorder: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=0.25))
     recorder_in_gateway: bool | None = Field(
         default=None,

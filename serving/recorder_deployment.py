@@ -22,7 +22,8 @@ from serving.errors import UnprocessableEntity
 from telemetry.metrics import exposition
 from telemetry.recorder import EcosystemSpec, FeedbackError, LabelItem, Recorder
 from telemetry.records import Outcome
-from telemetry.store import open_store
+from telemetry.store import OutcomeStore, open_store
+from telemetry.store_process import StoreProcess
 
 __all__ = ["RecorderDeployment", "RecorderHost", "recorder_specs", "HandleTelemetry", "LocalTelemetry", "feedback_reply"]
 
@@ -109,7 +110,8 @@ class RecorderHost:
 
     def __init__(self, specs: dict[str, EcosystemSpec], telemetry: dict[str, Any]) -> None:
         cfg = TelemetryConfig.model_validate(telemetry)
-        self.store = open_store(cfg.resolved_store_url())
+        url = cfg.resolved_store_url()
+        self.store: OutcomeStore | StoreProcess = StoreProcess(url) if cfg.store_process else open_store(url)
         self.recorder = Recorder(
             specs,
             self.store,

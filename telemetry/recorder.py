@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -38,7 +38,10 @@ from telemetry.counts import EcosystemCounts, EcosystemShape, correctness
 from telemetry.exploration import ExplorationCounts
 from telemetry.records import Outcome
 from telemetry.serving_stats import merge_reports
-from telemetry.store import OutcomeStore, StoredOutcome
+from telemetry.store import OutcomeStore, StoredOutcome, StoreError, StoreLost
+
+if TYPE_CHECKING:
+    from telemetry.store_process import StoreProcess
 
 __all__ = [
     "EcosystemSpec",
@@ -195,7 +198,7 @@ class Recorder:
     def __init__(
         self,
         specs: dict[str, EcosystemSpec],
-        store: OutcomeStore,
+        store: OutcomeStore | StoreProcess,
         *,
         pending_ttl_s: float = 3600.0,
         max_pending: int = 100_000,
@@ -211,21 +214,52 @@ class Recorder:
         self.max_pending = max_pending
         self.window_s = window_s
         self.clock = clock
+        self.window_buckets = window_buckets
         self._lock = threading.RLock()
-        self.state = {name: _EcosystemState(spec, window_s, window_buckets, clock) for name, spec in specs.items()}
+        self.reports: dict[str, dict[str, Any]] = {}
+        # CPU seconds of the threads that did the recorder's work, per operation (since start):
+        # the telemetry's own cost, `ecoserve_recorder_cpu_seconds_total`
+        self.cpu_s: dict[str, float] = {"record": 0.0, "feedback": 0.0, "sweep": 0.0}
+        self._coverage_cache: tuple[float, dict[str, dict[float, tuple[int, int]]]] = (0.0, {})
+        self.resyncs = 0  # recounts after the store's process died mid-call (see `_store_calls`)
+        self._stale = False
+        self._load()
+
+    def _load(self) -> None:
+        """Every count from zero, then from the store (at start, and after `StoreLost`)."""
+        self.state = {name: _EcosystemState(spec, self.window_s, self.window_buckets, self.clock)
+                      for name, spec in self.specs.items()}
         self.unknown_ids = 0
         self.expired = 0
         self.pending_rejected = 0
         self.duplicate_outcome_ids = 0
         self.unknown_ecosystem = 0
-        self.reports: dict[str, dict[str, Any]] = {}
-        # CPU seconds of the threads that did the recorder's work, per operation (since start):
-        # the telemetry's own cost, `ecoserve_recorder_cpu_seconds_total`
-        self.cpu_s: dict[str, float] = {"record": 0.0, "feedback": 0.0, "sweep": 0.0}
-        self._pending = store.count_pending()
-        self._load_events(store.event_counts())
-        self._coverage_cache: tuple[float, dict[str, dict[float, tuple[int, int]]]] = (0.0, {})
+        self._pending = self.store.count_pending()
+        self._load_events(self.store.event_counts())
         self._rebuild()
+
+    @contextmanager
+    def _store_calls(self) -> Iterator[None]:
+        """Around every operation that writes: if the store's process died during a call
+        (`StoreLost`), that call may have committed without being counted, or been counted
+        without committing; so every count is rebuilt from the store before the error goes on
+        (the gateway re-sends its records, which are then skipped as stored, never counted
+        twice). If the store cannot be reached for the recount, it is retried first thing at
+        the next operation."""
+        if self._stale:
+            self._load()
+            self._stale = False
+        try:
+            yield
+        except StoreLost:
+            self._stale = True
+            self.resyncs += 1
+            try:
+                self._load()
+                self._stale = False
+            except StoreError:
+                pass
+            raise
 
     # ------------------------------------------------------ event counts
     # API-event counters are kept in the store (`ecoserve_event_counts`) so that a restart
@@ -285,7 +319,7 @@ class Recorder:
         snapshot, "progress": {ecosystem: records handed over so far}}`; the latest per reporter
         is kept and the metrics show the sum. `progress` is stored with the outcomes, in the
         same transaction, for the reporter's crash ledger (`reclaim`)."""
-        with self._lock, self._cpu("record"):
+        with self._lock, self._cpu("record"), self._store_calls():
             progress = None
             if report is not None and reporter:
                 self.reports[reporter] = report
@@ -351,7 +385,7 @@ class Recorder:
     # ---------------------------------------------------------- labels
     def feedback(self, items: Sequence[LabelItem]) -> list[ItemResult]:
         """Apply a batch of labels, all or nothing; see the module docstring for the statuses."""
-        with self._lock, self._cpu("feedback"):
+        with self._lock, self._cpu("feedback"), self._store_calls():
             return self._feedback_locked(list(items), received_at=None, allow_pending=True)
 
     def _feedback_locked(
@@ -471,7 +505,7 @@ class Recorder:
     def reclaim(self, ledger: str, accepted: dict[str, int]) -> dict[str, int]:
         """Count the records a crashed gateway accepted and never handed over (its ledger's
         `accepted` minus what the store holds of it); a ledger already reclaimed counts nothing."""
-        with self._lock:
+        with self._lock, self._store_calls():
             lost = self.store.reclaim_ledger(ledger, {str(k): int(v) for k, v in accepted.items()})
             for eco, n in lost.items():
                 if eco in self.state:
@@ -481,7 +515,7 @@ class Recorder:
     # ------------------------------------------------------------ sweep
     def sweep(self) -> dict[str, int]:
         """Assume labels for outcomes unlabeled too long; expire pending labels past their TTL."""
-        with self._lock, self._cpu("sweep"):
+        with self._lock, self._cpu("sweep"), self._store_calls():
             now = self.clock()
             assumed = 0
             for name, st in self.state.items():

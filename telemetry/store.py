@@ -58,7 +58,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from telemetry.records import ROW_COLUMNS, Outcome, RowEncoder
 
-__all__ = ["StoreError", "OutcomeStore", "StoredOutcome", "SCHEMA_VERSION", "open_store"]
+__all__ = ["StoreError", "StoreLost", "OutcomeStore", "StoredOutcome", "SCHEMA_VERSION", "open_store"]
 
 SCHEMA_VERSION = 2
 _CHUNK = 500  # ids per IN (...) query: well under SQLite's variable limit
@@ -137,6 +137,11 @@ _V1_TABLES = [schema_table, outcomes, label_history, pending_labels, event_count
 
 class StoreError(RuntimeError):
     """The store could not be opened or written; wraps the database's own error."""
+
+
+class StoreLost(StoreError):
+    """The store's process died during a call (`telemetry.store_process`): the call may or may not
+    have committed, so whoever counts what the store holds must recount it."""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from telemetry.metrics import METRICS, exposition
 from telemetry.recorder import EcosystemSpec, FeedbackError, LabelItem, Recorder
 from telemetry.records import Outcome
 from telemetry.store import SCHEMA_VERSION, open_store
+from telemetry.store_process import StoreProcess
 
 MEMBERS = ("a", "b", "c")
 SPEC = EcosystemSpec(
@@ -50,10 +51,13 @@ def value(recorder, name, **labels):
 ALL = {"subgroup": "all", "subgroup_value": "all"}
 
 
-@pytest.fixture
-def rec(store_url):
+@pytest.fixture(params=["in_process", "store_process"])
+def rec(store_url, request):
+    """A recorder on the store in its own process (`open_store`) and in a child process
+    (`StoreProcess`, the deployed default): every behaviour test runs on both."""
     clock = Clock()
-    r = Recorder({"eco": SPEC}, open_store(store_url), clock=clock, pending_ttl_s=100.0)
+    store = open_store(store_url) if request.param == "in_process" else StoreProcess(store_url)
+    r = Recorder({"eco": SPEC}, store, clock=clock, pending_ttl_s=100.0)
     r.clock_ = clock
     yield r
     r.store.close()
