@@ -184,6 +184,11 @@ class TelemetryConfig(_Strict):
         description="write the store from a child process of the recorder (telemetry.store_process): "
         "its encoding and parameter binding then hold their own GIL, not the gateway's",
     )
+    store_process_nice: int = Field(
+        default=10, ge=0, le=19,
+        description="CPU niceness of the store's process (0-19): above 0, serving wins the CPU when it is "
+        "contended and the writes catch up in idle time (records wait in the bounded queue meanwhile)",
+    )
     recorder: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=0.25))
     recorder_in_gateway: bool | None = Field(
         default=None,

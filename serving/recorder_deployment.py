@@ -111,7 +111,7 @@ class RecorderHost:
     def __init__(self, specs: dict[str, EcosystemSpec], telemetry: dict[str, Any]) -> None:
         cfg = TelemetryConfig.model_validate(telemetry)
         url = cfg.resolved_store_url()
-        self.store: OutcomeStore | StoreProcess = StoreProcess(url) if cfg.store_process else open_store(url)
+        self.store: OutcomeStore | StoreProcess = StoreProcess(url, nice=cfg.store_process_nice) if cfg.store_process else open_store(url)
         self.recorder = Recorder(
             specs,
             self.store,

@@ -542,6 +542,15 @@ class Recorder:
             return {"assumed": assumed, "expired": expired}
 
     # ------------------------------------------------------------ reads
+    def cpu_seconds(self) -> dict[str, float]:
+        """`cpu_s`, plus `store`: the CPU of the store's own process where it has one
+        (`telemetry.store_process`); in-process store work is inside the other operations."""
+        out = dict(self.cpu_s)
+        store_cpu = getattr(self.store, "cpu_s", None)
+        if store_cpu is not None:
+            out["store"] = float(store_cpu)
+        return out
+
     @property
     def pending(self) -> int:
         return self._pending

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
-__all__ = ["Outcome", "RowEncoder", "ROW_COLUMNS"]
+__all__ = ["Outcome", "RowEncoder", "ROW_COLUMNS", "outcome_fields"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,10 @@ class Outcome:
         return self.served != self.intended
 
 
+# Outcome -> the plain tuple of its fields, in declaration order (what crosses to the store's
+# process; `RowEncoder.rows_of_fields` encodes it without rebuilding the Outcome)
+outcome_fields: Callable[[Outcome], tuple[Any, ...]] = attrgetter(*Outcome.__slots__)  # type: ignore[attr-defined]
+
 ROW_COLUMNS = (
     "request_id", "ecosystem", "created_at", "members", "versions", "predictions", "served", "intended", "greedy",
     "propensities", "policy", "direct", "groups", "fingerprint",
@@ -65,20 +70,34 @@ class RowEncoder:
         return v
 
     def rows(self, outcomes: Sequence[Outcome]) -> list[tuple[Any, ...]]:
+        return self.rows_of_fields(list(map(outcome_fields, outcomes)))
+
+    def rows_of_fields(self, items: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Field tuples (`outcome_fields`) -> rows. A value that is the same object as the previous
+        row's (one runner's member and version tuples; pickle keeps that sharing) reuses its JSON
+        without hashing it again."""
         names, props, groups, preds, fill = self._names, self._props, self._groups, self._preds, self._fill
         out = []
-        for o in outcomes:
-            gkey = tuple(sorted(o.groups.items())) if o.groups else ()
+        last_m: Any = None
+        last_v: Any = None
+        last_p: Any = None
+        last_g: Any = None
+        jm = jv = jp = jg = ""
+        for rid, eco, t, members, versions, predictions, served, intended, propensities, greedy, policy, direct, \
+                grp, fingerprint in items:
+            if members is not last_m:
+                last_m, jm = members, names.get(members) or fill(names, members, _json_list)
+            if versions is not last_v:
+                last_v, jv = versions, names.get(versions) or fill(names, versions, _json_list)
+            if propensities is not last_p:
+                last_p, jp = propensities, props.get(propensities) or fill(props, propensities, _json_floats)
+            if grp is not last_g:
+                last_g = grp
+                gkey = tuple(sorted(grp.items())) if grp else ()
+                jg = groups.get(gkey) or fill(groups, gkey, _json_groups)
             out.append((
-                o.request_id, o.ecosystem, o.time_s,
-                names.get(o.members) or fill(names, o.members, _json_list),
-                names.get(o.versions) or fill(names, o.versions, _json_list),
-                preds.get(o.predictions) or fill(preds, o.predictions, _json_ints),
-                int(o.served), int(o.intended), int(o.greedy),
-                props.get(o.propensities) or fill(props, o.propensities, _json_floats),
-                o.policy, bool(o.direct),
-                groups.get(gkey) or fill(groups, gkey, _json_groups),
-                o.input_fingerprint,
+                rid, eco, t, jm, jv, preds.get(predictions) or fill(preds, predictions, _json_ints),
+                int(served), int(intended), int(greedy), jp, policy, bool(direct), jg, fingerprint,
             ))
         return out
 

@@ -56,7 +56,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import SQLAlchemyError
 
-from telemetry.records import ROW_COLUMNS, Outcome, RowEncoder
+from telemetry.records import ROW_COLUMNS, Outcome, RowEncoder, outcome_fields
 
 __all__ = ["StoreError", "StoreLost", "OutcomeStore", "StoredOutcome", "SCHEMA_VERSION", "open_store"]
 
@@ -248,19 +248,28 @@ class OutcomeStore:
         `progress` = (ledger id, {ecosystem: records of that ledger handed over so far}), written in
         the same transaction (never lowered, so a resent batch changes nothing); see `_progress`
         for `unlost`."""
+        return self.insert_fields(list(map(outcome_fields, items)), progress, unlost)
+
+    def insert_fields(
+        self, items: Sequence[tuple[Any, ...]], progress: tuple[str, dict[str, int]] | None = None,
+        unlost: dict[str, int] | None = None,
+    ) -> set[str]:
+        """`insert_outcomes` of outcomes as their field tuples (`outcome_fields`): what the store's
+        own process receives, encoded without rebuilding each Outcome."""
         if not items and not progress:
             return set()
-        fresh: dict[str, Outcome] = {}
+        fresh: dict[str, tuple[Any, ...]] = {}
         for o in items:  # the first of repeated ids in one batch
-            fresh.setdefault(o.request_id, o)
+            fresh.setdefault(o[0], o)
         with self.engine.begin() as conn:
             if progress:
                 self._progress(conn, *progress, unlost)
+            rows = self._encoder.rows_of_fields(list(fresh.values()))
             if self.backend == "sqlite":
-                return self._insert_sqlite(conn, fresh)
+                return self._insert_sqlite(conn, fresh, rows)
             # ON CONFLICT DO NOTHING RETURNING: ids already stored are skipped, in the same statement
             inserted: set[str] = set()
-            for res in self._insert_rows(conn, self._encoder.rows(list(fresh.values()))):
+            for res in self._insert_rows(conn, rows):
                 inserted.update(r[0] for r in res.fetchall())
         return inserted
 
@@ -271,14 +280,13 @@ class OutcomeStore:
         for chunk in _sized_chunks(rows):
             yield conn.exec_driver_sql(self._insert_sql(len(chunk)), tuple(chain.from_iterable(chunk)))
 
-    def _insert_sqlite(self, conn: Any, fresh: dict[str, Outcome]) -> set[str]:
+    def _insert_sqlite(self, conn: Any, fresh: dict[str, Any], rows: list[tuple[Any, ...]]) -> set[str]:
         """SQLite: ON CONFLICT DO NOTHING without RETURNING, whose rows Python's sqlite3 steps one
         at a time, dropping and retaking the GIL for each (under the gateway's busy event loop that
         was a third of the recorder's CPU). The common case, no id stored before, is told by the change
         count; otherwise the batch is rolled back to a savepoint and inserted again without the
         ids already stored. The write lock is held from the first INSERT, so no id can appear in
         between. (Not INSERT OR IGNORE: that would also skip a row breaking another constraint.)"""
-        rows = self._encoder.rows(list(fresh.values()))
         conn.exec_driver_sql("SAVEPOINT ecoserve_insert")
         if sum(res.rowcount for res in self._insert_rows(conn, rows)) != len(rows):
             conn.exec_driver_sql("ROLLBACK TO SAVEPOINT ecoserve_insert")

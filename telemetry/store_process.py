@@ -9,8 +9,9 @@ and the gateway pays ~1 us per row to send the records (plain tuples, pickled; r
 version and propensity tuples are pickled once per batch). Counting stays in the recorder.
 
 Protocol: length-prefixed pickle frames over the child's stdin and stdout (the child's own
-prints go to stderr). A call is `(method, args)`; the reply `("ok", value)` or
-`("err", kind, message)`. Calls are serialized (one lock): the store has one writer anyway.
+prints go to stderr). A call is `(method, args)`; the reply `("ok", value, cpu_s)` or
+`("err", kind, message, cpu_s)`, where `cpu_s` is the child's CPU time so far (the store's share
+of `ecoserve_recorder_cpu_seconds_total`, operation `store`). Calls are serialized (one lock): the store has one writer anyway.
 
 Failures:
 - a store error in the child (database down, disk full) comes back as `StoreError`, like the
@@ -34,17 +35,16 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
-from operator import attrgetter
 from typing import IO, Any
 
-from telemetry.records import Outcome
+from telemetry.records import Outcome, outcome_fields
 from telemetry.store import OutcomeStore, StoredOutcome, StoreError, StoreLost
 
 __all__ = ["StoreProcess"]
 
 _HEADER = struct.Struct("!I")
-_FIELDS = attrgetter(*Outcome.__slots__)  # Outcome <-> plain tuple, in field order
 _PAGE = 5000  # outcomes per reply when the recorder rebuilds its counts
 
 
@@ -69,11 +69,13 @@ def _recv(stream: IO[bytes]) -> Any:
 class StoreProcess:
     """`OutcomeStore`'s interface, served by a child process (see the module docstring)."""
 
-    def __init__(self, url: str, *, start_timeout_s: float = 120.0) -> None:
+    def __init__(self, url: str, *, nice: int = 0) -> None:
         self.url = url
-        self.start_timeout_s = start_timeout_s
+        self.nice = nice
         self.backend = ""
         self.starts = 0  # children started (1 + restarts after a child died)
+        self._cpu_past = 0.0  # CPU seconds of children that exited, as of their last reply
+        self._cpu_now = 0.0  # the current child's, as of its last reply
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._start()
@@ -84,12 +86,14 @@ class StoreProcess:
         when the starting *thread* ends), and wait for its store to open."""
         started: list[subprocess.Popen[bytes] | BaseException] = []
         ready = threading.Event()
+        # the child imports this package as we did (a Ray worker's path may come from its runtime env)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
 
         def run() -> None:
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "telemetry.store_process", self.url, str(os.getpid())],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+                    [sys.executable, "-m", "telemetry.store_process", self.url, str(os.getpid()), str(self.nice)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True, env=env,
                 )
             except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
                 started.append(exc)
@@ -114,6 +118,8 @@ class StoreProcess:
             self._stop(proc)
             raise StoreError(reply[2])
         self.backend = reply[1]
+        self._cpu_past += self._cpu_now
+        self._cpu_now = reply[-1]
         self._proc = proc
 
     @staticmethod
@@ -138,6 +144,11 @@ class StoreProcess:
             proc.wait()
 
     @property
+    def cpu_s(self) -> float:
+        """CPU seconds the store's process(es) used, as of their last reply (never lower)."""
+        return self._cpu_past + self._cpu_now
+
+    @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
@@ -151,6 +162,7 @@ class StoreProcess:
             except StoreLost:
                 self._proc = None
                 raise
+            self._cpu_now = reply[-1]
         if reply[0] == "ok":
             return reply[1]
         raise StoreError(reply[2])
@@ -162,7 +174,7 @@ class StoreProcess:
     ) -> set[str]:
         if not items and not progress:
             return set()
-        inserted, late = self._call("insert_outcomes", [_FIELDS(o) for o in items], progress)
+        inserted, late = self._call("insert_outcomes", list(map(outcome_fields, items)), progress)
         if unlost is not None:
             unlost.update(late)
         return {o.request_id for o in items} if inserted is None else inserted
@@ -231,7 +243,7 @@ class StoreProcess:
 # ------------------------------------------------------------------ the child
 def _insert(store: OutcomeStore, rows: list[tuple[Any, ...]], progress: Any) -> tuple[set[str] | None, dict[str, int]]:
     unlost: dict[str, int] = {}
-    inserted = store.insert_outcomes([Outcome(*r) for r in rows], progress, unlost)
+    inserted = store.insert_fields(rows, progress, unlost)
     # the common reply is "all of them" (None): the ids need not travel back
     return (None if len(inserted) == len({r[0] for r in rows}) else inserted), unlost
 
@@ -287,8 +299,10 @@ def _die_with_parent(parent: int) -> None:
 def main(argv: list[str]) -> int:
     from telemetry.store import open_store
 
-    url, parent = argv[0], int(argv[1])
+    url, parent, nice = argv[0], int(argv[1]), int(argv[2]) if len(argv) > 2 else 0
     _die_with_parent(parent)
+    if nice > 0:
+        os.nice(nice)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C: the parent decides when we stop
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints must not corrupt the replies
@@ -296,9 +310,9 @@ def main(argv: list[str]) -> int:
     try:
         store = open_store(url)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises StoreError
-        _send(out, ("err", type(exc).__name__, str(exc)))
+        _send(out, ("err", type(exc).__name__, str(exc), time.process_time()))
         return 1
-    _send(out, ("ok", store.backend))
+    _send(out, ("ok", store.backend, time.process_time()))
     # fault injection for tests: "METHOD:MARKER_FILE" exits right after METHOD ran (committed,
     # unanswered), once per marker file
     fault_method, _, fault_marker = os.environ.get("ECOSERVE_STORE_PROCESS_FAULT", "").partition(":")
@@ -309,13 +323,13 @@ def main(argv: list[str]) -> int:
             except EOFError:
                 return 0
             try:
-                reply = ("ok", _METHODS[method](store, *args))
+                reply: tuple[Any, ...] = ("ok", _METHODS[method](store, *args))
             except Exception as exc:  # noqa: BLE001 - every error goes back to the caller
                 reply = ("err", type(exc).__name__, str(exc))
             if method == fault_method and fault_marker and not os.path.exists(fault_marker):
                 open(fault_marker, "w").close()
                 os._exit(3)
-            _send(out, reply)
+            _send(out, (*reply, time.process_time()))  # the last item: this process's CPU so far
     finally:
         _Cursor.stop()
         store.close()

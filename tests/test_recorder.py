@@ -287,7 +287,13 @@ def test_recorder_cpu_is_counted_per_operation(rec):
         return samples(rec)[("ecoserve_recorder_cpu_seconds_total", (("operation", op),))]
 
     assert cpu("record") == cpu("feedback") == cpu("sweep") == 0.0
+    store_key = ("ecoserve_recorder_cpu_seconds_total", (("operation", "store"),))
+    store_before = samples(rec).get(store_key)
     rec.record([outcome(i, (i % 2, 1, 0), rec.clock_.t) for i in range(2000)])
+    if isinstance(rec.store, StoreProcess):  # the store's process: its own CPU, reported with each reply
+        assert samples(rec)[store_key] > store_before > 0
+    else:  # in-process store work is inside the operations' own threads
+        assert store_before is None and store_key not in samples(rec)
     after_record = cpu("record")
     assert after_record > 0 and cpu("feedback") == 0.0
     rec.feedback([LabelItem(f"r{i}", "yes") for i in range(2000)])

@@ -172,3 +172,14 @@ def test_close_stops_the_child(store_url):
     assert _alive(pid)
     sp.close()
     assert not _alive(pid)
+
+
+def test_the_child_runs_at_the_configured_niceness(tmp_path):
+    """`telemetry.store_process_nice`: serving wins the CPU when it is contended."""
+    sp = StoreProcess(f"sqlite:///{tmp_path / 'o.db'}", nice=7)
+    try:
+        with open(f"/proc/{sp.pid}/stat") as f:
+            nice = int(f.read().rsplit(")", 1)[1].split()[16])
+        assert nice == min(19, os.nice(0) + 7)
+    finally:
+        sp.close()
