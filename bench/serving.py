@@ -169,14 +169,42 @@ def paired_verdict(paired: list[float], target: float = 0.95, resamples: int = 2
     return f"{lo:.2f}-{hi:.2f}: {verdict}"
 
 
+def _scrape(url: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    resp = httpx.get(f"{url}/metrics", timeout=30)
+    if resp.status_code != 200:  # telemetry off
+        return out
+    for line in resp.text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, v = line.rpartition(" ")
+            out[name] = float(v)
+    return out
+
+
 def recorder_cpu_s(url: str) -> float:
-    """The server's `ecoserve_recorder_cpu_seconds_total{operation="record"}`, read once the
-    last hand-over is in (NaN with telemetry off)."""
+    """The server's `ecoserve_recorder_cpu_seconds_total` of operations `record` (the recorder's
+    thread) and `store` (the store's own process), read once the last hand-over is in (NaN with
+    telemetry off)."""
     time.sleep(0.6)  # > flush_interval_s
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line.startswith('ecoserve_recorder_cpu_seconds_total{operation="record"}'):
-            return float(line.rsplit(" ", 1)[1])
-    return float("nan")
+    m = _scrape(url)
+    ops = [m.get(f'ecoserve_recorder_cpu_seconds_total{{operation="{op}"}}') for op in ("record", "store")]
+    return sum(v for v in ops if v is not None) if ops[0] is not None else float("nan")
+
+
+def store_lag_s(url: str, quiet_s: float = 0.6) -> float:
+    """Seconds after the load stopped until the last record was stored (`ecoserve_outcomes_total`
+    stopped growing for `quiet_s`): about one flush interval (0.25 s) when the store keeps up; more
+    means records waited in the gateway's queue during the round."""
+    t0 = time.perf_counter()
+    last, changed = None, t0
+    while True:
+        total = sum(v for k, v in _scrape(url).items() if k.startswith("ecoserve_outcomes_total{"))
+        now = time.perf_counter()
+        if total != last:
+            last, changed = total, now
+        elif now - changed >= quiet_s:
+            return changed - t0
+        time.sleep(0.05)
 
 
 def onoff(repo: Path) -> list[tuple[str, ...]]:
@@ -198,6 +226,7 @@ def onoff(repo: Path) -> list[tuple[str, ...]]:
                 for rows, conc in points:
                     runs: dict[str, list[LoadResult]] = {"on": [], "off": []}
                     cpu_s = {"on": 0.0, "off": 0.0}
+                    lags: list[float] = []
                     for url in (on_url, off_url):
                         _point(url, x, rows, conc, 1.0, tmp)  # warm-up
                     rec0 = recorder_cpu_s(on_url)
@@ -207,6 +236,8 @@ def onoff(repo: Path) -> list[tuple[str, ...]]:
                             c0 = tree_cpu_s(proc.pid)
                             runs[name].append(_point(url, x, rows, conc, duration_s, tmp, warmup=False))
                             cpu_s[name] += tree_cpu_s(proc.pid) - c0
+                            if name == "on":
+                                lags.append(store_lag_s(url))
                     on, off = runs["on"], runs["off"]
                     rec_s = recorder_cpu_s(on_url) - rec0
                     paired = [a.rps / b.rps for a, b in zip(on, off)]  # each pair measured back to back
@@ -222,6 +253,7 @@ def onoff(repo: Path) -> list[tuple[str, ...]]:
                                 f"{cpu_on * 1e3:.2f} / {cpu_off * 1e3:.2f}", f"{cpu_off / cpu_on:.2f}x",
                                 f"{rec_s * 1e6 / max(1, sum(r.requests for r in on)):.0f} ({rec_s / max(cpu_s['on'], 1e-9):.1%})"
                                 if rec_s == rec_s else "-",
+                                f"{statistics.median(lags):.2f} / {max(lags):.2f}",
                                 str(sum(r.errors for r in on + off)), paired_verdict(paired)))
             finally:
                 stop_setup(off_proc)

@@ -36,7 +36,7 @@ import numpy as np
 
 from telemetry.counts import EcosystemCounts, EcosystemShape, correctness
 from telemetry.exploration import ExplorationCounts
-from telemetry.records import Outcome
+from telemetry.records import Outcome, outcome_fields
 from telemetry.serving_stats import merge_reports
 from telemetry.store import OutcomeStore, StoredOutcome, StoreError, StoreLost
 
@@ -325,21 +325,37 @@ class Recorder:
                 self.reports[reporter] = report
                 if items and report.get("progress"):
                     progress = (reporter, {str(k): int(v) for k, v in report["progress"].items()})
-            known = [o for o in items if o.ecosystem in self.state]
+            # field tuples (`outcome_fields`): what the store's process receives, and what the
+            # counting transposes into columns (one pass in C instead of one per attribute)
+            known = list(map(outcome_fields, items))
+            ecosystems = {f[1] for f in known}
+            if not ecosystems <= self.state.keys():
+                known = [f for f in known if f[1] in self.state]
+                ecosystems &= self.state.keys()
             unlost: dict[str, int] = {}
-            inserted = self.store.insert_outcomes(known, progress, unlost)
+            inserted = self.store.insert_fields(known, progress, unlost)
             for eco, n in unlost.items():  # a hand-over that landed after its gateway was counted lost
                 if eco in self.state:
                     self.state[eco].lost -= n
             self._event({"unknown_ecosystem": len(items) - len(known), "duplicate_outcome_ids": len(known) - len(inserted)})
-            fresh = [o for o in known if o.request_id in inserted]
-            for name, st in self.state.items():
-                mine = [o for o in fresh if o.ecosystem == name]
+            if len(inserted) == len(known):
+                fresh = known
+            else:  # skip ids stored before, and repeats within the batch (the store kept the first)
+                fresh, left = [], set(inserted)
+                for f in known:
+                    if f[0] in left:
+                        left.discard(f[0])
+                        fresh.append(f)
+            if len(ecosystems) == 1:  # the common case: one gateway's hand-over, one ecosystem
+                by_eco = {next(iter(ecosystems)): fresh}
+            else:
+                by_eco = {name: [f for f in fresh if f[1] == name] for name in ecosystems}
+            for name, mine in by_eco.items():
                 if mine:
-                    self._count_predictions(st, mine)
+                    self._count_predictions(self.state[name], mine)
             joined = 0
             if fresh and self._pending:
-                waiting = self.store.take_pending([o.request_id for o in fresh])
+                waiting = self.store.take_pending([f[0] for f in fresh])
                 self._pending = max(0, self._pending - len(waiting))
                 if waiting:
                     items_ = [LabelItem(w["request_id"], w["label"], w["label_time"], w["source"]) for w in waiting]
@@ -351,12 +367,30 @@ class Recorder:
                         self._event({"pending_rejected": len(items_)})  # e.g. a class the ecosystem lacks
             return {"received": len(items), "inserted": len(inserted), "joined_pending": joined}
 
-    def _count_predictions(self, st: _EcosystemState, items: Sequence[Outcome | StoredOutcome]) -> None:
-        """Count a batch of outcomes' predictions (label-free part), vectorised."""
+    def _count_predictions(self, st: _EcosystemState, items: Sequence[tuple[Any, ...]] | Sequence[StoredOutcome]) -> None:
+        """Count a batch of outcomes' predictions (label-free part), vectorised. `items`: new
+        outcomes as field tuples (`outcome_fields`), or stored outcomes (the rebuild)."""
         n, m = len(items), len(st.spec.members)
-        preds = np.array([o.predictions for o in items], dtype=np.int64).reshape(n, m)
-        times = np.array([o.time_s if isinstance(o, Outcome) else o.created_at for o in items])
-        groups = st.groups_of([o.groups for o in items])
+        if n and isinstance(items[0], tuple):
+            cols = list(zip(*items))  # Outcome's fields, in declaration order
+            preds = np.array(cols[5], dtype=np.int64).reshape(n, m)
+            times = np.array(cols[2], dtype=np.float64)
+            served = np.array(cols[6], dtype=np.int64)
+            intended = np.array(cols[7], dtype=np.int64)
+            props = np.array(cols[8], dtype=np.float64).reshape(n, m)[np.arange(n), intended]
+            greedy = np.array(cols[9], dtype=np.int64)
+            direct = np.array(cols[11], dtype=bool)
+            groups = st.groups_of(cols[12])
+        else:
+            stored: Sequence[StoredOutcome] = items  # type: ignore[assignment]
+            preds = np.array([o.predictions for o in stored], dtype=np.int64).reshape(n, m)
+            times = np.array([o.created_at for o in stored], dtype=np.float64)
+            served = np.array([o.served for o in stored], dtype=np.int64)
+            intended = np.array([o.intended for o in stored], dtype=np.int64)
+            props = np.array([o.propensities[o.intended] for o in stored], dtype=np.float64)
+            greedy = np.array([o.greedy for o in stored], dtype=np.int64)
+            direct = np.array([o.direct for o in stored], dtype=bool)
+            groups = st.groups_of([o.groups for o in stored])
         counts = EcosystemCounts.from_arrays(st.shape, preds, None, groups)
         st.predictions = st.predictions + counts
         recent = times >= self.clock() - self.window_s
@@ -365,11 +399,6 @@ class Recorder:
         elif recent.any():
             sub = {k: [v[i] for i in np.flatnonzero(recent)] for k, v in groups.items()} if groups else None
             st.window.add(EcosystemCounts.from_arrays(st.shape, preds[recent], None, sub))
-        served = np.array([o.served for o in items], dtype=np.int64)
-        intended = np.array([o.intended for o in items], dtype=np.int64)
-        greedy = np.array([o.greedy for o in items], dtype=np.int64)
-        direct = np.array([o.direct for o in items], dtype=bool)
-        props = np.array([o.propensities[o.intended] for o in items], dtype=np.float64)
         missing = preds < 0
         st.outcomes += n
         st.incomplete += int(missing.any(axis=1).sum())

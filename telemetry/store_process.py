@@ -131,7 +131,13 @@ class StoreProcess:
             return _recv(proc.stdout)
         except (EOFError, OSError, pickle.UnpicklingError) as exc:
             proc.kill()
-            raise StoreLost(f"the outcome store process died (exit status {proc.wait()})") from exc
+            status = proc.wait()
+            for pipe in (proc.stdin, proc.stdout):
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+            raise StoreLost(f"the outcome store process died (exit status {status})") from exc
 
     @staticmethod
     def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
@@ -142,6 +148,8 @@ class StoreProcess:
         except (OSError, subprocess.TimeoutExpired):
             proc.kill()
             proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
     @property
     def cpu_s(self) -> float:
@@ -172,12 +180,18 @@ class StoreProcess:
         self, items: Sequence[Outcome], progress: tuple[str, dict[str, int]] | None = None,
         unlost: dict[str, int] | None = None,
     ) -> set[str]:
+        return self.insert_fields(list(map(outcome_fields, items)), progress, unlost)
+
+    def insert_fields(
+        self, items: Sequence[tuple[Any, ...]], progress: tuple[str, dict[str, int]] | None = None,
+        unlost: dict[str, int] | None = None,
+    ) -> set[str]:
         if not items and not progress:
             return set()
-        inserted, late = self._call("insert_outcomes", list(map(outcome_fields, items)), progress)
+        inserted, late = self._call("insert_outcomes", list(items), progress)
         if unlost is not None:
             unlost.update(late)
-        return {o.request_id for o in items} if inserted is None else inserted
+        return {f[0] for f in items} if inserted is None else inserted
 
     def get_outcomes(self, ids: Sequence[str]) -> dict[str, StoredOutcome]:
         return self._call("get_outcomes", list(ids))  # type: ignore[no-any-return]

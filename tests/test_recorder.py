@@ -258,6 +258,17 @@ def test_outcome_ids_already_stored_are_skipped(store_url):
         store.close()
 
 
+def test_an_id_repeated_within_one_hand_over_is_counted_once(rec):
+    """The store keeps the first of repeated ids in a batch; the counts follow it (the second copy,
+    with other predictions, is counted as a duplicate id, not as an outcome)."""
+    t = rec.clock_.t
+    got = rec.record([outcome(1, (1, 1, 1), t), outcome(1, (0, 0, 0), t), outcome(2, (1, 0, 1), t)])
+    assert got["inserted"] == 2
+    assert value(rec, "ecoserve_outcomes_total", ecosystem="eco") == 2
+    assert value(rec, "ecoserve_outcomes_duplicate_id_total") == 1
+    assert value(rec, "ecoserve_unanimous_total", ecosystem="eco", **ALL) == 1  # r1 as first sent
+
+
 def test_insert_statements_come_in_ten_sizes(tmp_path):
     """Every batch is cut into chunks of 500 and powers of two, in order and complete, so the
     multi-row INSERTs stay compiled in the statement cache whatever the batch sizes."""
