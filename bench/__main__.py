@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
             serving.onoff(Path(os.environ.get("REPO", "model_repository"))),
             ("rows/req", "concurrency", "on req/s (median)", "off req/s (median)", "on/off (paired median)",
              "paired on/off: IQR (range)",
-             "p50 on/off", "server CPU ms/req on / off", "CPU off/on", "recorder CPU us/req (share)", "stored after load: s (median / max)", "errors",
+             "p50 on/off", "server CPU ms/req on / off", "CPU off/on", "recorder process CPU us/req (share)", "stored after load: s (median / max)", "errors",
              "target >= 0.95x: 90% CI of the median"),
         )
     if "serving" in sections:

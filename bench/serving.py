@@ -21,7 +21,8 @@ Each round gives a paired ratio (on/off, measured back to back); the table shows
 interquartile range and extremes. The target (on >= 0.95x off) is judged on a 90% bootstrap
 interval of that median: met, missed, or inconclusive where the noise is larger than the cost.
 `BENCH_ONOFF_ON` / `BENCH_ONOFF_OFF` pick other setups (a `_nogc` suffix runs one with
-`ECOSERVE_GC_TUNING=0`), `BENCH_ONOFF_POINTS` other cells (`32x64,1x1`).
+`ECOSERVE_GC_TUNING=0`; `_inthread` runs the in-gateway recorder on a thread of the gateway's
+process, `telemetry.recorder_process: false`), `BENCH_ONOFF_POINTS` other cells (`32x64,1x1`).
 `BENCH_ONOFF_ON=colocated_fast_notelemetry` is the A/A control: two identical servers, which
 shows how far the machine alone moves the ratios.
 """
@@ -54,7 +55,7 @@ SETUPS = ["baseline", "colocated_fast", "colocated_fast_recorder_in_gateway", "c
 
 
 def ecoserve_config(repo: Path, port: int, placement: str, telemetry: bool, tmp: Path,
-                    recorder_in_gateway: bool = False) -> dict[str, Any]:
+                    recorder_in_gateway: bool = False, recorder_process: bool = True) -> dict[str, Any]:
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
@@ -68,7 +69,7 @@ def ecoserve_config(repo: Path, port: int, placement: str, telemetry: bool, tmp:
                 "members": {"num_cpus": 0.2},
                 "batching": {"max_batch_size": 64, "batch_wait_timeout_s": 0.0},
                 "telemetry": {"enabled": telemetry, "store_url": f"sqlite:///{tmp}/outcomes-{port}.db",
-                              "recorder_in_gateway": recorder_in_gateway},
+                              "recorder_in_gateway": recorder_in_gateway, "recorder_process": recorder_process},
                 "ecosystems": {"digits": {"policy": {"kind": "primary", "primary": "mlp_a"}}},
             },
         }],
@@ -87,12 +88,15 @@ def start_setup(setup: str, repo: Path, tmp: Path, telemetry: bool = True) -> tu
         if setup.endswith("_nogc"):
             env["ECOSERVE_GC_TUNING"] = "0"
             setup = setup.removesuffix("_nogc")
+        recorder_process = not setup.endswith("_inthread")  # _inthread: the in-gateway recorder on a thread
+        setup = setup.removesuffix("_inthread")
         env.update(RAY_SERVE_ENABLE_HA_PROXY=fast, RAY_SERVE_THROUGHPUT_OPTIMIZED=fast,
                    # HAProxy's fixed side ports, freed so that two setups can run side by side
                    RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()), RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()))
         cfg = tmp / f"{setup}-{int(telemetry)}.yaml"
         cfg.write_text(yaml.safe_dump(ecoserve_config(repo, port, placement, telemetry, tmp,
-                                                      recorder_in_gateway=setup.endswith("recorder_in_gateway"))))
+                                                      recorder_in_gateway=setup.endswith("recorder_in_gateway"),
+                                                      recorder_process=recorder_process)))
         # (colocated_fast pins the recorder to its own deployment; the default with one gateway
         # replica is the in-gateway recorder, measured by colocated_fast_recorder_in_gateway)
         cmd = [sys.executable, "-m", "serving.cli", "serve", str(cfg)]
@@ -122,9 +126,10 @@ def measure(url: str, x: Any, duration_s: float, tmpdir: str) -> dict[tuple[int,
     return {(rows, conc): _point(url, x, rows, conc, duration_s, tmpdir) for rows in (1, 32) for conc in (1, 16, 64)}
 
 
-def tree_cpu_s(root: int) -> float:
+def tree_cpu_s(root: int, only: str = "") -> float:
     """CPU seconds (user + system) used so far by `root` and every process below it: a server's
-    whole Ray instance (GCS, raylet, workers, HAProxy), not the load generator, not the other setup."""
+    whole Ray instance (GCS, raylet, workers, HAProxy), not the load generator, not the other setup.
+    With `only`: just the processes of that tree whose command line contains it."""
     parent: dict[int, int] = {}
     cpu: dict[int, float] = {}
     tick = os.sysconf("SC_CLK_TCK")
@@ -143,7 +148,16 @@ def tree_cpu_s(root: int) -> float:
         kids = [c for c, pp in parent.items() if pp == p and c not in tree]
         tree.update(kids)
         frontier.extend(kids)
+    if only:
+        tree = {p for p in tree if only.encode() in _cmdline(p)}
     return sum(cpu.get(p, 0.0) for p in tree)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _point(url: str, x: Any, rows: int, conc: int, duration_s: float, tmpdir: str, warmup: bool = True) -> LoadResult:
@@ -156,6 +170,7 @@ def _point(url: str, x: Any, rows: int, conc: int, duration_s: float, tmpdir: st
 
 
 ONOFF_POINTS = ((1, 1), (1, 64), (32, 1), (32, 64))
+RECORDER_CHILD = "serving.recorder_process"  # the in-gateway recorder's own process
 
 
 def paired_verdict(paired: list[float], target: float = 0.95, resamples: int = 2000) -> str:
@@ -179,16 +194,6 @@ def _scrape(url: str) -> dict[str, float]:
             name, _, v = line.rpartition(" ")
             out[name] = float(v)
     return out
-
-
-def recorder_cpu_s(url: str) -> float:
-    """The server's `ecoserve_recorder_cpu_seconds_total` of operations `record` (the recorder's
-    thread) and `store` (the store's own process), read once the last hand-over is in (NaN with
-    telemetry off)."""
-    time.sleep(0.6)  # > flush_interval_s
-    m = _scrape(url)
-    ops = [m.get(f'ecoserve_recorder_cpu_seconds_total{{operation="{op}"}}') for op in ("record", "store")]
-    return sum(v for v in ops if v is not None) if ops[0] is not None else float("nan")
 
 
 def store_lag_s(url: str, quiet_s: float = 0.6) -> float:
@@ -229,17 +234,17 @@ def onoff(repo: Path) -> list[tuple[str, ...]]:
                     lags: list[float] = []
                     for url in (on_url, off_url):
                         _point(url, x, rows, conc, 1.0, tmp)  # warm-up
-                    rec0 = recorder_cpu_s(on_url)
+                    rec_s = 0.0
                     for k in range(rounds):
                         order = [("on", on_url, on_proc), ("off", off_url, off_proc)]
                         for name, url, proc in order if k % 2 == 0 else order[::-1]:
-                            c0 = tree_cpu_s(proc.pid)
+                            c0, r0 = tree_cpu_s(proc.pid), tree_cpu_s(proc.pid, RECORDER_CHILD)
                             runs[name].append(_point(url, x, rows, conc, duration_s, tmp, warmup=False))
                             cpu_s[name] += tree_cpu_s(proc.pid) - c0
                             if name == "on":
+                                rec_s += tree_cpu_s(proc.pid, RECORDER_CHILD) - r0
                                 lags.append(store_lag_s(url))
                     on, off = runs["on"], runs["off"]
-                    rec_s = recorder_cpu_s(on_url) - rec0
                     paired = [a.rps / b.rps for a, b in zip(on, off)]  # each pair measured back to back
                     q1, _, q3 = statistics.quantiles(paired, n=4) if len(paired) > 1 else paired * 3
                     cpu_on = cpu_s["on"] / max(1, sum(r.requests for r in on))
@@ -252,7 +257,7 @@ def onoff(repo: Path) -> list[tuple[str, ...]]:
                                 f"{q1:.2f}-{q3:.2f} ({min(paired):.2f}-{max(paired):.2f})", f"{on_p50 / off_p50:.2f}x",
                                 f"{cpu_on * 1e3:.2f} / {cpu_off * 1e3:.2f}", f"{cpu_off / cpu_on:.2f}x",
                                 f"{rec_s * 1e6 / max(1, sum(r.requests for r in on)):.0f} ({rec_s / max(cpu_s['on'], 1e-9):.1%})"
-                                if rec_s == rec_s else "-",
+                                if rec_s else "-",
                                 f"{statistics.median(lags):.2f} / {max(lags):.2f}",
                                 str(sum(r.errors for r in on + off)), paired_verdict(paired)))
             finally:

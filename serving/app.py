@@ -32,6 +32,7 @@ from serving.dataplane import Dataplane
 from serving.http import build_http_app
 from serving.members import BatchedLocalMember, LocalMember, MemberCall, Prediction, RemoteMember
 from serving.recorder_deployment import HandleTelemetry, LocalTelemetry, RecorderDeployment, RecorderHost, recorder_specs
+from serving.recorder_process import RecorderProcess
 from serving.shipper import OutcomeShipper
 from telemetry.ledger import Ledger
 from telemetry.records import Outcome
@@ -103,7 +104,7 @@ class Gateway:
 
         self.shipper: OutcomeShipper | None = None
         self.telemetry: HandleTelemetry | LocalTelemetry | None = None
-        self.host: RecorderHost | None = None
+        self.host: RecorderHost | RecorderProcess | None = None
         send: Any = None
         reclaim: Any = None
         if recorder is not None:
@@ -119,9 +120,14 @@ class Gateway:
 
         elif cfg.telemetry.enabled and cfg.recorder_in_gateway():
             t = cfg.telemetry
-            self.host = host = RecorderHost(recorder_specs(cfg), t.model_copy(
-                update={"store_url": t.resolved_store_url(), "store_url_env": None}).model_dump(mode="json"))
-            self.telemetry = LocalTelemetry(host.recorder)
+            settings = t.model_copy(update={"store_url": t.resolved_store_url(), "store_url_env": None}).model_dump(mode="json")
+            host: RecorderHost | RecorderProcess
+            if t.recorder_process:  # off the gateway's GIL (see serving.recorder_process)
+                host = RecorderProcess(recorder_specs(cfg), settings, nice=t.recorder_process_nice)
+            else:
+                host = RecorderHost(recorder_specs(cfg), settings)
+            self.host = host
+            self.telemetry = LocalTelemetry(host)
 
             async def send(batch: list[Outcome], reporter: str, report: dict[str, Any]) -> dict[str, Any]:
                 reply: dict[str, Any] = await asyncio.to_thread(host.record, batch, reporter, report)

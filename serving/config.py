@@ -179,15 +179,15 @@ class TelemetryConfig(_Strict):
         description="where gateways keep their crash ledgers (telemetry.ledger); default: "
         "TMPDIR/ecoserve-ledgers/STORE_KEY. Use a volume that outlives the container",
     )
-    store_process: bool = Field(
+    recorder_process: bool = Field(
         default=True,
-        description="write the store from a child process of the recorder (telemetry.store_process): "
-        "its encoding and parameter binding then hold their own GIL, not the gateway's",
+        description="with the recorder in the gateway: run it in a child process of the gateway "
+        "(serving.recorder_process), so that its counting and store writes do not hold the gateway's GIL",
     )
-    store_process_nice: int = Field(
+    recorder_process_nice: int = Field(
         default=10, ge=0, le=19,
-        description="CPU niceness of the store's process (0-19): above 0, serving wins the CPU when it is "
-        "contended and the writes catch up in idle time (records wait in the bounded queue meanwhile)",
+        description="CPU niceness added to that child (0-19): above 0, serving wins the CPU when it is "
+        "contended, and hand-overs wait in the gateway's bounded queue meanwhile",
     )
     recorder: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=0.25))
     recorder_in_gateway: bool | None = Field(

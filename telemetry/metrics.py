@@ -58,7 +58,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ecoserve_labels_pending": ("gauge", (), "Labels waiting for their outcome."),
     "ecoserve_outcomes_dropped_total": ("counter", ("reason",), "Outcome records the gateways dropped because their queue was full (the recorder down or slower than traffic)."),
     "ecoserve_outcomes_lost_total": ("counter", ("ecosystem",), "Outcome records a gateway replica accepted and never handed over because it crashed (counted from its ledger once it is found dead)."),
-    "ecoserve_recorder_cpu_seconds_total": ("counter", ("operation",), "CPU time the recorder spent storing and counting (operation: record, feedback, sweep: the threads that did it; store: the store's own process, where it has one): the telemetry's own cost. Since the recorder started."),
+    "ecoserve_recorder_cpu_seconds_total": ("counter", ("operation",), "CPU time the recorder spent storing and counting, in the threads that did it (operation: record, feedback, sweep): the telemetry's own cost. Since the recorder started."),
     "ecoserve_outcomes_duplicate_id_total": ("counter", (), "Outcome records whose request id was already stored (retries; clients reusing ids)."),
     "ecoserve_requests_total": ("counter", ("ecosystem", "code"), "Inference requests by HTTP status, counted at the gateways."),
     "ecoserve_member_latency_seconds": ("histogram", ("ecosystem", "member", "provider"), "Time of one member call (one batch), at the gateway."),
@@ -123,7 +123,7 @@ class EcoserveCollector(Collector):
             for reason in ("queue_full",):
                 fams["ecoserve_outcomes_dropped_total"].add_metric([reason], r.dropped().get(reason, 0))
             fams["ecoserve_window_seconds"].add_metric([], r.window_s)
-            for op, cpu in r.cpu_seconds().items():
+            for op, cpu in r.cpu_s.items():
                 fams["ecoserve_recorder_cpu_seconds_total"].add_metric([op], cpu)
             serving = r.serving_report()
             for key, v in sorted(serving["requests"].items()):

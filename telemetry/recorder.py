@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -38,10 +38,7 @@ from telemetry.counts import EcosystemCounts, EcosystemShape, correctness
 from telemetry.exploration import ExplorationCounts
 from telemetry.records import Outcome, outcome_fields
 from telemetry.serving_stats import merge_reports
-from telemetry.store import OutcomeStore, StoredOutcome, StoreError, StoreLost
-
-if TYPE_CHECKING:
-    from telemetry.store_process import StoreProcess
+from telemetry.store import OutcomeStore, StoredOutcome
 
 __all__ = [
     "EcosystemSpec",
@@ -198,7 +195,7 @@ class Recorder:
     def __init__(
         self,
         specs: dict[str, EcosystemSpec],
-        store: OutcomeStore | StoreProcess,
+        store: OutcomeStore,
         *,
         pending_ttl_s: float = 3600.0,
         max_pending: int = 100_000,
@@ -221,12 +218,10 @@ class Recorder:
         # the telemetry's own cost, `ecoserve_recorder_cpu_seconds_total`
         self.cpu_s: dict[str, float] = {"record": 0.0, "feedback": 0.0, "sweep": 0.0}
         self._coverage_cache: tuple[float, dict[str, dict[float, tuple[int, int]]]] = (0.0, {})
-        self.resyncs = 0  # recounts after the store's process died mid-call (see `_store_calls`)
-        self._stale = False
         self._load()
 
     def _load(self) -> None:
-        """Every count from zero, then from the store (at start, and after `StoreLost`)."""
+        """Every count from zero, then from the store (a new recorder: restart safety)."""
         self.state = {name: _EcosystemState(spec, self.window_s, self.window_buckets, self.clock)
                       for name, spec in self.specs.items()}
         self.unknown_ids = 0
@@ -237,29 +232,6 @@ class Recorder:
         self._pending = self.store.count_pending()
         self._load_events(self.store.event_counts())
         self._rebuild()
-
-    @contextmanager
-    def _store_calls(self) -> Iterator[None]:
-        """Around every operation that writes: if the store's process died during a call
-        (`StoreLost`), that call may have committed without being counted, or been counted
-        without committing; so every count is rebuilt from the store before the error goes on
-        (the gateway re-sends its records, which are then skipped as stored, never counted
-        twice). If the store cannot be reached for the recount, it is retried first thing at
-        the next operation."""
-        if self._stale:
-            self._load()
-            self._stale = False
-        try:
-            yield
-        except StoreLost:
-            self._stale = True
-            self.resyncs += 1
-            try:
-                self._load()
-                self._stale = False
-            except StoreError:
-                pass
-            raise
 
     # ------------------------------------------------------ event counts
     # API-event counters are kept in the store (`ecoserve_event_counts`) so that a restart
@@ -313,21 +285,27 @@ class Recorder:
 
     # ----------------------------------------------------------- record
     def record(self, items: Sequence[Outcome], reporter: str = "", report: dict[str, Any] | None = None) -> dict[str, int]:
-        """Store and count a batch of outcomes; join labels that were waiting for them.
+        """Store and count a batch of outcomes; join labels that were waiting for them (see
+        `record_fields`)."""
+        return self.record_fields(list(map(outcome_fields, items)), reporter, report)
+
+    def record_fields(
+        self, items: list[tuple[Any, ...]], reporter: str = "", report: dict[str, Any] | None = None
+    ) -> dict[str, int]:
+        """`record` of outcomes as their field tuples (`outcome_fields`): what crosses from the
+        gateway to a recorder process, and what the counting transposes into columns.
 
         `report` is the gateway's cumulative `{"dropped": {reason: n}, "serving": ServingStats
         snapshot, "progress": {ecosystem: records handed over so far}}`; the latest per reporter
         is kept and the metrics show the sum. `progress` is stored with the outcomes, in the
         same transaction, for the reporter's crash ledger (`reclaim`)."""
-        with self._lock, self._cpu("record"), self._store_calls():
+        with self._lock, self._cpu("record"):
             progress = None
             if report is not None and reporter:
                 self.reports[reporter] = report
                 if items and report.get("progress"):
                     progress = (reporter, {str(k): int(v) for k, v in report["progress"].items()})
-            # field tuples (`outcome_fields`): what the store's process receives, and what the
-            # counting transposes into columns (one pass in C instead of one per attribute)
-            known = list(map(outcome_fields, items))
+            known = items
             ecosystems = {f[1] for f in known}
             if not ecosystems <= self.state.keys():
                 known = [f for f in known if f[1] in self.state]
@@ -414,7 +392,7 @@ class Recorder:
     # ---------------------------------------------------------- labels
     def feedback(self, items: Sequence[LabelItem]) -> list[ItemResult]:
         """Apply a batch of labels, all or nothing; see the module docstring for the statuses."""
-        with self._lock, self._cpu("feedback"), self._store_calls():
+        with self._lock, self._cpu("feedback"):
             return self._feedback_locked(list(items), received_at=None, allow_pending=True)
 
     def _feedback_locked(
@@ -534,7 +512,7 @@ class Recorder:
     def reclaim(self, ledger: str, accepted: dict[str, int]) -> dict[str, int]:
         """Count the records a crashed gateway accepted and never handed over (its ledger's
         `accepted` minus what the store holds of it); a ledger already reclaimed counts nothing."""
-        with self._lock, self._store_calls():
+        with self._lock:
             lost = self.store.reclaim_ledger(ledger, {str(k): int(v) for k, v in accepted.items()})
             for eco, n in lost.items():
                 if eco in self.state:
@@ -544,7 +522,7 @@ class Recorder:
     # ------------------------------------------------------------ sweep
     def sweep(self) -> dict[str, int]:
         """Assume labels for outcomes unlabeled too long; expire pending labels past their TTL."""
-        with self._lock, self._cpu("sweep"), self._store_calls():
+        with self._lock, self._cpu("sweep"):
             now = self.clock()
             assumed = 0
             for name, st in self.state.items():
@@ -571,15 +549,6 @@ class Recorder:
             return {"assumed": assumed, "expired": expired}
 
     # ------------------------------------------------------------ reads
-    def cpu_seconds(self) -> dict[str, float]:
-        """`cpu_s`, plus `store`: the CPU of the store's own process where it has one
-        (`telemetry.store_process`); in-process store work is inside the other operations."""
-        out = dict(self.cpu_s)
-        store_cpu = getattr(self.store, "cpu_s", None)
-        if store_cpu is not None:
-            out["store"] = float(store_cpu)
-        return out
-
     @property
     def pending(self) -> int:
         return self._pending

@@ -41,7 +41,7 @@ class Outcome:
 
 # Outcome -> the plain tuple of its fields, in declaration order (what crosses to the store's
 # process; `RowEncoder.rows_of_fields` encodes it without rebuilding the Outcome)
-outcome_fields: Callable[[Outcome], tuple[Any, ...]] = attrgetter(*Outcome.__slots__)  # type: ignore[attr-defined]
+outcome_fields: Callable[[Outcome], tuple[Any, ...]] = attrgetter(*Outcome.__slots__)
 
 ROW_COLUMNS = (
     "request_id", "ecosystem", "created_at", "members", "versions", "predictions", "served", "intended", "greedy",

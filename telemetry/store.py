@@ -58,7 +58,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from telemetry.records import ROW_COLUMNS, Outcome, RowEncoder, outcome_fields
 
-__all__ = ["StoreError", "StoreLost", "OutcomeStore", "StoredOutcome", "SCHEMA_VERSION", "open_store"]
+__all__ = ["StoreError", "OutcomeStore", "StoredOutcome", "SCHEMA_VERSION", "open_store"]
 
 SCHEMA_VERSION = 2
 _CHUNK = 500  # ids per IN (...) query: well under SQLite's variable limit
@@ -137,11 +137,6 @@ _V1_TABLES = [schema_table, outcomes, label_history, pending_labels, event_count
 
 class StoreError(RuntimeError):
     """The store could not be opened or written; wraps the database's own error."""
-
-
-class StoreLost(StoreError):
-    """The store's process died during a call (`telemetry.store_process`): the call may or may not
-    have committed, so whoever counts what the store holds must recount it."""
 
 
 @dataclass(frozen=True)
@@ -254,8 +249,8 @@ class OutcomeStore:
         self, items: Sequence[tuple[Any, ...]], progress: tuple[str, dict[str, int]] | None = None,
         unlost: dict[str, int] | None = None,
     ) -> set[str]:
-        """`insert_outcomes` of outcomes as their field tuples (`outcome_fields`): what the store's
-        own process receives, encoded without rebuilding each Outcome."""
+        """`insert_outcomes` of outcomes as their field tuples (`outcome_fields`): what a recorder
+        process receives, encoded without rebuilding each Outcome."""
         if not items and not progress:
             return set()
         fresh: dict[str, tuple[Any, ...]] = {}

@@ -14,7 +14,6 @@ from telemetry.metrics import METRICS, exposition
 from telemetry.recorder import EcosystemSpec, FeedbackError, LabelItem, Recorder
 from telemetry.records import Outcome
 from telemetry.store import SCHEMA_VERSION, open_store
-from telemetry.store_process import StoreProcess
 
 MEMBERS = ("a", "b", "c")
 SPEC = EcosystemSpec(
@@ -51,13 +50,10 @@ def value(recorder, name, **labels):
 ALL = {"subgroup": "all", "subgroup_value": "all"}
 
 
-@pytest.fixture(params=["in_process", "store_process"])
-def rec(store_url, request):
-    """A recorder on the store in its own process (`open_store`) and in a child process
-    (`StoreProcess`, the deployed default): every behaviour test runs on both."""
+@pytest.fixture
+def rec(store_url):
     clock = Clock()
-    store = open_store(store_url) if request.param == "in_process" else StoreProcess(store_url)
-    r = Recorder({"eco": SPEC}, store, clock=clock, pending_ttl_s=100.0)
+    r = Recorder({"eco": SPEC}, open_store(store_url), clock=clock, pending_ttl_s=100.0)
     r.clock_ = clock
     yield r
     r.store.close()
@@ -298,13 +294,7 @@ def test_recorder_cpu_is_counted_per_operation(rec):
         return samples(rec)[("ecoserve_recorder_cpu_seconds_total", (("operation", op),))]
 
     assert cpu("record") == cpu("feedback") == cpu("sweep") == 0.0
-    store_key = ("ecoserve_recorder_cpu_seconds_total", (("operation", "store"),))
-    store_before = samples(rec).get(store_key)
     rec.record([outcome(i, (i % 2, 1, 0), rec.clock_.t) for i in range(2000)])
-    if isinstance(rec.store, StoreProcess):  # the store's process: its own CPU, reported with each reply
-        assert samples(rec)[store_key] > store_before > 0
-    else:  # in-process store work is inside the operations' own threads
-        assert store_before is None and store_key not in samples(rec)
     after_record = cpu("record")
     assert after_record > 0 and cpu("feedback") == 0.0
     rec.feedback([LabelItem(f"r{i}", "yes") for i in range(2000)])

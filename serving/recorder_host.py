@@ -1,0 +1,144 @@
+"""The recorder with its store and sweep thread (`RecorderHost`), and what a gateway needs to use
+one in its own process (`LocalTelemetry`). No Ray here: a recorder process
+(`serving.recorder_process`) runs this without importing Ray; `serving.recorder_deployment`
+wraps it as a Serve deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+from models.manifest import load_manifest
+from serving.config import PrimaryPolicyConfig, ServingConfig, TelemetryConfig
+from serving.errors import UnprocessableEntity
+from telemetry.metrics import exposition
+from telemetry.recorder import EcosystemSpec, FeedbackError, LabelItem, Recorder
+from telemetry.records import Outcome, outcome_fields
+from telemetry.store import open_store
+
+__all__ = ["RecorderHost", "LocalTelemetry", "recorder_specs", "feedback_reply"]
+
+log = logging.getLogger("ray.serve")
+
+
+def recorder_specs(cfg: ServingConfig) -> dict[str, EcosystemSpec]:
+    """The recorder's view of each served ecosystem, from its manifest and config."""
+    specs = {}
+    for name, eco in cfg.ecosystems.items():
+        manifest = load_manifest(Path(cfg.model_repository) / name)
+        current = {m.name: m for m in manifest.current_members()}
+        members = list(eco.members or current)
+        reference = members.index(eco.policy.primary) if isinstance(eco.policy, PrimaryPolicyConfig) else 0
+        specs[name] = EcosystemSpec(
+            name=name,
+            members=tuple(members),
+            classes=manifest.classes,
+            subgroups=dict(manifest.subgroups),
+            intersections=manifest.intersections,
+            compressed=tuple(current[m].compressed for m in members),
+            reference=reference,
+            label_mode=eco.label_mode,
+            assume_label_after_s=eco.assume_label_after_s,
+            assumed_label=eco.assumed_label,
+        )
+    return specs
+
+
+def feedback_reply(recorder: Recorder, items: list[LabelItem]) -> dict[str, Any]:
+    try:
+        results = recorder.feedback(items)
+    except FeedbackError as exc:
+        return {"error": str(exc)}
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return {
+        "accepted": len(results),
+        "counts": counts,
+        "results": [
+            {"request_id": r.request_id, "status": r.status, "unknown_request_id": r.unknown_request_id}
+            for r in results
+        ],
+    }
+
+
+class TelemetryHost(Protocol):
+    def feedback(self, items: list[LabelItem]) -> dict[str, Any]: ...
+    def metrics(self) -> bytes: ...
+
+
+class LocalTelemetry:
+    """The telemetry backend of a gateway whose recorder it owns: a `RecorderHost` in its process,
+    or a `RecorderProcess` (both answer `feedback` and `metrics`; blocking calls, run on a thread)."""
+
+    def __init__(self, host: TelemetryHost) -> None:
+        self.host = host
+
+    async def feedback(self, items: list[LabelItem]) -> dict[str, Any]:
+        reply = await asyncio.to_thread(self.host.feedback, items)
+        if "error" in reply:
+            raise UnprocessableEntity(reply["error"])
+        return reply
+
+    async def metrics(self) -> bytes:
+        return await asyncio.to_thread(self.host.metrics)
+
+
+class RecorderHost:
+    """A recorder with its store and sweep thread: the body of the Recorder deployment, and what a
+    gateway runs in-process with `telemetry.recorder_in_gateway`."""
+
+    def __init__(self, specs: dict[str, EcosystemSpec], telemetry: dict[str, Any]) -> None:
+        cfg = TelemetryConfig.model_validate(telemetry)
+        self.store = open_store(cfg.resolved_store_url())
+        self.recorder = Recorder(
+            specs,
+            self.store,
+            pending_ttl_s=cfg.pending_ttl_s,
+            max_pending=cfg.max_pending,
+            window_s=cfg.window_s,
+            window_buckets=cfg.window_buckets,
+            coverage_ages_s=cfg.coverage_ages_s,
+        )
+        log.info("recorder ready on %s store; %d outcomes stored", self.store.backend, self.store.count_outcomes())
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep_loop, args=(cfg.sweep_interval_s,), daemon=True)
+        self._sweeper.start()
+
+    def _sweep_loop(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.recorder.sweep()
+            except Exception as exc:  # the sweep retries next period; never kill the thread
+                log.warning("recorder sweep failed: %s", exc)
+
+    def record(self, outcomes: list[Outcome], reporter: str, report: dict[str, Any]) -> dict[str, Any]:
+        return self.record_fields(list(map(outcome_fields, outcomes)), reporter, report)
+
+    def record_fields(self, items: list[tuple[Any, ...]], reporter: str, report: dict[str, Any]) -> dict[str, Any]:
+        stats: dict[str, Any] = self.recorder.record_fields(items, reporter, report)
+        stats["rewards"] = {eco: self.recorder.reward_stats(eco) for eco in self.recorder.specs}
+        return stats
+
+    def feedback(self, items: list[LabelItem]) -> dict[str, Any]:
+        return feedback_reply(self.recorder, items)
+
+    def reclaim(self, ledger: str, accepted: dict[str, int]) -> dict[str, int]:
+        return self.recorder.reclaim(ledger, accepted)
+
+    def metrics(self) -> bytes:
+        return exposition(self.recorder)
+
+    def sweep(self) -> dict[str, int]:
+        return self.recorder.sweep()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.store.close()
+
+    def __del__(self) -> None:
+        self.close()
