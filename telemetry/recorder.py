@@ -211,26 +211,20 @@ class Recorder:
         self.max_pending = max_pending
         self.window_s = window_s
         self.clock = clock
-        self.window_buckets = window_buckets
         self._lock = threading.RLock()
-        self.reports: dict[str, dict[str, Any]] = {}
-        # CPU seconds of the threads that did the recorder's work, per operation (since start):
-        # the telemetry's own cost, `ecoserve_recorder_cpu_seconds_total`
-        self.cpu_s: dict[str, float] = {"record": 0.0, "feedback": 0.0, "sweep": 0.0}
-        self._coverage_cache: tuple[float, dict[str, dict[float, tuple[int, int]]]] = (0.0, {})
-        self._load()
-
-    def _load(self) -> None:
-        """Every count from zero, then from the store (a new recorder: restart safety)."""
-        self.state = {name: _EcosystemState(spec, self.window_s, self.window_buckets, self.clock)
-                      for name, spec in self.specs.items()}
+        self.state = {name: _EcosystemState(spec, window_s, window_buckets, clock) for name, spec in specs.items()}
         self.unknown_ids = 0
         self.expired = 0
         self.pending_rejected = 0
         self.duplicate_outcome_ids = 0
         self.unknown_ecosystem = 0
-        self._pending = self.store.count_pending()
-        self._load_events(self.store.event_counts())
+        self.reports: dict[str, dict[str, Any]] = {}
+        # CPU seconds of the threads that did the recorder's work, per operation (since start):
+        # the telemetry's own cost, `ecoserve_recorder_cpu_seconds_total`
+        self.cpu_s: dict[str, float] = {"record": 0.0, "feedback": 0.0, "sweep": 0.0}
+        self._pending = store.count_pending()
+        self._load_events(store.event_counts())
+        self._coverage_cache: tuple[float, dict[str, dict[float, tuple[int, int]]]] = (0.0, {})
         self._rebuild()
 
     # ------------------------------------------------------ event counts

@@ -39,8 +39,8 @@ class Outcome:
         return self.served != self.intended
 
 
-# Outcome -> the plain tuple of its fields, in declaration order (what crosses to the store's
-# process; `RowEncoder.rows_of_fields` encodes it without rebuilding the Outcome)
+# Outcome -> the plain tuple of its fields, in declaration order: what crosses from a gateway to
+# its recorder's process (`serving.recorder_process`), counted and encoded without rebuilding it
 outcome_fields: Callable[[Outcome], tuple[Any, ...]] = attrgetter(*Outcome.__slots__)
 
 ROW_COLUMNS = (
