@@ -33,8 +33,25 @@ def _pids(name: str) -> set[int]:
     return out
 
 
-@pytest.mark.parametrize("recorder_in_gateway", [False, True], ids=["recorder-deployment", "recorder-in-gateway"])
-def test_sigterm_flushes_every_record_and_stops_everything(serving_repo, tmp_path, recorder_in_gateway):
+def _recorder_children() -> set[int]:
+    """Processes running `python -m serving.recorder_process` (the in-gateway recorder's child)."""
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if b"serving.recorder_process" in (d / "cmdline").read_bytes():
+                    out.add(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+@pytest.mark.parametrize("placement", [
+    {"recorder_in_gateway": False},
+    {"recorder_in_gateway": True},  # in a child process of the gateway (the default)
+    {"recorder_in_gateway": True, "recorder_process": False},  # on a thread of the gateway's process
+], ids=["recorder-deployment", "recorder-in-gateway", "recorder-in-gateway-thread"])
+def test_sigterm_flushes_every_record_and_stops_everything(serving_repo, tmp_path, placement):
     from telemetry.store import open_store
 
     port = free_port()
@@ -44,10 +61,11 @@ def test_sigterm_flushes_every_record_and_stops_everything(serving_repo, tmp_pat
         "provider": "cpu",
         "gateway": {"num_cpus": 0.5},
         # a long flush interval: records sit in the gateway queue at SIGTERM
-        "telemetry": {"store_url": f"sqlite:///{db}", "flush_interval_s": 30, "recorder_in_gateway": recorder_in_gateway},
+        "telemetry": {"store_url": f"sqlite:///{db}", "flush_interval_s": 30, **placement},
         "ecosystems": {"digits": {"policy": {"kind": "primary", "primary": "mlp_a"}}},
     })
     before = {n: _pids(n) for n in ("raylet", "gcs_server", "haproxy")}
+    children_before = _recorder_children()
     proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", str(path)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -70,6 +88,8 @@ def test_sigterm_flushes_every_record_and_stops_everything(serving_repo, tmp_pat
             sent += len(x)
         m = httpx.get(f"{url}/metrics", timeout=10)
         assert m.status_code == 200 and "ecoserve_outcomes_total" in m.text
+        in_child = placement["recorder_in_gateway"] and placement.get("recorder_process", True)
+        assert bool(_recorder_children() - children_before) == in_child  # the recorder's child runs iff configured
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out[-3000:]
@@ -82,5 +102,6 @@ def test_sigterm_flushes_every_record_and_stops_everything(serving_repo, tmp_pat
     time.sleep(2)
     for name, pids in before.items():
         assert _pids(name) <= pids, f"{name} left running after SIGTERM"
+    assert _recorder_children() <= children_before, "the recorder's child process left running after SIGTERM"
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/v2/health/live", timeout=2)
