@@ -549,11 +549,10 @@ class Recorder:
 
     def reward_stats(self, ecosystem: str) -> tuple[list[int], list[int]]:
         """Per member (successes, failures) over every labeled complete outcome (for the policies)."""
-        with self._lock:
-            st = self.state[ecosystem]
-            total = st.labels["observed"] + st.labels["assumed"]
-            ok = total.member_correct
-            return [int(v) for v in ok], [int(v) for v in total.member_n - ok]
+        with self._lock:  # the two sources' per-member arrays only (every hand-over asks)
+            observed, assumed = self.state[ecosystem].labels["observed"], self.state[ecosystem].labels["assumed"]
+            ok = observed.member_correct + assumed.member_correct
+            return [int(v) for v in ok], [int(v) for v in observed.member_n + assumed.member_n - ok]
 
     def coverage(self, max_age_s: float = 10.0) -> dict[str, dict[float, tuple[int, int]]]:
         """Label coverage by prediction age, per ecosystem (cached for `max_age_s`: it queries the store)."""

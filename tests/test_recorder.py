@@ -265,6 +265,22 @@ def test_an_id_repeated_within_one_hand_over_is_counted_once(rec):
     assert value(rec, "ecoserve_unanimous_total", ecosystem="eco", **ALL) == 1  # r1 as first sent
 
 
+def test_reward_stats_count_observed_and_assumed_labels_per_member(rec):
+    """What every hand-over sends back to the policies: per member, (correct, wrong) over labeled
+    outcomes of both sources, equal to the sum of the two sources' counts."""
+    t = rec.clock_.t
+    rec.record([outcome(i, (i % 2, 1, 0), t) for i in range(10)])
+    rec.feedback([LabelItem(f"r{i}", "yes") for i in range(6)])
+    rec.clock_.t += 601  # the rest become assumed "no"
+    rec.sweep()
+    ok, wrong = rec.reward_stats("eco")
+    total = rec.state["eco"].labels["observed"] + rec.state["eco"].labels["assumed"]
+    assert ok == [int(v) for v in total.member_correct]
+    assert wrong == [int(v) for v in total.member_n - total.member_correct]
+    # by hand: members predict (i % 2, 1, 0); labels yes (1) for r0..r5, no (0) for r6..r9
+    assert ok == [3 + 2, 6, 4] and wrong == [3 + 2, 4, 6]
+
+
 def test_insert_statements_come_in_ten_sizes(tmp_path):
     """Every batch is cut into chunks of 500 and powers of two, in order and complete, so the
     multi-row INSERTs stay compiled in the statement cache whatever the batch sizes."""
