@@ -31,7 +31,8 @@ from serving.config import ServingConfig, parse_serving
 from serving.dataplane import Dataplane
 from serving.http import build_http_app
 from serving.members import BatchedLocalMember, LocalMember, MemberCall, Prediction, RemoteMember
-from serving.recorder_deployment import HandleTelemetry, LocalTelemetry, RecorderDeployment, RecorderHost, recorder_specs
+from serving.recorder_deployment import HandleTelemetry, RecorderDeployment
+from serving.recorder_host import LocalTelemetry, RecorderHost, recorder_specs
 from serving.recorder_process import RecorderProcess
 from serving.shipper import OutcomeShipper
 from telemetry.ledger import Ledger

@@ -13,10 +13,10 @@ from typing import Any
 from ray import serve
 
 from serving.errors import UnprocessableEntity
-from serving.recorder_host import LocalTelemetry, RecorderHost, feedback_reply, recorder_specs
+from serving.recorder_host import RecorderHost
 from telemetry.recorder import LabelItem
 
-__all__ = ["RecorderDeployment", "RecorderHost", "recorder_specs", "HandleTelemetry", "LocalTelemetry", "feedback_reply"]
+__all__ = ["RecorderDeployment", "HandleTelemetry"]
 
 
 class HandleTelemetry:

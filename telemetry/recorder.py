@@ -318,11 +318,8 @@ class Recorder:
                     if f[0] in left:
                         left.discard(f[0])
                         fresh.append(f)
-            if len(ecosystems) == 1:  # the common case: one gateway's hand-over, one ecosystem
-                by_eco = {next(iter(ecosystems)): fresh}
-            else:
-                by_eco = {name: [f for f in fresh if f[1] == name] for name in ecosystems}
-            for name, mine in by_eco.items():
+            for name in ecosystems:
+                mine = [f for f in fresh if f[1] == name]
                 if mine:
                     self._count_predictions(self.state[name], mine)
             joined = 0

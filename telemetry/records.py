@@ -50,7 +50,7 @@ ROW_COLUMNS = (
 
 
 class RowEncoder:
-    """Outcomes -> store rows (tuples in `ROW_COLUMNS` order), JSON columns included.
+    """Outcomes, as field tuples (`outcome_fields`) -> store rows (tuples in `ROW_COLUMNS` order), JSON columns included.
 
     The recorder's hottest path: member/version lists, propensity vectors and group dicts repeat
     from row to row, so their JSON is cached (bounded); class ids are ints, joined directly.
@@ -68,9 +68,6 @@ class RowEncoder:
             cache.clear()
         v = cache[key] = make(key)
         return v
-
-    def rows(self, outcomes: Sequence[Outcome]) -> list[tuple[Any, ...]]:
-        return self.rows_of_fields(list(map(outcome_fields, outcomes)))
 
     def rows_of_fields(self, items: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """Field tuples (`outcome_fields`) -> rows. A value that is the same object as the previous
