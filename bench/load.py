@@ -77,12 +77,22 @@ def run_wrk(url: str, body: bytes, concurrency: int, duration_s: float, tmpdir: 
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'local f = io.open("{body_file}", "rb"); wrk.body = f:read("*a"); f:close()\n'
     )
+    def wrk(args: list[str]) -> str:
+        """One wrk run; retried once (a server that has just started has failed wrk's first
+        connection here: exit status 1); the second failure is raised with wrk's own message."""
+        for attempt in (1, 2):
+            res = subprocess.run(["wrk", "-t1", f"-c{concurrency}", *args, "-s", str(script), url],
+                                 capture_output=True, text=True)
+            if res.returncode == 0:
+                return res.stdout
+            if attempt == 2:
+                raise RuntimeError(f"wrk failed (exit status {res.returncode}): {(res.stderr or res.stdout).strip()}")
+            time.sleep(1.0)
+        raise AssertionError("unreachable")
+
     if warmup:
-        subprocess.run(["wrk", "-t1", f"-c{concurrency}", "-d1s", "-s", str(script), url], capture_output=True, check=True)
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{concurrency}", f"-d{duration_s:g}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True,
-    ).stdout
+        wrk(["-d1s"])
+    out = wrk([f"-d{duration_s:g}s", "--latency"])
     units = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
 
     def pct(q: str) -> float:

@@ -46,7 +46,7 @@ def _ingest(url: str, n: int) -> tuple[float, float]:
 
     t0 = time.perf_counter()
     with store.engine.begin() as conn:
-        conn.execute(text("CREATE TEMP TABLE floor_t (id VARCHAR(128) PRIMARY KEY, label FLOAT)"))
+        conn.execute(text("CREATE TABLE floor_t (id VARCHAR(128) PRIMARY KEY, label FLOAT)"))  # not TEMP: the pool may hand out another connection
         conn.execute(text("INSERT INTO floor_t (id) VALUES (:id)"), [{"id": f"o{j}"} for j in range(n)])
     t0 = time.perf_counter()
     with store.engine.connect() as conn:

@@ -92,6 +92,8 @@ class EcosystemSpec:
 
     def label_value(self, raw: object) -> float:
         """A label as the number the store keeps: class id (ground_truth) or reward (bandit)."""
+        if type(raw) is int and self.label_mode != "bandit" and 0 <= raw < len(self.classes):
+            return float(raw)  # the common case first: a valid class id (bool is not `int` here)
         if isinstance(raw, bool):
             raise ValueError(f"must be a class or a number, got {raw!r}")
         if self.label_mode == "bandit":
@@ -340,7 +342,7 @@ class Recorder:
         """Count a batch of outcomes' predictions (label-free part), vectorised. `items`: new
         outcomes as field tuples (`outcome_fields`), or stored outcomes (the rebuild)."""
         n, m = len(items), len(st.spec.members)
-        if n and isinstance(items[0], tuple):
+        if n and not isinstance(items[0], StoredOutcome):
             cols = list(zip(*items))  # Outcome's fields, in declaration order
             preds = np.array(cols[5], dtype=np.int64).reshape(n, m)
             times = np.array(cols[2], dtype=np.float64)

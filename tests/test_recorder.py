@@ -129,6 +129,12 @@ def test_bad_label_rejects_the_whole_batch(rec):
         rec.feedback([LabelItem("r1", "yes"), LabelItem("r2", "maybe")])
     with pytest.raises(FeedbackError, match="item 0: label: class id 7 out of range"):
         rec.feedback([LabelItem("r1", 7)])
+    with pytest.raises(FeedbackError, match="item 0: label: class id -1 out of range"):
+        rec.feedback([LabelItem("r1", -1)])
+    with pytest.raises(FeedbackError, match="item 0: label: must be a class or a number, got True"):
+        rec.feedback([LabelItem("r1", True)])  # a bool is not a class id, though Python calls it an int
+    with pytest.raises(FeedbackError, match="item 0: label: class id 0.5 out of range"):
+        rec.feedback([LabelItem("r1", 0.5)])
     assert rec.store.get_outcomes(["r1"])["r1"].label is None  # nothing half-applied
     assert value(rec, "ecoserve_labeled_outcomes_total", ecosystem="eco", source="observed", **ALL) == 0
 
@@ -319,3 +325,35 @@ def test_recorder_cpu_is_counted_per_operation(rec):
     assert cpu("sweep") > 0
     rec.record([outcome(i, (0, 0, 0), rec.clock_.t) for i in range(2000, 4000)])
     assert cpu("record") > after_record
+
+
+def test_sqlite_wal_is_checkpointed_in_the_background(tmp_path):
+    """Writers no longer checkpoint the WAL themselves (only past a large safety limit, far above
+    what this test writes): a background thread does, with no call from the recorder; close()
+    stops it."""
+    import sqlite3
+    import time
+
+    def in_db_file() -> int:  # an immutable reader ignores the WAL: it sees only checkpointed pages
+        ro = sqlite3.connect(f"file:{tmp_path / 'o.db'}?immutable=1", uri=True)
+        try:
+            return int(ro.execute("SELECT count(*) FROM ecoserve_outcomes WHERE label_source = 'observed'").fetchone()[0])
+        except sqlite3.DatabaseError:  # read while a checkpoint was writing those pages
+            return -1
+        finally:
+            ro.close()
+
+    store = open_store(f"sqlite:///{tmp_path / 'o.db'}")
+    try:
+        rec = Recorder({"eco": SPEC}, store, clock=Clock())
+        rec.record([outcome(i, (1, 0, 1), 1_000_000.0) for i in range(3000)])
+        rec.feedback([LabelItem(f"r{i}", "yes") for i in range(3000)])
+        deadline = time.monotonic() + 10
+        while in_db_file() < 3000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert in_db_file() == 3000
+        thread = store._checkpointer._thread
+        assert thread.is_alive()
+    finally:
+        store.close()
+    assert not thread.is_alive()
