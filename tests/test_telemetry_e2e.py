@@ -77,7 +77,9 @@ def monkeypatch_module():
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
+    r = httpx.get(f"{url}/metrics", timeout=30)
+    r.raise_for_status()  # e.g. a 503 while a crashed gateway's recorder is replaced: callers retry or fail clearly
+    text = r.text
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for f in text_string_to_metric_families(text) for s in f.samples}
 
