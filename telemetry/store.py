@@ -184,11 +184,10 @@ def _decode_rows(rows: Sequence[Sequence[Any]]) -> list[StoredOutcome]:
     if not rows:
         return []
     preds = json.loads("[" + ",".join(r[3] for r in rows) + "]")
-    cache = _DECODED
-    if len(cache) > 4096:
-        cache.clear()
-    props = [cache.get(r[7]) or cache.setdefault(r[7], json.loads(r[7])) for r in rows]
-    groups = [cache.get(r[9]) or cache.setdefault(r[9], json.loads(r[9])) for r in rows]
+    if len(_DECODED) > 4096:
+        _DECODED.clear()
+    props = [_decoded(r[7]) for r in rows]
+    groups = [_decoded(r[9]) for r in rows]
     return [
         StoredOutcome(r[0], r[1], r[2], preds[i], r[4], r[5], r[6], props[i], bool(r[8]), groups[i],
                       r[10], r[11], r[12], r[13], r[14])
@@ -197,6 +196,13 @@ def _decode_rows(rows: Sequence[Sequence[Any]]) -> list[StoredOutcome]:
 
 
 _DECODED: dict[str, Any] = {}  # JSON text -> its (shared, never changed) value; bounded
+
+
+def _decoded(text: str) -> Any:
+    value = _DECODED.get(text)
+    if value is None:  # (an empty group object is falsy, and decoded once all the same)
+        value = _DECODED[text] = json.loads(text)
+    return value
 
 
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:

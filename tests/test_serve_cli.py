@@ -21,29 +21,24 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _pids(name: str) -> set[int]:
+def _pids(name: str, file: str = "comm") -> set[int]:
+    """Processes whose /proc/PID/`file` is `name` (comm: the executable's name) or, for
+    `file="cmdline"`, contains it."""
     out = set()
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                if (d / "comm").read_text().strip() == name:
-                    out.add(int(d.name))
+                text = (d / file).read_bytes().decode(errors="replace")
             except OSError:
                 continue
+            if (name in text) if file == "cmdline" else (text.strip() == name):
+                out.add(int(d.name))
     return out
 
 
 def _recorder_children() -> set[int]:
     """Processes running `python -m serving.recorder_process` (the in-gateway recorder's child)."""
-    out = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if b"serving.recorder_process" in (d / "cmdline").read_bytes():
-                    out.add(int(d.name))
-            except OSError:
-                continue
-    return out
+    return _pids("serving.recorder_process", file="cmdline")
 
 
 @pytest.mark.parametrize("placement", [
