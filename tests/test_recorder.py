@@ -65,6 +65,89 @@ def test_schema_is_versioned(store_url):
     s.close()
 
 
+def _indexes(store) -> dict[str, str]:
+    """Index name -> its definition (SQLite's or PostgreSQL's own text) of ecoserve_outcomes."""
+    with store.engine.connect() as conn:
+        if store.backend == "sqlite":
+            rows = conn.exec_driver_sql(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'ecoserve_outcomes'")
+        else:
+            rows = conn.exec_driver_sql(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'ecoserve_outcomes'")
+        return {name: sql or "" for name, sql in rows}
+
+
+def _label(store, ids, t: float) -> None:
+    store.apply_labels([{"request_id": r, "ecosystem": "eco", "label": 1.0, "source": "observed",
+                         "label_time": t, "received_at": t} for r in ids], [])
+
+
+def test_coverage_and_the_sweep_query_match_a_count_by_hand(store_url):
+    """Label coverage by age and the sweep's unlabeled outcomes, against the same counts done in
+    Python, with labeled, unlabeled and assumed outcomes of every age (v3's partial index)."""
+    store = open_store(store_url)
+    try:
+        now = 1_000_000.0
+        ages = [5.0, 50.0, 500.0, 5000.0, 50000.0]
+        store.insert_outcomes([outcome(i, (1, 1, 0), now - ages[i % 5] - i) for i in range(60)])
+        labeled = {f"r{i}" for i in range(60) if i % 3 == 0}
+        _label(store, sorted(labeled), now)
+        assumed = {f"r{i}" for i in range(60) if i % 7 == 0} - labeled
+        store.apply_labels([{"request_id": r, "ecosystem": "eco", "label": 0.0, "source": "assumed",
+                             "label_time": now, "received_at": now} for r in sorted(assumed)], [])
+        created = {f"r{i}": now - ages[i % 5] - i for i in range(60)}
+        for age in (0.0, 60.0, 600.0, 6000.0, 1e6):
+            older = {r for r, t in created.items() if t <= now - age}
+            assert store.coverage("eco", now, [age]) == {age: (len(older), len(older & (labeled | assumed)))}
+            assert store.coverage("other", now, [age]) == {age: (0, 0)}
+        for before in (now, now - 100.0, now - 10_000.0):
+            want = {r for r, t in created.items() if t < before} - labeled - assumed
+            assert {o.request_id for o in store.unlabeled_before("eco", before)} == want
+            assert len(store.unlabeled_before("eco", before, limit=3)) == min(3, len(want))
+        assert store.unlabeled_before("other", now) == []
+    finally:
+        store.close()
+
+
+def test_v3_indexes_unlabeled_outcomes_only(store_url):
+    """The schema's indexes of ecoserve_outcomes: the (ecosystem, label_source) index of every
+    outcome is gone, the partial index of unlabeled ones is there, on either backend."""
+    store = open_store(store_url)
+    try:
+        idx = _indexes(store)
+        assert "ix_ecoserve_outcomes_eco_source" not in idx
+        assert "ix_ecoserve_outcomes_eco_created" in idx
+        assert "label_source is null" in idx["ix_ecoserve_outcomes_unlabeled"].lower().replace("(", "").replace(")", "")
+    finally:
+        store.close()
+
+
+def test_a_version_2_store_is_migrated_to_3_in_place(store_url):
+    """A v2 store (with its (ecosystem, label_source) index) keeps every outcome and label, and
+    gets the partial index; the sweep and coverage then read it."""
+    store = open_store(store_url)
+    store.insert_outcomes([outcome(i, (1, 0, 1), 1000.0 + i) for i in range(10)])
+    _label(store, ["r1", "r2"], 2000.0)
+    with store.engine.begin() as conn:  # what a version-2 store looked like
+        conn.exec_driver_sql("DROP INDEX ix_ecoserve_outcomes_unlabeled")
+        conn.exec_driver_sql("CREATE INDEX ix_ecoserve_outcomes_eco_source ON ecoserve_outcomes (ecosystem, label_source)")
+        conn.exec_driver_sql("UPDATE ecoserve_schema SET version = 2")
+    store.close()
+    store = open_store(store_url)
+    try:
+        with store.engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT version FROM ecoserve_schema").scalar() == SCHEMA_VERSION == 3
+        idx = _indexes(store)
+        assert "ix_ecoserve_outcomes_unlabeled" in idx and "ix_ecoserve_outcomes_eco_source" not in idx
+        assert store.count_outcomes() == 10
+        assert store.coverage("eco", 3000.0, [0.0]) == {0.0: (10, 2)}
+        assert {o.request_id for o in store.unlabeled_before("eco", 3000.0)} == {f"r{i}" for i in range(10)} - {"r1", "r2"}
+        assert store.label_history("r1")[0]["label"] == 1.0
+        assert store.migrate() == 3  # idempotent
+    finally:
+        store.close()
+
+
 def test_join_duplicate_correction_unknown_and_early_labels(rec):
     t0 = rec.clock_.t
     rec.record([outcome(1, (1, 1, 0), t0), outcome(2, (0, 0, 0), t0)])
