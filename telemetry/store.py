@@ -4,26 +4,35 @@ SQLAlchemy Core, no ORM. Schema (version 3; `ecoserve_schema` holds the version,
 and `migrate()` brings an older store forward one step at a time):
 
     ecoserve_outcomes         one row per served row (request_id is the key)
-      request_id, ecosystem, created_at (unix s), members, versions (JSON lists),
-      predictions (JSON list of class ids, -1 = missing), served, intended, greedy,
-      propensities (JSON list), policy, direct, groups (JSON object), fingerprint,
+      request_id, ecosystem, created_at (unix s),
+      context                 -> ecoserve_contexts.id: the member list, version list and policy
+      payload                 JSON array (`telemetry.records.PAYLOAD_FIELDS`): [predictions (class
+                              ids, -1 = missing), served, intended, greedy, direct, fingerprint]
+      propensities, groups    JSON (a list; an object of subgroup attributes)
       label, label_source, label_time, label_received_at        -- the current label
       counted_label, counted_source, counted_time, counted_origin -- the first label: the one the
                                                                    streamed counters used
+    ecoserve_contexts         (v3) id, members, versions (JSON lists), policy: stored once each
     ecoserve_label_history    every correction (a label that differed from the current one)
     ecoserve_pending_labels   labels that arrived before their outcome (TTL-bounded)
     ecoserve_event_counts     persistent counters of API events (duplicates, corrections, ...)
     ecoserve_ledgers          (v2) per gateway ledger and ecosystem: records stored, and whether the
                               ledger of a crashed gateway was reclaimed (`telemetry.ledger`)
+    ecoserve_outcomes_v       (v3) a view of ecoserve_outcomes with every field in its own column
+                              (the v2 layout), for people querying the store by hand
 
-Indexes of `ecoserve_outcomes`: the key; (ecosystem, created_at); and (v3) a partial index on
+Why a payload and a context instead of a column per field (v2): 7 values to bind per row instead
+of 14 cut the store's cost of a row to ~0.7x (README, "The outcome store"); the fields in the
+payload are only ever read back together, with one `json.loads` per batch.
+
+Indexes of `ecoserve_outcomes`: the key; (ecosystem, created_at); and a partial index on
 (ecosystem, created_at) of the *unlabeled* outcomes only, which the assumed-label sweep and label
-coverage read (`_unlabeled_count`, `unlabeled_before`). It holds only what is still waiting for
-a label, so it stays small however large the store grows, and a label removes one entry from it
-instead of moving one inside an index of every outcome.
+coverage read (`unlabeled_before`, `coverage`). It holds only what is still waiting for a label,
+so it stays small however large the store grows, and a label removes one entry from it instead of
+moving one inside an index of every outcome (v2's (ecosystem, label_source)).
 
-Migrations: 1 -> 2 creates `ecoserve_ledgers`; 2 -> 3 replaces the (ecosystem, label_source)
-index of every outcome with the partial index of the unlabeled ones.
+Migrations: 1 -> 2 creates `ecoserve_ledgers`; 2 -> 3 rewrites `ecoserve_outcomes` in the v3
+layout (contexts, payload, the partial index), in one transaction.
 
 Labels are stored as numbers: a class id (ground_truth mode) or a reward (bandit).
 Knows nothing of Ray, HTTP or Prometheus.
@@ -53,6 +62,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     and_,
     bindparam,
     create_engine,
@@ -60,13 +70,14 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     text,
     update,
 )
 from sqlalchemy.exc import SQLAlchemyError
 
-from telemetry.records import ROW_COLUMNS, Outcome, RowEncoder, outcome_fields
+from telemetry.records import PAYLOAD_FIELDS, ROW_COLUMNS, Outcome, RowEncoder, outcome_fields
 
 __all__ = ["StoreError", "OutcomeStore", "StoredOutcome", "SCHEMA_VERSION", "open_store"]
 
@@ -76,7 +87,8 @@ CHECKPOINT_INTERVAL_S = 0.25  # SQLite: the background WAL checkpoint's period (
 # SQLite: writers checkpoint inline only past this many WAL pages (~80 MB; SQLite's default is
 # 1,000): a safety net for when the background checkpoint cannot keep up (e.g. a long reader)
 AUTOCHECKPOINT_PAGES = 20_000
-WAL_SIZE_LIMIT_BYTES = 64 << 20  # the WAL file is truncated back to this after a checkpoint
+WAL_SIZE_LIMIT_BYTES = 64 << 20
+MIGRATE_BATCH = 5000  # outcomes per step of the 2 -> 3 rewrite  # the WAL file is truncated back to this after a checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +100,10 @@ outcomes = Table(
     Column("request_id", String(128), primary_key=True),
     Column("ecosystem", String(64), nullable=False),
     Column("created_at", Float, nullable=False),
-    Column("members", Text, nullable=False),
-    Column("versions", Text, nullable=False),
-    Column("predictions", Text, nullable=False),
-    Column("served", Integer, nullable=False),
-    Column("intended", Integer, nullable=False),
-    Column("greedy", Integer, nullable=False),
+    Column("context", Integer, nullable=False),  # ecoserve_contexts.id (no FK: contexts are never deleted)
+    Column("payload", Text, nullable=False),  # JSON array of PAYLOAD_FIELDS
     Column("propensities", Text, nullable=False),
-    Column("policy", String(32), nullable=False),
-    Column("direct", Boolean, nullable=False),
     Column("groups", Text, nullable=False),
-    Column("fingerprint", String(32), nullable=False),
     Column("label", Float),
     Column("label_source", String(16)),
     Column("label_time", Float),
@@ -108,11 +113,24 @@ outcomes = Table(
     Column("counted_time", Float),
     Column("counted_origin", String(64)),
     Index("ix_ecoserve_outcomes_eco_created", "ecosystem", "created_at"),
-    # v3: only the outcomes still waiting for a label (see the module docstring)
+    # only the outcomes still waiting for a label (see the module docstring)
     Index("ix_ecoserve_outcomes_unlabeled", "ecosystem", "created_at",
           sqlite_where=text("label_source IS NULL"), postgresql_where=text("label_source IS NULL")),
 )
-_V2_INDEX = "ix_ecoserve_outcomes_eco_source"  # (ecosystem, label_source): dropped by the 2 -> 3 migration
+contexts = Table(
+    "ecoserve_contexts",  # v3: what every outcome of a deployment shares, stored once
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("members", Text, nullable=False),  # JSON list
+    Column("versions", Text, nullable=False),  # JSON list
+    Column("policy", String(32), nullable=False),
+    UniqueConstraint("members", "versions", "policy", name="uq_ecoserve_contexts"),
+)
+_V2_INDEXES = ("ix_ecoserve_outcomes_eco_created", "ix_ecoserve_outcomes_eco_source")
+_V2_FIELDS = ("members", "versions", "predictions", "served", "intended", "greedy", "policy", "direct",
+              "fingerprint", "propensities", "groups")
+_LABEL_COLUMNS = ("label", "label_source", "label_time", "label_received_at", "counted_label", "counted_source",
+                  "counted_time", "counted_origin")
 label_history = Table(
     "ecoserve_label_history",
     metadata,
@@ -152,7 +170,7 @@ ledgers = Table(
     Column("reclaimed", Boolean, nullable=False, default=False),
     Column("updated_at", Float, nullable=False),
 )
-_V1_TABLES = [schema_table, outcomes, label_history, pending_labels, event_counts]
+_V1_TABLES = [schema_table, outcomes, label_history, pending_labels, event_counts]  # as created by v1 (in today's layout)
 
 
 class StoreError(RuntimeError):
@@ -161,8 +179,8 @@ class StoreError(RuntimeError):
 
 class StoredOutcome(NamedTuple):
     """One stored outcome as the recorder reads it back (a named tuple: built thousands of times per
-    feedback batch, ~10x cheaper than a frozen dataclass). Its lists may be shared between
-    outcomes (decoding is cached): read them, never change them."""
+    feedback batch, ~10x cheaper than a frozen dataclass). Its propensity list and group dict may
+    be shared between outcomes (decoding is cached): read them, never change them."""
 
     request_id: str
     ecosystem: str
@@ -181,28 +199,24 @@ class StoredOutcome(NamedTuple):
     counted_time: float | None
 
 
-_COLUMNS = (
-    "request_id", "ecosystem", "created_at", "predictions", "served", "intended", "greedy", "propensities",
-    "direct", "groups", "label", "label_source", "counted_label", "counted_source", "counted_time",
-)
+_COLUMNS = ("request_id", "ecosystem", "created_at", "payload", "propensities", "groups", "label", "label_source",
+            "counted_label", "counted_source", "counted_time")
 
 
 def _decode_rows(rows: Sequence[Sequence[Any]]) -> list[StoredOutcome]:
-    """Rows in `_COLUMNS` order -> outcomes. Predictions are decoded with one `json.loads` per
-    batch (the per-row calls were a third of the label-ingest time); propensity vectors and group
-    objects, which repeat from row to row (one per policy decision kind, per subgroup), are
-    decoded once per distinct text (`_DECODED`)."""
+    """Rows in `_COLUMNS` order -> outcomes. The payloads are decoded with one `json.loads` per
+    batch (per-row calls were a third of the label-ingest time); propensity vectors and group
+    objects, which repeat from row to row (one per policy decision kind, per subgroup), once per
+    distinct text (`_DECODED`)."""
     if not rows:
         return []
-    preds = json.loads("[" + ",".join(r[3] for r in rows) + "]")
+    payloads = json.loads("[" + ",".join(r[3] for r in rows) + "]")
     if len(_DECODED) > 4096:
         _DECODED.clear()
-    props = [_decoded(r[7]) for r in rows]
-    groups = [_decoded(r[9]) for r in rows]
     return [
-        StoredOutcome(r[0], r[1], r[2], preds[i], r[4], r[5], r[6], props[i], bool(r[8]), groups[i],
-                      r[10], r[11], r[12], r[13], r[14])
-        for i, r in enumerate(rows)
+        StoredOutcome(r[0], r[1], r[2], p[0], p[1], p[2], p[3], _decoded(r[4]), bool(p[4]), _decoded(r[5]),
+                      r[6], r[7], r[8], r[9], r[10])
+        for r, p in zip(rows, payloads)
     ]
 
 
@@ -245,6 +259,7 @@ class OutcomeStore:
         self.backend = engine.dialect.name
         self._checkpointer = _Checkpointer(self, checkpoint_interval_s) if checkpoint_interval_s else None
         self._encoder = RowEncoder()
+        self._contexts: dict[tuple[str, str, str], int] = {}  # (members, versions, policy) -> id
         self._inserts: dict[int, str] = {}  # rows per statement -> its SQL (the sizes of `_sized_chunks`)
 
     # ----------------------------------------------------------- schema
@@ -265,15 +280,88 @@ class OutcomeStore:
                 if version < 2:  # 1 -> 2: crash accounting of gateway queues
                     ledgers.create(conn, checkfirst=True)
                     version = 2
-                if version < 3:  # 2 -> 3: the partial index of unlabeled outcomes
-                    conn.exec_driver_sql(f"DROP INDEX IF EXISTS {_V2_INDEX}")
-                    next(i for i in outcomes.indexes if i.name == "ix_ecoserve_outcomes_unlabeled").create(
-                        conn, checkfirst=True)
+                if version < 3:  # 2 -> 3: contexts, payloads, the partial index of unlabeled outcomes
+                    self._rewrite_v2_outcomes(conn)
                     version = 3
                 conn.execute(update(schema_table).values(version=version))
+                conn.exec_driver_sql(self._view_sql())
         except SQLAlchemyError as exc:
             raise StoreError(f"cannot prepare the outcome store ({self.backend}): {exc}") from exc
         return int(version)
+
+    def _rewrite_v2_outcomes(self, conn: Any) -> None:
+        """2 -> 3: copy every outcome into the v3 layout (context ids, one payload), in batches of
+        `MIGRATE_BATCH` by key, in the caller's transaction; then the v2 table goes and the new one takes
+        its name. Labels and their counted copies are carried over unchanged."""
+        contexts.create(conn, checkfirst=True)
+        if "payload" in {c["name"] for c in inspect(conn).get_columns("ecoserve_outcomes")}:
+            for ix in outcomes.indexes:  # already in the v3 layout: make sure of its indexes
+                ix.create(conn, checkfirst=True)
+            conn.exec_driver_sql("DROP INDEX IF EXISTS ix_ecoserve_outcomes_eco_source")
+            return
+        for name in _V2_INDEXES:  # index names are per schema in PostgreSQL: free them for the new table
+            conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+        new = outcomes.to_metadata(MetaData(), name="ecoserve_outcomes_v3")
+        new.create(conn)
+        ids: dict[tuple[str, str, str], int] = {}
+        ph = self._ph(1)
+        sql = (f"SELECT request_id, ecosystem, created_at, {', '.join(_V2_FIELDS)}, {', '.join(_LABEL_COLUMNS)} "
+               f"FROM ecoserve_outcomes WHERE request_id > {ph} ORDER BY request_id LIMIT {int(MIGRATE_BATCH)}")
+        last = ""
+        while rows := conn.exec_driver_sql(sql, (last,)).fetchall():
+            out = []
+            for r in rows:
+                rid, eco, t, members, versions, preds, served, intended, greedy, policy, direct, fp, props, groups = r[:14]
+                key = (members, versions, policy)
+                if key not in ids:
+                    ids[key] = self._context_in(conn, *key)
+                payload = f"[{preds},{int(served)},{int(intended)},{int(greedy)},{'true' if direct else 'false'},{json.dumps(fp)}]"
+                out.append({"request_id": rid, "ecosystem": eco, "created_at": t, "context": ids[key],
+                            "payload": payload, "propensities": props, "groups": groups,
+                            **dict(zip(_LABEL_COLUMNS, r[14:]))})
+            conn.execute(insert(new), out)
+            last = rows[-1][0]
+        conn.exec_driver_sql("DROP TABLE ecoserve_outcomes")
+        conn.exec_driver_sql("ALTER TABLE ecoserve_outcomes_v3 RENAME TO ecoserve_outcomes")
+
+    def _view_sql(self) -> str:
+        """`ecoserve_outcomes_v`: every outcome with one column per field, as v2 stored them."""
+        if self.backend == "sqlite":
+            def field(i: int, name: str) -> str:
+                return f"json_extract(o.payload, '$[{i}]') AS {name}"
+            head = "CREATE VIEW IF NOT EXISTS"
+        else:
+            casts = {"served": "::integer", "intended": "::integer", "greedy": "::integer", "direct": "::boolean"}
+
+            def field(i: int, name: str) -> str:
+                return f"((o.payload::json)->>{i}){casts.get(name, '')} AS {name}"
+            head = "CREATE OR REPLACE VIEW"
+        fields = ", ".join(field(i, name) for i, name in enumerate(PAYLOAD_FIELDS))
+        labels = ", ".join(f"o.{c}" for c in _LABEL_COLUMNS)
+        return (f"{head} ecoserve_outcomes_v AS SELECT o.request_id, o.ecosystem, o.created_at, c.members, "
+                f"c.versions, c.policy, {fields}, o.propensities, o.groups, {labels} FROM ecoserve_outcomes o "
+                "JOIN ecoserve_contexts c ON c.id = o.context")
+
+    def _context_in(self, conn: Any, members: str, versions: str, policy: str) -> int:
+        """The id of a context, added if new (concurrent writers: the unique constraint decides)."""
+        ph = self._ph(1)
+        conn.exec_driver_sql(
+            f"INSERT INTO ecoserve_contexts (members, versions, policy) VALUES ({self._ph(3)}) "
+            "ON CONFLICT (members, versions, policy) DO NOTHING", (members, versions, policy))
+        return int(conn.exec_driver_sql(
+            f"SELECT id FROM ecoserve_contexts WHERE members = {ph} AND versions = {ph} AND policy = {ph}",
+            (members, versions, policy)).scalar_one())
+
+    def _context_id(self, members: str, versions: str, policy: str) -> int:
+        """`_context_in`, cached; a new context is committed on its own, before the outcomes that
+        use it (so the cache never holds the id of a rolled-back row)."""
+        key = (members, versions, policy)
+        got = self._contexts.get(key)
+        if got is None:
+            with self.engine.begin() as conn:
+                got = self._context_in(conn, *key)
+            self._contexts[key] = got
+        return got
 
     # --------------------------------------------------------- outcomes
     def insert_outcomes(
@@ -299,10 +387,10 @@ class OutcomeStore:
         fresh: dict[str, tuple[Any, ...]] = {}
         for o in items:  # the first of repeated ids in one batch
             fresh.setdefault(o[0], o)
+        rows = self._encoder.rows_of_fields(list(fresh.values()), self._context_id)
         with self.engine.begin() as conn:
             if progress:
                 self._progress(conn, *progress, unlost)
-            rows = self._encoder.rows_of_fields(list(fresh.values()))
             if self.backend == "sqlite":
                 return self._insert_sqlite(conn, fresh, rows)
             # ON CONFLICT DO NOTHING RETURNING: ids already stored are skipped, in the same statement

@@ -122,30 +122,94 @@ def test_v3_indexes_unlabeled_outcomes_only(store_url):
         store.close()
 
 
-def test_a_version_2_store_is_migrated_to_3_in_place(store_url):
-    """A v2 store (with its (ecosystem, label_source) index) keeps every outcome and label, and
-    gets the partial index; the sweep and coverage then read it."""
+def _v2_table():
+    """ecoserve_outcomes as schema version 2 laid it out: a column per field."""
+    from sqlalchemy import Boolean, Column, Float, Index, Integer, MetaData, String, Table, Text
+
+    return Table(
+        "ecoserve_outcomes", MetaData(),
+        Column("request_id", String(128), primary_key=True), Column("ecosystem", String(64), nullable=False),
+        Column("created_at", Float, nullable=False), Column("members", Text, nullable=False),
+        Column("versions", Text, nullable=False), Column("predictions", Text, nullable=False),
+        Column("served", Integer, nullable=False), Column("intended", Integer, nullable=False),
+        Column("greedy", Integer, nullable=False), Column("propensities", Text, nullable=False),
+        Column("policy", String(32), nullable=False), Column("direct", Boolean, nullable=False),
+        Column("groups", Text, nullable=False), Column("fingerprint", String(32), nullable=False),
+        *[Column(c, Float) for c in ("label", "label_time", "label_received_at", "counted_label", "counted_time")],
+        *[Column(c, String(64)) for c in ("label_source", "counted_source", "counted_origin")],
+        Index("ix_ecoserve_outcomes_eco_created", "ecosystem", "created_at"),
+        Index("ix_ecoserve_outcomes_eco_source", "ecosystem", "label_source"),
+    )
+
+
+def test_a_version_2_store_is_migrated_to_3_in_place(store_url, monkeypatch):
+    """A v2 store (a column per field, the (ecosystem, label_source) index) is rewritten in the v3
+    layout: every outcome reads back the same, labels and counted labels carried over, contexts
+    shared, the v2 columns still readable through the `ecoserve_outcomes_v` view."""
+    import json
+
     store = open_store(store_url)
-    store.insert_outcomes([outcome(i, (1, 0, 1), 1000.0 + i) for i in range(10)])
-    _label(store, ["r1", "r2"], 2000.0)
+    v2 = _v2_table()
+    rows = []
+    for i in range(12):  # four contexts (two version lists, two policies)
+        rows.append({
+            "request_id": f"r{i:02d}", "ecosystem": "eco", "created_at": 1000.0 + i,
+            "members": json.dumps(list(MEMBERS)), "versions": json.dumps(["1", "1", str(1 + i % 2)]),
+            "predictions": json.dumps([i % 2, -1 if i == 3 else 1, 0]), "served": i % 3, "intended": i % 3,
+            "greedy": 0, "propensities": json.dumps([0.5, 0.25, 0.25]), "policy": "thompson" if i < 8 else "primary",
+            "direct": i == 5, "groups": json.dumps({"sex": "male"} if i % 2 else {}), "fingerprint": f"fp{i}",
+            "label": 1.0 if i < 4 else None, "label_source": "observed" if i < 4 else None,
+            "label_time": 2000.0 if i < 4 else None, "label_received_at": 2001.0 if i < 4 else None,
+            "counted_label": 0.0 if i < 4 else None, "counted_source": "assumed" if i < 4 else None,
+            "counted_time": 1500.0 if i < 4 else None, "counted_origin": "x" if i < 4 else None,
+        })
     with store.engine.begin() as conn:  # what a version-2 store looked like
-        conn.exec_driver_sql("DROP INDEX ix_ecoserve_outcomes_unlabeled")
-        conn.exec_driver_sql("CREATE INDEX ix_ecoserve_outcomes_eco_source ON ecoserve_outcomes (ecosystem, label_source)")
+        conn.exec_driver_sql("DROP VIEW ecoserve_outcomes_v")
+        conn.exec_driver_sql("DROP TABLE ecoserve_outcomes")
+        conn.exec_driver_sql("DROP TABLE ecoserve_contexts")
+        v2.create(conn)
+        conn.execute(v2.insert(), rows)
         conn.exec_driver_sql("UPDATE ecoserve_schema SET version = 2")
     store.close()
+    monkeypatch.setattr("telemetry.store.MIGRATE_BATCH", 5)  # copied in three steps
     store = open_store(store_url)
+    s3 = None
     try:
         with store.engine.connect() as conn:
             assert conn.exec_driver_sql("SELECT version FROM ecoserve_schema").scalar() == SCHEMA_VERSION == 3
+            assert conn.exec_driver_sql("SELECT count(*) FROM ecoserve_contexts").scalar() == 4
+            view = {r.request_id: r._mapping for r in conn.exec_driver_sql("SELECT * FROM ecoserve_outcomes_v")}
         idx = _indexes(store)
         assert "ix_ecoserve_outcomes_unlabeled" in idx and "ix_ecoserve_outcomes_eco_source" not in idx
-        assert store.count_outcomes() == 10
-        assert store.coverage("eco", 3000.0, [0.0]) == {0.0: (10, 2)}
-        assert {o.request_id for o in store.unlabeled_before("eco", 3000.0)} == {f"r{i}" for i in range(10)} - {"r1", "r2"}
-        assert store.label_history("r1")[0]["label"] == 1.0
+        got = store.get_outcomes([r["request_id"] for r in rows])
+        assert len(got) == 12
+        for r in rows:
+            o = got[r["request_id"]]
+            assert (o.ecosystem, o.created_at, o.predictions, o.served, o.intended, o.greedy, o.propensities,
+                    o.direct, o.groups) == (r["ecosystem"], r["created_at"], json.loads(r["predictions"]), r["served"],
+                                            r["intended"], r["greedy"], json.loads(r["propensities"]), r["direct"],
+                                            json.loads(r["groups"]))
+            assert (o.label, o.label_source, o.counted_label, o.counted_source, o.counted_time) == (
+                r["label"], r["label_source"], r["counted_label"], r["counted_source"], r["counted_time"])
+            v = view[r["request_id"]]
+            for f in ("members", "versions", "policy", "fingerprint", "served", "label_time", "counted_origin"):
+                assert v[f] == r[f], f
+            assert bool(v["direct"]) == r["direct"] and json.loads(v["predictions"]) == json.loads(r["predictions"])
+            assert json.loads(v["groups"]) == json.loads(r["groups"])
+        assert store.coverage("eco", 3000.0, [0.0]) == {0.0: (12, 4)}
+        assert {o.request_id for o in store.unlabeled_before("eco", 3000.0)} == {f"r{i:02d}" for i in range(4, 12)}
+        assert store.label_history("r01")[0] | {"kind": "first"} == store.label_history("r01")[0]
+        # new outcomes after the migration share the contexts already there
+        store.insert_outcomes([outcome(99, (0, 1, 1), 4000.0)])
+        assert store.get_outcomes(["r99"])["r99"].predictions == [0, 1, 1]
         assert store.migrate() == 3  # idempotent
+        store.close()
+        s3 = open_store(store_url)  # and it opens again as v3
+        assert s3.count_outcomes() == 13
     finally:
         store.close()
+        if s3 is not None:
+            s3.close()
 
 
 def test_join_duplicate_correction_unknown_and_early_labels(rec):
@@ -297,27 +361,40 @@ def test_readme_documents_every_metric():
 def test_row_encoder_writes_what_json_dumps_would():
     import json
 
-    from telemetry.records import ROW_COLUMNS, RowEncoder
+    from telemetry.records import PAYLOAD_FIELDS, ROW_COLUMNS, RowEncoder
 
     cases = [
         outcome(1, (1, -1, 0), 5.0, sex="female"),
         Outcome("r2", "eco", 6.5, MEMBERS, ("1", "2", "3"), tuple(np.array([2, 0, 1])), 2, 1,
                 tuple(np.array([0.25, 0.5, 0.25])), 1, "epsilon_greedy", False, {"z": "ü", "a": 'q"x'}, "fp"),
         Outcome("r3", "eco", 7.0, MEMBERS, ("1", "1", "1"), (0, 0, 0), 0, 0, (1.0, 0, 0), 0, "direct", True, {}, ""),
+        Outcome("r4", "eco", 7.5, MEMBERS, ("1", "1", "1"), (0, 0, 0), 0, 0, (1.0, 0, 0), 0, "direct", True, {},
+                'a"b\\ü'),  # a client's fingerprint text that needs escaping
     ]
+    contexts: list[tuple[str, str, str]] = []
+
+    def context_id(members: str, versions: str, policy: str) -> int:
+        key = (members, versions, policy)
+        if key not in contexts:
+            contexts.append(key)
+        return contexts.index(key)
+
     enc = RowEncoder(max_cache=2)  # tiny: the cache is cleared on the way
     for _ in range(2):
-        for o, row in zip(cases, enc.rows_of_fields([outcome_fields(c) for c in cases])):
+        for o, row in zip(cases, enc.rows_of_fields([outcome_fields(c) for c in cases], context_id)):
+            got = dict(zip(ROW_COLUMNS, row))
+            assert (got["request_id"], got["ecosystem"], got["created_at"]) == (o.request_id, o.ecosystem, o.time_s)
+            assert contexts[got["context"]] == (json.dumps(list(o.members)), json.dumps(list(o.versions)), o.policy)
+            assert got["propensities"] == json.dumps([float(v) for v in o.propensities])
+            assert got["groups"] == json.dumps({str(k): str(v) for k, v in o.groups.items()}, sort_keys=True)
             want = {
-                "request_id": o.request_id, "ecosystem": o.ecosystem, "created_at": o.time_s,
-                "members": json.dumps(list(o.members)), "versions": json.dumps(list(o.versions)),
-                "predictions": json.dumps([int(v) for v in o.predictions]), "served": o.served,
-                "intended": o.intended, "greedy": o.greedy,
-                "propensities": json.dumps([float(v) for v in o.propensities]), "policy": o.policy,
-                "direct": o.direct, "groups": json.dumps({str(k): str(v) for k, v in o.groups.items()}, sort_keys=True),
-                "fingerprint": o.input_fingerprint,
+                "predictions": [int(v) for v in o.predictions], "served": o.served, "intended": o.intended,
+                "greedy": o.greedy, "direct": o.direct, "fingerprint": o.input_fingerprint,
             }
-            assert dict(zip(ROW_COLUMNS, row)) == want
+            payload = json.loads(got["payload"])
+            assert dict(zip(PAYLOAD_FIELDS, payload)) == want
+            assert [type(v) for v in payload] == [type(want[f]) for f in PAYLOAD_FIELDS]
+    assert len(contexts) == 3
 
 
 def test_outcome_ids_already_stored_are_skipped(store_url):
