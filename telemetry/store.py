@@ -83,12 +83,12 @@ __all__ = ["StoreError", "OutcomeStore", "StoredOutcome", "SCHEMA_VERSION", "ope
 
 SCHEMA_VERSION = 3
 _CHUNK = 500  # ids per IN (...) query: well under SQLite's variable limit
-CHECKPOINT_INTERVAL_S = 0.25  # SQLite: the background WAL checkpoint's period (see `_Checkpointer`)
+CHECKPOINT_INTERVAL_S = 1.0  # SQLite: the background WAL checkpoint's period (see `_Checkpointer`)
 # SQLite: writers checkpoint inline only past this many WAL pages (~80 MB; SQLite's default is
 # 1,000): a safety net for when the background checkpoint cannot keep up (e.g. a long reader)
 AUTOCHECKPOINT_PAGES = 20_000
-WAL_SIZE_LIMIT_BYTES = 64 << 20
-MIGRATE_BATCH = 5000  # outcomes per step of the 2 -> 3 rewrite  # the WAL file is truncated back to this after a checkpoint
+WAL_SIZE_LIMIT_BYTES = 64 << 20  # the WAL file is truncated back to this after a checkpoint
+MIGRATE_BATCH = 5000  # outcomes per step of the 2 -> 3 rewrite
 
 log = logging.getLogger(__name__)
 
@@ -291,15 +291,16 @@ class OutcomeStore:
 
     def _rewrite_v2_outcomes(self, conn: Any) -> None:
         """2 -> 3: copy every outcome into the v3 layout (context ids, one payload), in batches of
-        `MIGRATE_BATCH` by key, in the caller's transaction; then the v2 table goes and the new one takes
-        its name. Labels and their counted copies are carried over unchanged."""
+        `MIGRATE_BATCH` by key, in the caller's transaction; then the v2 table goes and the new one
+        takes its name. Labels and their counted copies are carried over unchanged. A store created
+        in the v3 layout but marked older (as the tests make one) only gets its indexes."""
         contexts.create(conn, checkfirst=True)
         if "payload" in {c["name"] for c in inspect(conn).get_columns("ecoserve_outcomes")}:
             for ix in outcomes.indexes:  # already in the v3 layout: make sure of its indexes
                 ix.create(conn, checkfirst=True)
             conn.exec_driver_sql("DROP INDEX IF EXISTS ix_ecoserve_outcomes_eco_source")
             return
-        for name in _V2_INDEXES:  # index names are per schema in PostgreSQL: free them for the new table
+        for name in _V2_INDEXES:  # index names are per database (SQLite) or schema (PostgreSQL): free them
             conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
         new = outcomes.to_metadata(MetaData(), name="ecoserve_outcomes_v3")
         new.create(conn)
@@ -712,9 +713,12 @@ class _Checkpointer:
     Here a thread runs a PASSIVE checkpoint every `CHECKPOINT_INTERVAL_S` (sqlite3 releases
     the GIL while it copies), and writers checkpoint inline only past `AUTOCHECKPOINT_PAGES`.
     Durability: with `synchronous=NORMAL` a commit survives a process crash at once, and a power
-    loss once a checkpoint has synced the WAL; that now happens at least every 0.25 s under
-    writes (before: every 1,000 pages). The thread holds the store weakly and ends with `close()`
-    or when the store is garbage."""
+    loss once a checkpoint has synced the WAL; that now happens at least every second under
+    writes (SQLite's default: every 1,000 pages, which at low traffic can be hours). Why a second
+    and not less: a checkpoint costs about the same however little it copies (two fsyncs, the
+    hot B-tree pages again); at 0.25 s, with 20-row hand-overs every 0.25 s, it was half of the
+    store's CPU (README, "The outcome store"). The thread holds the store weakly and ends with
+    `close()` or when the store is garbage."""
 
     def __init__(self, store: OutcomeStore, interval_s: float) -> None:
         self._store = weakref.ref(store)
