@@ -63,7 +63,8 @@ class RowEncoder:
     The recorder's hottest path: member/version lists, prediction and propensity vectors and
     group dicts repeat from row to row, so their JSON is cached (bounded); a value that is the
     same object as the previous row's (one runner's tuples; pickle keeps that sharing) reuses its
-    JSON without hashing it again. Produces what `json.dumps` would (a test compares)."""
+    JSON without hashing it again. The propensities' and groups' JSON is what `json.dumps` writes;
+    the payload decodes to the same values as `json.dumps` of them would (a test compares)."""
 
     def __init__(self, max_cache: int = 4096) -> None:
         self.max_cache = max_cache

@@ -63,7 +63,6 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
-    and_,
     bindparam,
     create_engine,
     delete,
