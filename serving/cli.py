@@ -159,6 +159,27 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_migrate_store(args: argparse.Namespace) -> int:
+    import os
+
+    from telemetry.store import StoreError, open_store
+
+    url = os.environ.get(args.url_env, "") if args.url_env else args.url
+    if not url:
+        raise CliError(f"environment variable {args.url_env} is not set" if args.url_env else "give a store URL or --url-env")
+    try:
+        store = open_store(url)  # opening migrates, in one transaction
+    except StoreError as exc:  # the driver's first line says what went wrong; the rest is a link
+        raise CliError(str(exc).splitlines()[0]) from exc
+    try:
+        with store.engine.connect() as conn:
+            version = conn.exec_driver_sql("SELECT max(version) FROM ecoserve_schema").scalar()
+        print(f"outcome store ({store.backend}): schema version {version}, {store.count_outcomes()} outcomes")
+    finally:
+        store.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ecoserve",
@@ -225,6 +246,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a Serve config file's ecoserve settings")
     p.add_argument("config")
     p.set_defaults(func=_cmd_check_config)
+
+    p = sub.add_parser("migrate-store", help="bring an outcome store to this version's schema now (what the first start would do)")
+    p.add_argument("url", nargs="?", help="sqlite:///PATH or postgresql://... (or use --url-env)")
+    p.add_argument("--url-env", help="read the URL from this environment variable (e.g. a Kubernetes Secret)")
+    p.set_defaults(func=_cmd_migrate_store)
 
     p = sub.add_parser("providers", help="report which ONNX Runtime execution provider 'auto' picks here")
     p.set_defaults(func=_cmd_providers)

@@ -212,6 +212,35 @@ def test_a_version_2_store_is_migrated_to_3_in_place(store_url, monkeypatch):
             s3.close()
 
 
+def test_migrate_store_command(store_url, monkeypatch, capsys):
+    """`ecoserve migrate-store` migrates a v2 store ahead of the first start and says what it holds;
+    a URL it cannot open is one line and exit status 2."""
+    from serving.cli import main
+
+    store = open_store(store_url)
+    with store.engine.begin() as conn:  # an empty v2 store
+        conn.exec_driver_sql("DROP VIEW ecoserve_outcomes_v")
+        conn.exec_driver_sql("DROP TABLE ecoserve_outcomes")
+        conn.exec_driver_sql("DROP TABLE ecoserve_contexts")
+        _v2_table().create(conn)
+        conn.exec_driver_sql("UPDATE ecoserve_schema SET version = 2")
+    store.close()
+    monkeypatch.setenv("ECOSERVE_TEST_STORE", store_url)
+    assert main(["migrate-store", "--url-env", "ECOSERVE_TEST_STORE"]) == 0
+    backend = "sqlite" if store_url.startswith("sqlite") else "postgresql"
+    assert capsys.readouterr().out.strip() == f"outcome store ({backend}): schema version 3, 0 outcomes"
+    store = open_store(store_url)
+    try:
+        assert "ix_ecoserve_outcomes_unlabeled" in _indexes(store)
+    finally:
+        store.close()
+    assert main(["migrate-store", "postgresql://nobody@127.0.0.1:1/none"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ecoserve migrate-store: error: cannot") and len(err.strip().splitlines()) == 1
+    assert main(["migrate-store", "--url-env", "ECOSERVE_TEST_UNSET"]) == 2
+    assert "ECOSERVE_TEST_UNSET is not set" in capsys.readouterr().err
+
+
 def test_join_duplicate_correction_unknown_and_early_labels(rec):
     t0 = rec.clock_.t
     rec.record([outcome(1, (1, 1, 0), t0), outcome(2, (0, 0, 0), t0)])
