@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
-__all__ = ["Outcome", "RowEncoder", "ROW_COLUMNS", "PAYLOAD_FIELDS", "ContextId", "outcome_fields"]
+__all__ = ["Outcome", "RowEncoder", "ROW_COLUMNS", "PAYLOAD_FIELDS", "ContextId", "outcome_fields", "payload_text"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +48,15 @@ ROW_COLUMNS = ("request_id", "ecosystem", "created_at", "context", "payload", "p
 # batch; propensity vectors and group objects keep their own columns, because their JSON (floats,
 # objects) repeats from row to row and is decoded once per distinct text (`telemetry.store`)
 PAYLOAD_FIELDS = ("predictions", "served", "intended", "greedy", "direct", "fingerprint")
+
+
+
+def payload_text(predictions: str, served: int, intended: int, greedy: int, direct: bool, fingerprint: str) -> str:
+    """The payload of one row, from its predictions' JSON (what the v2 -> v3 migration writes;
+    `RowEncoder` writes the same text, with the repeated middle cached)."""
+    return (f"[{predictions},{int(served)},{int(intended)},{int(greedy)},{'true' if direct else 'false'},"
+            f"{json.dumps(fingerprint)}]")
+
 
 ContextId = Callable[[str, str, str], int]  # (members JSON, versions JSON, policy) -> the store's context id
 
@@ -112,7 +121,7 @@ class RowEncoder:
             if fingerprint.isalnum():  # the gateway's: hex digests (any letter or digit is valid raw in JSON)
                 out.append((rid, eco, t, ctx, f'[{jpred}{mid}"{fingerprint}"]', jp, jg))
             else:
-                out.append((rid, eco, t, ctx, f"[{jpred}{mid}{json.dumps(fingerprint)}]", jp, jg))
+                out.append((rid, eco, t, ctx, payload_text(jpred, served, intended, greedy, direct, fingerprint), jp, jg))
         return out
 
 

@@ -69,14 +69,13 @@ from sqlalchemy import (
     event,
     func,
     insert,
-    inspect,
     select,
     text,
     update,
 )
 from sqlalchemy.exc import SQLAlchemyError
 
-from telemetry.records import PAYLOAD_FIELDS, ROW_COLUMNS, Outcome, RowEncoder, outcome_fields
+from telemetry.records import PAYLOAD_FIELDS, ROW_COLUMNS, Outcome, RowEncoder, outcome_fields, payload_text
 
 __all__ = ["StoreError", "OutcomeStore", "StoredOutcome", "SCHEMA_VERSION", "open_store"]
 
@@ -291,14 +290,8 @@ class OutcomeStore:
     def _rewrite_v2_outcomes(self, conn: Any) -> None:
         """2 -> 3: copy every outcome into the v3 layout (context ids, one payload), in batches of
         `MIGRATE_BATCH` by key, in the caller's transaction; then the v2 table goes and the new one
-        takes its name. Labels and their counted copies are carried over unchanged. A store created
-        in the v3 layout but marked older (as the tests make one) only gets its indexes."""
+        takes its name. Labels and their counted copies are carried over unchanged."""
         contexts.create(conn, checkfirst=True)
-        if "payload" in {c["name"] for c in inspect(conn).get_columns("ecoserve_outcomes")}:
-            for ix in outcomes.indexes:  # already in the v3 layout: make sure of its indexes
-                ix.create(conn, checkfirst=True)
-            conn.exec_driver_sql("DROP INDEX IF EXISTS ix_ecoserve_outcomes_eco_source")
-            return
         for name in _V2_INDEXES:  # index names are per database (SQLite) or schema (PostgreSQL): free them
             conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
         new = outcomes.to_metadata(MetaData(), name="ecoserve_outcomes_v3")
@@ -315,9 +308,8 @@ class OutcomeStore:
                 key = (members, versions, policy)
                 if key not in ids:
                     ids[key] = self._context_in(conn, *key)
-                payload = f"[{preds},{int(served)},{int(intended)},{int(greedy)},{'true' if direct else 'false'},{json.dumps(fp)}]"
                 out.append({"request_id": rid, "ecosystem": eco, "created_at": t, "context": ids[key],
-                            "payload": payload, "propensities": props, "groups": groups,
+                            "payload": payload_text(preds, served, intended, greedy, direct, fp), "propensities": props, "groups": groups,
                             **dict(zip(_LABEL_COLUMNS, r[14:]))})
             conn.execute(insert(new), out)
             last = rows[-1][0]

@@ -12,7 +12,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 from sqlalchemy import text
 
 from serving.shipper import OutcomeShipper
@@ -20,7 +19,7 @@ from telemetry.ledger import Ledger, find_dead, store_key
 from telemetry.recorder import Recorder
 from telemetry.store import SCHEMA_VERSION, open_store
 
-from test_recorder import SPEC, outcome, value
+from test_recorder import SPEC, make_v2_store, outcome, v2_row, value
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -113,12 +112,7 @@ def test_store_progress_never_goes_down_and_a_ledger_is_reclaimed_once(store_url
 
 def test_a_version_1_store_is_migrated_in_place(tmp_path):
     url = f"sqlite:///{tmp_path / 'v1.db'}"
-    store = open_store(url)
-    store.insert_outcomes([outcome(1, (1, 1, 0), 1000.0)])
-    with store.engine.begin() as conn:  # what a version-1 store looked like
-        conn.execute(text("DROP TABLE ecoserve_ledgers"))
-        conn.execute(text("UPDATE ecoserve_schema SET version = 1"))
-    store.close()
+    make_v2_store(url, [v2_row("r1", 1000.0)], version=1)  # v1: the v2 outcomes table, no ledgers
     store = open_store(url)
     try:
         with store.engine.connect() as conn:

@@ -77,8 +77,8 @@ def _indexes(store) -> dict[str, str]:
         return {name: sql or "" for name, sql in rows}
 
 
-def _label(store, ids, t: float) -> None:
-    store.apply_labels([{"request_id": r, "ecosystem": "eco", "label": 1.0, "source": "observed",
+def _label(store, ids, t: float, label: float = 1.0, source: str = "observed") -> None:
+    store.apply_labels([{"request_id": r, "ecosystem": "eco", "label": label, "source": source,
                          "label_time": t, "received_at": t} for r in ids], [])
 
 
@@ -93,8 +93,7 @@ def test_coverage_and_the_sweep_query_match_a_count_by_hand(store_url):
         labeled = {f"r{i}" for i in range(60) if i % 3 == 0}
         _label(store, sorted(labeled), now)
         assumed = {f"r{i}" for i in range(60) if i % 7 == 0} - labeled
-        store.apply_labels([{"request_id": r, "ecosystem": "eco", "label": 0.0, "source": "assumed",
-                             "label_time": now, "received_at": now} for r in sorted(assumed)], [])
+        _label(store, sorted(assumed), now, 0.0, "assumed")
         created = {f"r{i}": now - ages[i % 5] - i for i in range(60)}
         for age in (0.0, 60.0, 600.0, 6000.0, 1e6):
             older = {r for r, t in created.items() if t <= now - age}
@@ -142,35 +141,56 @@ def _v2_table():
     )
 
 
+def v2_row(rid: str, created_at: float, **fields) -> dict:
+    """One outcome as a v2 row (a column per field; unlabeled unless `fields` say otherwise)."""
+    import json
+
+    return {"request_id": rid, "ecosystem": "eco", "created_at": created_at, "members": json.dumps(list(MEMBERS)),
+            "versions": json.dumps(["1", "1", "1"]), "predictions": "[1, 1, 0]", "served": 0, "intended": 0,
+            "greedy": 0, "propensities": "[0.5, 0.3, 0.2]", "policy": "thompson", "direct": False, "groups": "{}",
+            "fingerprint": "fp", **{c: None for c in ("label", "label_source", "label_time", "label_received_at",
+                                                     "counted_label", "counted_source", "counted_time", "counted_origin")},
+            **fields}
+
+
+def make_v2_store(url: str, rows: list[dict], version: int = 2) -> None:
+    """Turn a fresh store into what schema version 2 (or 1: also without ledgers) left: the v2
+    outcomes table holding `rows`, no contexts, no view."""
+    store = open_store(url)
+    try:
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql("DROP VIEW ecoserve_outcomes_v")
+            conn.exec_driver_sql("DROP TABLE ecoserve_outcomes")
+            conn.exec_driver_sql("DROP TABLE ecoserve_contexts")
+            if version < 2:
+                conn.exec_driver_sql("DROP TABLE ecoserve_ledgers")
+            v2 = _v2_table()
+            v2.create(conn)
+            if rows:
+                conn.execute(v2.insert(), rows)
+            conn.exec_driver_sql(f"UPDATE ecoserve_schema SET version = {int(version)}")
+    finally:
+        store.close()
+
+
 def test_a_version_2_store_is_migrated_to_3_in_place(store_url, monkeypatch):
     """A v2 store (a column per field, the (ecosystem, label_source) index) is rewritten in the v3
     layout: every outcome reads back the same, labels and counted labels carried over, contexts
     shared, the v2 columns still readable through the `ecoserve_outcomes_v` view."""
     import json
 
-    store = open_store(store_url)
-    v2 = _v2_table()
     rows = []
     for i in range(12):  # four contexts (two version lists, two policies)
-        rows.append({
-            "request_id": f"r{i:02d}", "ecosystem": "eco", "created_at": 1000.0 + i,
-            "members": json.dumps(list(MEMBERS)), "versions": json.dumps(["1", "1", str(1 + i % 2)]),
-            "predictions": json.dumps([i % 2, -1 if i == 3 else 1, 0]), "served": i % 3, "intended": i % 3,
-            "greedy": 0, "propensities": json.dumps([0.5, 0.25, 0.25]), "policy": "thompson" if i < 8 else "primary",
-            "direct": i == 5, "groups": json.dumps({"sex": "male"} if i % 2 else {}), "fingerprint": f"fp{i}",
-            "label": 1.0 if i < 4 else None, "label_source": "observed" if i < 4 else None,
-            "label_time": 2000.0 if i < 4 else None, "label_received_at": 2001.0 if i < 4 else None,
-            "counted_label": 0.0 if i < 4 else None, "counted_source": "assumed" if i < 4 else None,
-            "counted_time": 1500.0 if i < 4 else None, "counted_origin": "x" if i < 4 else None,
-        })
-    with store.engine.begin() as conn:  # what a version-2 store looked like
-        conn.exec_driver_sql("DROP VIEW ecoserve_outcomes_v")
-        conn.exec_driver_sql("DROP TABLE ecoserve_outcomes")
-        conn.exec_driver_sql("DROP TABLE ecoserve_contexts")
-        v2.create(conn)
-        conn.execute(v2.insert(), rows)
-        conn.exec_driver_sql("UPDATE ecoserve_schema SET version = 2")
-    store.close()
+        rows.append(v2_row(
+            f"r{i:02d}", 1000.0 + i, versions=json.dumps(["1", "1", str(1 + i % 2)]),
+            predictions=json.dumps([i % 2, -1 if i == 3 else 1, 0]), served=i % 3, intended=i % 3,
+            propensities=json.dumps([0.5, 0.25, 0.25]), policy="thompson" if i < 8 else "primary",
+            direct=i == 5, groups=json.dumps({"sex": "male"} if i % 2 else {}), fingerprint=f"fp{i}",
+            **({"label": 1.0, "label_source": "observed", "label_time": 2000.0, "label_received_at": 2001.0,
+                "counted_label": 0.0, "counted_source": "assumed", "counted_time": 1500.0, "counted_origin": "x"}
+               if i < 4 else {}),
+        ))
+    make_v2_store(store_url, rows)
     monkeypatch.setattr("telemetry.store.MIGRATE_BATCH", 5)  # copied in three steps
     store = open_store(store_url)
     s3 = None
@@ -217,14 +237,7 @@ def test_migrate_store_command(store_url, monkeypatch, capsys):
     a URL it cannot open is one line and exit status 2."""
     from serving.cli import main
 
-    store = open_store(store_url)
-    with store.engine.begin() as conn:  # an empty v2 store
-        conn.exec_driver_sql("DROP VIEW ecoserve_outcomes_v")
-        conn.exec_driver_sql("DROP TABLE ecoserve_outcomes")
-        conn.exec_driver_sql("DROP TABLE ecoserve_contexts")
-        _v2_table().create(conn)
-        conn.exec_driver_sql("UPDATE ecoserve_schema SET version = 2")
-    store.close()
+    make_v2_store(store_url, [])
     monkeypatch.setenv("ECOSERVE_TEST_STORE", store_url)
     assert main(["migrate-store", "--url-env", "ECOSERVE_TEST_STORE"]) == 0
     backend = "sqlite" if store_url.startswith("sqlite") else "postgresql"
