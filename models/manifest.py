@@ -13,6 +13,7 @@ bad value before anything is loaded.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Literal
@@ -24,6 +25,7 @@ __all__ = [
     "ManifestError",
     "TensorSpec",
     "MemberSpec",
+    "RegressionSpec",
     "EcosystemManifest",
     "MANIFEST_NAME",
     "load_manifest",
@@ -106,16 +108,64 @@ class MemberSpec(_Strict):
         return v
 
 
+MAX_BINS = 256
+
+
+class RegressionSpec(_Strict):
+    """How a regression ecosystem's outputs are judged and compared.
+
+    A member is correct when |prediction - label| <= `tolerance` (DESIGN.md section 3).
+    Label-free metrics (agreement, kappa, unanimity, ambiguity, discrepancy, CIE, the
+    exploration estimators' "same output") need outputs that are equal or not, so they
+    compare predictions by bin: bins of `bin_width` (default: the tolerance) over `range`,
+    values outside it falling into the first or last bin. Two outputs agree when they land
+    in the same bin. The bins bound the label values and the count arrays (at most 256).
+    """
+
+    tolerance: float = Field(gt=0, description="a prediction within this distance of the label is correct")
+    range: tuple[float, float] = Field(description="[low, high] of the values the bins cover")
+    bin_width: float | None = Field(default=None, gt=0, description="agreement bin width; default: the tolerance")
+
+    @model_validator(mode="after")
+    def _bins(self) -> RegressionSpec:
+        lo, hi = self.range
+        if not (lo < hi) or not all(map(_finite, self.range)):
+            raise ValueError(f"range must be two finite numbers, low < high, got {list(self.range)}")
+        if not _finite(self.tolerance):
+            raise ValueError(f"tolerance must be finite, got {self.tolerance}")
+        if self.n_bins > MAX_BINS:
+            raise ValueError(f"range / bin_width gives {self.n_bins} bins; at most {MAX_BINS} (widen bin_width)")
+        return self
+
+    @property
+    def width(self) -> float:
+        return self.bin_width if self.bin_width is not None else self.tolerance
+
+    @property
+    def n_bins(self) -> int:
+        lo, hi = self.range
+        return max(1, math.ceil((hi - lo) / self.width - 1e-9))
+
+    def bin_names(self) -> tuple[str, ...]:
+        lo, w = self.range[0], self.width
+        return tuple(f"[{lo + i * w:g},{lo + (i + 1) * w:g})" for i in range(self.n_bins))
+
+
+def _finite(v: float) -> bool:
+    return math.isfinite(v)
+
+
 class EcosystemManifest(_Strict):
     """The manifest of one ecosystem (one endpoint)."""
 
     name: str = Field(description="ecosystem name; the folder name")
-    task: Literal["classification"] = Field(description="task kind")
+    task: Literal["classification", "regression"] = Field(description="task kind")
     description: str = ""
     input: TensorSpec
-    label_output: str = Field(default="label", description="ONNX output holding the class")
+    label_output: str = Field(default="label", description="ONNX output holding the class (or the value)")
     probability_output: str | None = Field(default="probabilities", description="ONNX output of class scores")
-    classes: tuple[str, ...] = Field(min_length=2, description="class labels, index = class id")
+    classes: tuple[str, ...] = Field(default=(), description="class labels, index = class id (classification)")
+    regression: RegressionSpec | None = Field(default=None, description="tolerance and agreement bins (regression)")
     members: tuple[MemberSpec, ...] = Field(min_length=1)
     subgroups: dict[str, tuple[str, ...]] = Field(
         default_factory=dict, description="declared subgroup attributes and their allowed values"
@@ -141,6 +191,18 @@ class EcosystemManifest(_Strict):
 
     @model_validator(mode="after")
     def _cross(self) -> EcosystemManifest:
+        if self.task == "classification":
+            if len(self.classes) < 2:
+                raise ValueError(f"task classification needs at least 2 classes, got {list(self.classes)}")
+            if self.regression is not None:
+                raise ValueError("'regression' settings are for task regression only")
+        else:
+            if self.regression is None:
+                raise ValueError("task regression needs 'regression' settings (tolerance, range)")
+            if self.classes:
+                raise ValueError("task regression has no classes")
+            if self.probability_output is not None:
+                raise ValueError("task regression has no probability_output (set it to null)")
         seen: set[tuple[str, str]] = set()
         for m in self.members:
             key = (m.name, m.version)

@@ -139,15 +139,21 @@ class MemberSession:
     probability_output: str | None
     provider: str
     _session: object
+    regression: bool = False
 
     @property
     def key(self) -> str:
         return f"{self.ecosystem}.{self.spec.name}"
 
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Class ids (int64, shape [n]) and class scores ([n, classes]) for a validated batch."""
+        """Class ids (int64, shape [n]) and class scores ([n, classes]) for a validated batch; for a
+        regression member, the values (float64, shape [n]; a non-finite value becomes NaN, a missing
+        output) and None."""
         outputs = [self.label_output] + ([self.probability_output] if self.probability_output else [])
         result = self._session.run(outputs, {self.input_spec.name: batch})  # type: ignore[attr-defined]
+        if self.regression:
+            values = np.asarray(result[0], dtype=np.float64).reshape(-1)
+            return np.where(np.isfinite(values), values, np.nan), None
         labels = np.asarray(result[0]).reshape(-1).astype(np.int64, copy=False)
         probs = np.asarray(result[1], dtype=np.float32) if self.probability_output else None
         return labels, probs
@@ -192,4 +198,5 @@ def load_member(
         probability_output=manifest.probability_output,
         provider=got,
         _session=session,
+        regression=manifest.task == "regression",
     )

@@ -110,10 +110,12 @@ class Dataplane:
             "inputs": [
                 {"name": man.input.name, "datatype": datatype_of(man.input.dtype), "shape": list(man.input.shape)}
             ],
-            "outputs": [
-                {"name": "label", "datatype": "INT64", "shape": [-1]},
-                {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(man.classes)]},
-            ],
+            "outputs": (
+                [{"name": "value", "datatype": "FP64", "shape": [-1]}] if man.task == "regression" else [
+                    {"name": "label", "datatype": "INT64", "shape": [-1]},
+                    {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(man.classes)]},
+                ]
+            ),
         }
         members = [
             {
@@ -124,7 +126,12 @@ class Dataplane:
             }
             for a in range(len(r.names))
         ]
-        params: dict[str, Any] = {"classes": list(man.classes), "subgroups": {k: list(v) for k, v in man.subgroups.items()}}
+        params: dict[str, Any] = {"task": man.task, "subgroups": {k: list(v) for k, v in man.subgroups.items()}}
+        if man.regression is not None:
+            params["regression"] = {"tolerance": man.regression.tolerance, "range": list(man.regression.range),
+                                    "bin_width": man.regression.width, "bins": man.regression.n_bins}
+        else:
+            params["classes"] = list(man.classes)
         if model.member is None:
             params.update(members=members, policy=r.policy.kind)
         else:
@@ -156,9 +163,10 @@ class Dataplane:
 
     def response(self, model: ResolvedModel, req: InferRequest, result: InferResult, request_id: str) -> dict[str, Any]:
         n = result.labels.shape[0]
-        outputs = {
-            "label": {"name": "label", "datatype": "INT64", "shape": [n], "data": result.labels.tolist()},
-        }
+        if model.runner.regression:  # a served value is never missing (else a fallback served)
+            outputs = {"value": {"name": "value", "datatype": "FP64", "shape": [n], "data": result.labels.tolist()}}
+        else:
+            outputs = {"label": {"name": "label", "datatype": "INT64", "shape": [n], "data": result.labels.tolist()}}
         if result.probabilities is not None:
             outputs["probabilities"] = {
                 "name": "probabilities",

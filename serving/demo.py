@@ -1,7 +1,7 @@
 """`ecoserve demo`: start the whole system on the demo config, drive it, and say where to look.
 
 1. starts `ecoserve serve` (demo config) as a child process, with a fresh feedback token;
-2. replays each ecosystem's held-out split through the endpoint (credit with its
+2. replays each ecosystem's held-out split through the endpoint (credit and diabetes with their
    subgroup attributes);
 3. posts the true labels in waves a few seconds apart, in shuffled batches with a
    few duplicates; some labels never come: for credit they are assumed after the
@@ -49,7 +49,7 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _replay(url: str, repo: Path, ecosystem: str, rows_per_request: int) -> list[tuple[str, int]]:
+def _replay(url: str, repo: Path, ecosystem: str, rows_per_request: int) -> list[tuple[str, float]]:
     held = load_heldout(repo / ecosystem)
     sent = []
     with httpx.Client(timeout=30) as client:
@@ -66,7 +66,7 @@ def _replay(url: str, repo: Path, ecosystem: str, rows_per_request: int) -> list
     return sent
 
 
-def _post_labels(url: str, token: str, labels: list[tuple[str, int]], waves: int, rng: random.Random) -> None:
+def _post_labels(url: str, token: str, labels: list[tuple[str, float]], waves: int, rng: random.Random) -> None:
     labels = [lab for lab in labels if rng.random() >= NEVER_LABELED]
     rng.shuffle(labels)
     per_wave = math.ceil(len(labels) / waves)
@@ -182,8 +182,8 @@ def run_demo(exit_after: bool = False, config: str | None = None) -> int:
         print()
         print(summary(url, ecos))
         print()
-        print(f"where to look:\n  metrics:     {url}/metrics\n  models:      {url}/v2/models/digits"
-              f"  {url}/v2/models/credit\n  feedback:    POST {url}/v2/feedback  (Authorization: Bearer {token})\n"
+        print(f"where to look:\n  metrics:     {url}/metrics\n  models:      "
+              + "  ".join(f"{url}/v2/models/{eco}" for eco in ecos) + f"\n  feedback:    POST {url}/v2/feedback  (Authorization: Bearer {token})\n"
               f"  outcomes:    {file.serving.telemetry.store_url}")
         if prom is not None:
             print(f"  Prometheus:  {prom.url}  (alerts: {prom.url}/alerts)\n"

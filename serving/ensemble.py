@@ -6,7 +6,8 @@ through `serving.members`). Per request:
 1. the policy decides, per row, the served member and the propensity vector;
 2. the served members, and the shadow members (all others, on a configured share
    of requests), run concurrently, each under `member_timeout_s`;
-3. a member that errors or times out has a missing output (-1) for those rows;
+3. a member that errors or times out has a missing output (-1, NaN for a regression value) for
+   those rows;
    where the served member is missing, the policy's next choice that answered
    serves and the row is marked `fallback`; if none answered: 503 with the reasons;
 4. every row becomes an `Outcome` (all members' outputs) handed to the outcome sink.
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class InferResult:
-    labels: np.ndarray  # served class ids (n,)
+    labels: np.ndarray  # served class ids (n,); served values (float64) for a regression ecosystem
     probabilities: np.ndarray | None  # served class scores (n, C)
     outcomes: list[Outcome]
 
@@ -71,6 +72,7 @@ class EcosystemRunner:
         self.stats = stats or ServingStats()
         self._rng = np.random.default_rng(seed)
         self.n_classes = len(manifest.classes)
+        self.regression = manifest.task == "regression"
         self.version = hashlib.sha1(
             ",".join(f"{n}:{v}" for n, v in zip(self.names, self.versions)).encode()
         ).hexdigest()[:8]
@@ -150,12 +152,14 @@ class EcosystemRunner:
         run_shadow = self.cfg.shadow_fraction >= 1.0 or self._rng.random() < self.cfg.shadow_fraction
         needed = list(range(m)) if run_shadow else sorted(served_set)
         results = await self.fanout(x, needed)
-        preds = np.full((n, m), -1, dtype=np.int64)
+        # a missing output: -1 for a class id, NaN for a regression value
+        preds = np.full((n, m), np.nan) if self.regression else np.full((n, m), -1, dtype=np.int64)
         for a, r in results.items():
             if not isinstance(r, BaseException):
                 preds[:, a] = r[0]
+        answered = ~np.isnan(preds) if self.regression else preds >= 0
         served = np.array([d.served for d in decisions], dtype=np.int64)
-        failed_rows = np.flatnonzero(preds[np.arange(n), served] < 0)
+        failed_rows = np.flatnonzero(~answered[np.arange(n), served])
         if failed_rows.size:
             if direct_member is not None:
                 raise Unavailable(f"member {self.names[direct_member]} failed: {self._reason(results, direct_member)}")
@@ -165,8 +169,9 @@ class EcosystemRunner:
                     results[a] = r
                     if not isinstance(r, BaseException):
                         preds[:, a] = r[0]
+                        answered[:, a] = ~np.isnan(r[0]) if self.regression else True
             for i in failed_rows:
-                alt = next((a for a in self.policy.fallback_order(decisions[i]) if preds[i, a] >= 0), None)
+                alt = next((a for a in self.policy.fallback_order(decisions[i]) if answered[i, a]), None)
                 if alt is None:
                     reasons = "; ".join(f"{self.names[a]}: {self._reason(results, a)}" for a in range(m))
                     raise Unavailable(f"no member of {self.manifest.name!r} could answer ({reasons})")
@@ -183,6 +188,10 @@ class EcosystemRunner:
                 probs[rows] = r[1][rows]
         now = time.time()
         fps = _fingerprints(x)
+        if self.regression:  # None: a missing value (JSON null in the store)
+            row_values = [tuple(None if v != v else v for v in row) for row in preds.tolist()]
+        else:
+            row_values = [tuple(row) for row in preds.tolist()]
         outcomes = [
             Outcome(
                 request_id=request_ids[i],
@@ -190,7 +199,7 @@ class EcosystemRunner:
                 time_s=now,
                 members=self.names,
                 versions=self.versions,
-                predictions=tuple(int(v) for v in preds[i]),
+                predictions=row_values[i],
                 served=int(served[i]),
                 intended=decisions[i].served,
                 propensities=decisions[i].propensities,

@@ -33,10 +33,13 @@ def recorder_specs(cfg: ServingConfig) -> dict[str, EcosystemSpec]:
         current = {m.name: m for m in manifest.current_members()}
         members = list(eco.members or current)
         reference = members.index(eco.policy.primary) if isinstance(eco.policy, PrimaryPolicyConfig) else 0
+        reg = manifest.regression
+        task = {} if reg is None else {"task": "regression", "tolerance": reg.tolerance, "bin_low": reg.range[0],
+                                       "bin_width": reg.width}
         specs[name] = EcosystemSpec(
             name=name,
             members=tuple(members),
-            classes=manifest.classes,
+            classes=manifest.classes if reg is None else reg.bin_names(),
             subgroups=dict(manifest.subgroups),
             intersections=manifest.intersections,
             compressed=tuple(current[m].compressed for m in members),
@@ -44,7 +47,13 @@ def recorder_specs(cfg: ServingConfig) -> dict[str, EcosystemSpec]:
             label_mode=eco.label_mode,
             assume_label_after_s=eco.assume_label_after_s,
             assumed_label=eco.assumed_label,
+            **task,
         )
+        if eco.assumed_label is not None:
+            try:
+                specs[name].label_value(eco.assumed_label)
+            except ValueError as exc:
+                raise ValueError(f"ecosystems.{name}.assumed_label: {exc}") from None
     return specs
 
 

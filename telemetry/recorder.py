@@ -78,6 +78,34 @@ class EcosystemSpec:
     label_mode: Literal["ground_truth", "bandit"] = "ground_truth"
     assume_label_after_s: float | None = None
     assumed_label: str | float | None = None
+    # regression: `classes` names the agreement bins (models.manifest.RegressionSpec); a member is
+    # correct when |value - label| <= tolerance; label-free metrics compare the values' bins
+    task: Literal["classification", "regression"] = "classification"
+    tolerance: float = 0.0
+    bin_low: float = 0.0
+    bin_width: float = 1.0
+
+    @property
+    def regression(self) -> bool:
+        return self.task == "regression"
+
+    def raw_predictions(self, rows: Sequence[Sequence[Any]], n: int) -> np.ndarray:
+        """Stored predictions as an (n, M) array: class ids (int64, -1 missing), or regression
+        values (float64, NaN missing)."""
+        if self.regression:
+            return np.array(rows, dtype=np.float64).reshape(n, len(self.members))
+        return np.array(rows, dtype=np.int64).reshape(n, len(self.members))
+
+    def codes(self, raw: np.ndarray) -> np.ndarray:
+        """What label-free counts compare: class ids as they are; regression values as their bin
+        (values beyond the range in the edge bins), -1 where missing."""
+        if not self.regression:
+            return raw
+        missing = np.isnan(raw)
+        bins = np.floor((np.where(missing, self.bin_low, raw) - self.bin_low) / self.bin_width)
+        codes = np.clip(bins, 0, len(self.classes) - 1).astype(np.int64)
+        codes[missing] = -1
+        return codes
 
     @property
     def shape(self) -> EcosystemShape:
@@ -91,14 +119,18 @@ class EcosystemSpec:
         )
 
     def label_value(self, raw: object) -> float:
-        """A label as the number the store keeps: class id (ground_truth) or reward (bandit)."""
-        if type(raw) is int and self.label_mode != "bandit" and 0 <= raw < len(self.classes):
+        """A label as the number the store keeps: class id or value (ground_truth), or reward (bandit)."""
+        if type(raw) is int and self.label_mode != "bandit" and 0 <= raw < len(self.classes) and not self.regression:
             return float(raw)  # the common case first: a valid class id (bool is not `int` here)
         if isinstance(raw, bool):
             raise ValueError(f"must be a class or a number, got {raw!r}")
         if self.label_mode == "bandit":
             if not isinstance(raw, (int, float)) or not math.isfinite(raw):
                 raise ValueError(f"bandit mode: must be a finite number (the reward), got {raw!r}")
+            return float(raw)
+        if self.regression:
+            if not isinstance(raw, (int, float)) or not math.isfinite(raw):
+                raise ValueError(f"must be a finite number (the true value of {self.name!r}), got {raw!r}")
             return float(raw)
         if isinstance(raw, str):
             if raw in self.classes:
@@ -186,10 +218,16 @@ class _EcosystemState:
         return {attr: [g.get(attr, "") for g in groups] for attr in self.spec.subgroups}
 
 
-def _correct(spec: EcosystemSpec, preds: np.ndarray, served: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Correctness (N, M) in {1, 0, -1} of stored outcomes given their labels (class ids or rewards)."""
-    if spec.label_mode == "bandit":
+def _correct(spec: EcosystemSpec, raw: np.ndarray, preds: np.ndarray, served: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Correctness (N, M) in {1, 0, -1} of stored outcomes given their labels (class ids, values
+    or rewards); `raw` are the predictions as stored, `preds` their codes (`EcosystemSpec.codes`)."""
+    if spec.label_mode == "bandit":  # a member's reward is known where its output (bin) is the served one
         return correctness(preds, served=served, rewards=labels)
+    if spec.regression:
+        with np.errstate(invalid="ignore"):
+            c = (np.abs(raw - labels[:, None]) <= spec.tolerance).astype(np.int8)
+        c[np.isnan(raw) | np.isnan(labels)[:, None]] = -1
+        return c
     return correctness(preds, labels.astype(np.int64))
 
 
@@ -344,7 +382,7 @@ class Recorder:
         n, m = len(items), len(st.spec.members)
         if n and not isinstance(items[0], StoredOutcome):
             cols = list(zip(*items))  # Outcome's fields, in declaration order
-            preds = np.array(cols[5], dtype=np.int64).reshape(n, m)
+            preds = st.spec.codes(st.spec.raw_predictions(cols[5], n))
             times = np.array(cols[2], dtype=np.float64)
             served = np.array(cols[6], dtype=np.int64)
             intended = np.array(cols[7], dtype=np.int64)
@@ -354,7 +392,7 @@ class Recorder:
             groups = st.groups_of(cols[12])
         else:
             stored: Sequence[StoredOutcome] = items  # type: ignore[assignment]
-            preds = np.array([o.predictions for o in stored], dtype=np.int64).reshape(n, m)
+            preds = st.spec.codes(st.spec.raw_predictions([o.predictions for o in stored], n))
             times = np.array([o.created_at for o in stored], dtype=np.float64)
             served = np.array([o.served for o in stored], dtype=np.int64)
             intended = np.array([o.intended for o in stored], dtype=np.int64)
@@ -470,10 +508,11 @@ class Recorder:
         """Count a batch of first labels (label part, delays, off-policy sums), vectorised."""
         spec = st.spec
         n, m = len(items), len(spec.members)
-        preds = np.array([o.predictions for o in items], dtype=np.int64).reshape(n, m)
+        raw = spec.raw_predictions([o.predictions for o in items], n)
+        preds = spec.codes(raw)
         served = np.array([o.served for o in items], dtype=np.int64)
         created = np.array([o.created_at for o in items])
-        c = _correct(spec, preds, served, values)
+        c = _correct(spec, raw, preds, served, values)
         groups = st.groups_of([o.groups for o in items])
         counts = EcosystemCounts.from_arrays(st.shape, preds, c, groups)
         st.labels[source] = st.labels[source] + counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -20,7 +21,8 @@ class Outcome:
     time_s: float  # prediction time, unix seconds
     members: tuple[str, ...]
     versions: tuple[str, ...]
-    predictions: tuple[int, ...]  # class id per member, -1 = missing
+    predictions: tuple[int, ...] | tuple[float | None, ...]  # class id per member, -1 = missing;
+    # regression: the value per member, None = missing
     served: int  # index of the member whose output was returned
     intended: int  # index the policy chose (differs from served on fallback)
     propensities: tuple[float, ...]
@@ -117,7 +119,7 @@ class RowEncoder:
             if served != last_s or intended != last_i or greedy != last_gr or direct != last_d:
                 last_s, last_i, last_gr, last_d = served, intended, greedy, direct
                 mid = f",{int(served)},{int(intended)},{int(greedy)},{'true' if direct else 'false'},"
-            jpred = preds.get(predictions) or fill(preds, predictions, _json_ints)
+            jpred = preds.get(predictions) or fill(preds, predictions, _json_predictions)
             if fingerprint.isalnum():  # the gateway's: hex digests (any letter or digit is valid raw in JSON)
                 out.append((rid, eco, t, ctx, f'[{jpred}{mid}"{fingerprint}"]', jp, jg))
             else:
@@ -129,8 +131,15 @@ def _json_list(names: tuple[str, ...]) -> str:
     return json.dumps(list(names))
 
 
-def _json_ints(values: tuple[int, ...]) -> str:
-    return "[" + ", ".join(map(str, map(int, values))) + "]"
+def _json_predictions(values: tuple[int | float | None, ...]) -> str:
+    """Class ids, or regression values (None: missing, JSON null)."""
+    return "[" + ", ".join(map(_json_prediction, values)) + "]"
+
+
+def _json_prediction(v: int | float | None) -> str:
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else "null"
+    return "null" if v is None else str(int(v))
 
 
 def _json_floats(values: tuple[float, ...]) -> str:

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Both demo ecosystems, built fresh into a temporary repository (about 5 s)."""
+    """The three demo ecosystems, built fresh into a temporary repository (about 8 s)."""
     from models.build import build_models
 
     repo = tmp_path_factory.mktemp("repo")
@@ -41,7 +41,7 @@ def serving_repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     import shutil
 
     repo = tmp_path_factory.mktemp("serving_repo")
-    for eco in ("digits", "credit"):
+    for eco in ("digits", "credit", "diabetes"):
         shutil.copytree(model_repo / eco, repo / eco)
     for name in ("faulty", "broken", "dead"):
         _copy_ecosystem(model_repo / "digits", repo, name)
@@ -67,6 +67,8 @@ def serving_args(repo: Path) -> dict:
             },
             # the served member fails: the policy's next choice answers
             "broken": {"policy": {"kind": "primary", "primary": "knn"}, "faults": {"knn": {"error": True}}},
+            # a regression ecosystem: values, not classes; a failing shadow gives a missing value
+            "diabetes": {"policy": {"kind": "primary", "primary": "ridge"}, "faults": {"knn": {"error": True}}},
             # nothing can answer: 503
             "dead": {
                 "policy": {"kind": "epsilon_greedy", "epsilon": 0.5, "seed": 1},

@@ -98,6 +98,22 @@ def _good(name="eco"):
         (lambda d: d.update(colour="red"), "colour", "'red'"),
         (lambda d: d.update(subgroups={"sex": ["f", "f"]}), "subgroups", "{...}"),
         (lambda d: d.update(intersections=[["sex", "age"]]), "(top level)", ""),
+        (lambda d: d.update(classes=["a"]), "(top level)", "at least 2 classes"),
+        (lambda d: d.update(regression={"tolerance": 1, "range": [0, 1]}), "(top level)", "for task regression only"),
+        (lambda d: d.update(task="regression"), "(top level)", "needs 'regression' settings"),
+        (lambda d: d.update(task="regression", probability_output=None, regression={"tolerance": 1, "range": [0, 1]}),
+         "(top level)", "has no classes"),
+        (lambda d: (d.pop("classes"), d.update(task="regression", regression={"tolerance": 1, "range": [0, 1]})),
+         "(top level)", "no probability_output"),
+        (lambda d: (d.pop("classes"), d.update(task="regression", probability_output=None,
+                                                regression={"tolerance": 0, "range": [0, 1]})),
+         "regression.tolerance", "greater than 0"),
+        (lambda d: (d.pop("classes"), d.update(task="regression", probability_output=None,
+                                                regression={"tolerance": 1, "range": [5, 1]})),
+         "regression", "low < high"),
+        (lambda d: (d.pop("classes"), d.update(task="regression", probability_output=None,
+                                                regression={"tolerance": 0.001, "range": [0, 1]})),
+         "regression", "1000 bins; at most 256"),
     ],
 )
 def test_bad_manifest_names_file_field_and_value(tmp_path, mutate, field, bad):
@@ -110,6 +126,33 @@ def test_bad_manifest_names_file_field_and_value(tmp_path, mutate, field, bad):
     assert str(d / "ecosystem.yaml") in msg
     assert f"field '{field}'" in msg
     assert bad in msg
+
+
+def test_regression_manifest_bins():
+    from models.manifest import RegressionSpec
+
+    spec = RegressionSpec(tolerance=40, range=(0, 400))
+    assert spec.n_bins == 10 and spec.width == 40
+    assert spec.bin_names()[:2] == ("[0,40)", "[40,80)")
+    assert RegressionSpec(tolerance=40, range=(0, 100), bin_width=30).n_bins == 4  # the last bin is partial
+
+
+def test_regression_ecosystem_members_give_values(model_repo):
+    import onnxruntime as ort
+
+    d = model_repo / "diabetes"
+    manifest = load_manifest(d)
+    assert manifest.task == "regression" and manifest.regression.tolerance == 40
+    assert manifest.subgroups == {"sex": ("sex_1", "sex_2"), "age_group": ("under_50", "50_plus")}
+    assert [m.name for m in manifest.members if m.compressed] == ["mlp_int8"]
+    held = load_heldout(d, manifest)
+    assert held.y.dtype.kind == "f" and held.X.shape == (133, 10)
+    for spec in manifest.members:
+        values, probs = load_member(d, manifest, spec, "cpu").predict(held.X[:40])
+        assert probs is None and values.dtype == np.float64 and values.shape == (40,)
+        raw = ort.InferenceSession(str(d / spec.path), providers=["CPUExecutionProvider"])
+        assert np.array_equal(values, raw.run(["variable"], {"input": held.X[:40]})[0].reshape(-1))
+        assert 0.3 < np.mean(np.abs(values - held.y[:40]) <= 40) < 0.9  # a real model, not a constant
 
 
 def test_manifest_name_must_match_folder_and_be_yaml(tmp_path):

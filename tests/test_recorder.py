@@ -559,3 +559,82 @@ def test_sqlite_wal_is_checkpointed_in_the_background(tmp_path):
     finally:
         store.close()
     assert not thread.is_alive()
+
+
+# ------------------------------------------------------------------ regression ecosystems
+REG = EcosystemSpec(
+    name="reg", members=MEMBERS, classes=tuple(f"b{i}" for i in range(10)), subgroups={"sex": ("female", "male")},
+    assume_label_after_s=600.0, assumed_label=0.0, task="regression", tolerance=10.0, bin_low=0.0, bin_width=10.0,
+)
+
+
+def reg_outcome(i: int, values, t: float, sex: str = "female", served: int = 0) -> Outcome:
+    return Outcome(f"v{i}", "reg", t, MEMBERS, ("1", "1", "1"), tuple(values), served, served,
+                   (0.5, 0.3, 0.2), 0, "epsilon_greedy", False, {"sex": sex}, f"fp{i}")
+
+
+def test_regression_codes_bin_values_and_mark_missing_ones():
+    raw = np.array([[0.0, 9.999, 10.0], [-5.0, 99.9, 1e6], [np.nan, 55.0, 100.0]])
+    assert REG.codes(raw).tolist() == [[0, 0, 1], [0, 9, 9], [-1, 5, 9]]  # beyond the range: the edge bins
+    for bad in ("12.5", True, float("nan"), float("inf"), None, [1.0]):
+        with pytest.raises(ValueError, match="must be"):
+            REG.label_value(bad)
+    assert REG.label_value(7) == 7.0 and REG.label_value(-3.25) == -3.25  # any finite number is a true value
+
+
+def test_regression_counters_match_definitions_and_survive_a_restart(store_url):
+    """Correct = |value - label| <= tolerance; label-free metrics compare bins; a missing value
+    (None) is excluded, never a failure; counts rebuilt from the store after a restart."""
+    clock = Clock()
+    store = open_store(store_url)
+    rec = Recorder({"reg": REG}, store, clock=clock)
+    rng = np.random.default_rng(5)
+    n = 300
+    truth = rng.uniform(0, 100, n)
+    values = truth[:, None] + rng.normal(0, 9, (n, 3))
+    values[rng.random((n, 3)) < 0.03] = np.nan  # members that failed on a row
+    values[0] = [truth[0] + 10.0, truth[0] - 10.0, truth[0] + 10.5]  # on and just past the tolerance
+    sexes = rng.choice(["female", "male"], n)
+    rows = [tuple(None if np.isnan(v) else float(v) for v in values[i]) for i in range(n)]
+    rec.record([reg_outcome(i, rows[i], clock.t, sexes[i]) for i in range(n)])
+    res = rec.feedback([LabelItem(f"v{i}", float(truth[i])) for i in range(n)] + [LabelItem("v1", float(truth[1]))])
+    assert res[-1].status == "duplicate"
+    assert rec.feedback([LabelItem("v1", float(truth[1]) + 1)])[0].status == "correction"
+    with pytest.raises(FeedbackError, match="item 0: label: must be a finite number"):
+        rec.feedback([LabelItem("v2", "high")])
+    stored = rec.store.get_outcomes(["v0"])["v0"]
+    assert stored.predictions == list(values[0])  # values stored exactly
+    missing = np.isnan(values)
+    correct = np.abs(values - truth[:, None]) <= 10.0
+    assert correct[0].tolist() == [True, True, False]
+    complete = ~missing.any(axis=1)
+    k = (~correct[complete]).sum(axis=1)
+    bins = np.clip(np.floor(values / 10.0), 0, 9)
+    obs = {"ecosystem": "reg", "source": "observed", **ALL}
+    assert value(rec, "ecoserve_labeled_outcomes_total", **obs) == n
+    for kk in range(4):
+        assert value(rec, "ecoserve_failures_per_instance_total", k=str(kk), **obs) == (k == kk).sum()
+    for a, m in enumerate(MEMBERS):
+        assert value(rec, "ecoserve_member_correct_total", member=m, **obs) == (correct[:, a] & ~missing[:, a]).sum()
+        assert value(rec, "ecoserve_member_labeled_total", member=m, **obs) == (~missing[:, a]).sum()
+    assert value(rec, "ecoserve_pair_agreements_total", ecosystem="reg", member_a="a", member_b="c", **ALL) == (
+        bins[complete, 0] == bins[complete, 2]).sum()
+    male = sexes == "male"
+    assert value(rec, "ecoserve_failures_per_instance_total", k="3", ecosystem="reg", source="observed",
+                 subgroup="sex", subgroup_value="male") == (k[male[complete]] == 3).sum()
+    sfr = value(rec, "ecoserve_window_systemic_failure_ratio", ecosystem="reg", **ALL)
+    assert sfr == pytest.approx((k == 3).mean())
+    before = samples(rec)
+    store.close()
+    again = Recorder({"reg": REG}, open_store(store_url), clock=clock)
+    after = samples(again)
+    for key, v in before.items():
+        if key[0].endswith("_total") and not key[0].startswith("ecoserve_recorder_cpu"):
+            assert after.get(key) == v, key
+    # assumed labels are values too
+    clock.t += 700
+    again.record([reg_outcome(n + 1, (1.0, 2.0, 30.0), clock.t - 650)])
+    assert again.sweep()["assumed"] == 1
+    assert value(again, "ecoserve_member_correct_total", ecosystem="reg", member="c", source="assumed", **ALL) == 0
+    assert value(again, "ecoserve_member_correct_total", ecosystem="reg", member="a", source="assumed", **ALL) == 1
+    again.store.close()

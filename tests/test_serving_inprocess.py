@@ -156,6 +156,31 @@ def test_subgroups_and_client_row_ids_are_recorded(app, serving_repo, recorded):
     assert rec["c-b"].groups == {"sex": "female", "age_group": "adult"}
 
 
+def test_regression_ecosystem_serves_values_and_records_every_member(app, serving_repo, recorded):
+    x = load_heldout(serving_repo / "diabetes").X[:6]
+    r = call(app, "POST", "/v2/models/diabetes/infer", infer_body(x, id="reg-1"))
+    assert r.status_code == 200, r.text
+    (out,) = r.json()["outputs"]
+    ridge = ort.InferenceSession(str(serving_repo / "diabetes/ridge/1/model.onnx"), providers=["CPUExecutionProvider"])
+    want = ridge.run(["variable"], {"input": x})[0].reshape(-1)
+    assert out["name"] == "value" and out["datatype"] == "FP64" and out["shape"] == [6]
+    assert out["data"] == want.astype(np.float64).tolist()
+    rec = [o for o in recorded if o.request_id.startswith("reg-1/")]
+    knn = rec[0].members.index("knn")
+    assert all(o.predictions[knn] is None for o in rec)  # the failing shadow: a missing value, not a number
+    for a, name in enumerate(rec[0].members):
+        if a == knn:
+            continue
+        s = ort.InferenceSession(str(serving_repo / f"diabetes/{name}/1/model.onnx"), providers=["CPUExecutionProvider"])
+        assert [o.predictions[a] for o in rec] == s.run(["variable"], {"input": x})[0].reshape(-1).tolist()
+    meta = call(app, "GET", "/v2/models/diabetes").json()
+    assert meta["outputs"] == [{"name": "value", "datatype": "FP64", "shape": [-1]}]
+    assert meta["parameters"]["task"] == "regression" and "classes" not in meta["parameters"]
+    assert meta["parameters"]["regression"] == {"tolerance": 40.0, "range": [0.0, 400.0], "bin_width": 40.0, "bins": 10}
+    r = call(app, "POST", "/v2/models/diabetes/infer", {**infer_body(x), "outputs": [{"name": "label"}]})
+    assert r.status_code == 400 and "unknown output 'label'; outputs: value" in r.json()["error"]
+
+
 def test_generated_request_ids_are_time_ordered_uuid7():
     import uuid
 

@@ -54,7 +54,8 @@ def server(request, serving_repo, tmp_path_factory, monkeypatch_module):
         "auth": {"feedback_token_env": "ECOSERVE_FEEDBACK_TOKEN"},
         "telemetry": {"store_url": store_url, "flush_interval_s": 0.1, "sweep_interval_s": 0.5,
                       "recorder_in_gateway": False},  # its own deployment: this module kills it mid-stream
-        "ecosystems": {"credit": {"policy": {"kind": "primary", "primary": "logreg"}}},
+        "ecosystems": {"credit": {"policy": {"kind": "primary", "primary": "logreg"}},
+                       "diabetes": {"policy": {"kind": "primary", "primary": "ridge"}}},
     }
     path = write_serve_file(tmp / "serve.yaml", port, args)
     running = start(load_serve_file(path), num_cpus=2)
@@ -156,6 +157,63 @@ def test_scraped_counters_equal_direct_onnxruntime(server, serving_repo):
     assert metric(m, "ecoserve_feedback_unknown_id_total") >= 3
     assert metric(m, "ecoserve_window_systemic_failure_ratio", ecosystem="credit", subgroup="all",
                   subgroup_value="all") == pytest.approx((k == 5).mean())
+
+
+REG_MEMBERS = ["ridge", "forest", "gboost", "mlp", "knn", "mlp_int8"]
+
+
+def test_regression_counters_equal_direct_onnxruntime(server, serving_repo):
+    """A regression ecosystem: true values as labels (late, early, duplicated, corrected);
+    correct = within the manifest's tolerance (40); label-free counts compare 40-wide bins."""
+    held = load_heldout(serving_repo / "diabetes")
+    run_id = uuid.uuid4().hex[:6]
+    n, per_request = 100, 10
+    X, y = held.X[:n], held.y[:n]
+    sex, age = held.groups["sex"][:n], held.groups["age_group"][:n]
+    ids = [f"{run_id}-d{i}" for i in range(n)]
+    early = [{"request_id": ids[i], "label": float(y[i])} for i in range(per_request)]
+    assert post_labels(server, early).json()["counts"] == {"pending": per_request}
+    for s in range(0, n, per_request):
+        body = infer_body(X[s : s + per_request], parameters={
+            "request_ids": ids[s : s + per_request],
+            "subgroups": [{"sex": str(sex[i]), "age_group": str(age[i])} for i in range(s, s + per_request)],
+        })
+        r = httpx.post(f"{server}/v2/models/diabetes/infer", json=body, timeout=30)
+        assert r.status_code == 200 and r.json()["outputs"][0]["name"] == "value"
+    r = post_labels(server, [{"request_id": ids[0], "label": "high"}])
+    assert r.status_code == 422 and "item 0: label: must be a finite number" in r.json()["error"]
+    items = [{"request_id": ids[i], "label": float(y[i]), "timestamp": time.time() + 5} for i in range(per_request, n)]
+    items += items[:10] + [{"request_id": f"unknown-{run_id}-d{j}", "label": 100.0} for j in range(2)]
+    random.Random(1).shuffle(items)
+    r = post_labels(server, items)
+    assert r.status_code == 200, r.text
+    assert r.json()["counts"]["duplicate"] == 10
+    assert post_labels(server, [{"request_id": ids[1], "label": float(y[1]) + 50}]).json()["counts"] == {"correction": 1}
+    allr = {**ALL, "ecosystem": "diabetes"}
+    m = wait_for(server, "ecoserve_labeled_outcomes_total", n, **allr)
+    values = np.stack([
+        ort.InferenceSession(str(serving_repo / f"diabetes/{mem}/1/model.onnx"), providers=["CPUExecutionProvider"])
+        .run(["variable"], {"input": X})[0].reshape(-1).astype(np.float64) for mem in REG_MEMBERS], axis=1)
+    wrong = np.abs(values - y[:, None]) > 40.0
+    k = wrong.sum(axis=1)
+    bins = np.clip(np.floor(values / 40.0), 0, 9)
+    assert 0 < (k == 6).sum() < n and 0 < (k == 0).sum() < n  # the data has both kinds
+    assert metric(m, "ecoserve_labeled_outcomes_total", **allr) == n  # the correction did not count twice
+    for kk in (0, 3, 6):
+        assert metric(m, "ecoserve_failures_per_instance_total", k=str(kk), **allr) == (k == kk).sum()
+    for a, mem in enumerate(REG_MEMBERS):
+        assert metric(m, "ecoserve_member_correct_total", member=mem, **allr) == (~wrong[:, a]).sum()
+    for a, b in ((0, 1), (3, 5), (2, 4)):
+        assert metric(m, "ecoserve_pair_agreements_total", ecosystem="diabetes", member_a=REG_MEMBERS[a],
+                      member_b=REG_MEMBERS[b], subgroup="all", subgroup_value="all") == (bins[:, a] == bins[:, b]).sum()
+    old = age == "50_plus"
+    sub = {**allr, "subgroup": "age_group", "subgroup_value": "50_plus"}
+    assert metric(m, "ecoserve_labeled_outcomes_total", **sub) == old.sum()
+    assert metric(m, "ecoserve_failures_per_instance_total", k="6", **sub) == (k[old] == 6).sum()
+    assert metric(m, "ecoserve_label_corrections_total", ecosystem="diabetes", from_source="observed",
+                  to_source="observed") == 1
+    assert metric(m, "ecoserve_window_systemic_failure_ratio", ecosystem="diabetes", subgroup="all",
+                  subgroup_value="all") == pytest.approx((k == 6).mean())
 
 
 def test_feedback_auth_and_bad_items_change_nothing(server):
