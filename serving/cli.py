@@ -51,6 +51,14 @@ def _cmd_predictions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _value_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LOW,HIGH (two numbers), got {text!r}") from None
+    return lo, hi
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from telemetry.analysis import AnalysisError, AnalysisOptions, analyze_csv, format_table
 
@@ -65,6 +73,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         reference=args.reference,
         compressed=tuple(m for part in (args.compressed or ()) for m in part.split(",") if m),
         epsilon=args.epsilon,
+        tolerance=args.tolerance,
+        value_range=args.range,
+        bin_width=args.bin_width,
     )
     try:
         result = analyze_csv(args.file, opts)
@@ -212,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="reference member for ambiguity/discrepancy (default: first member)")
     p.add_argument("--compressed", action="append", help="compressed member columns, comma-separated (for CIE)")
     p.add_argument("--epsilon", type=float, default=0.05, help="Rashomon-set accuracy tolerance (default: 0.05)")
+    p.add_argument("--tolerance", type=float, help="a regression table: correct = |value - label| <= this")
+    p.add_argument("--range", type=_value_range, help="regression: LOW,HIGH covered by the agreement bins")
+    p.add_argument("--bin-width", type=float, help="regression: agreement bin width (default: the tolerance)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--compact", action="store_true", help="with --json: on one line")
     p.set_defaults(func=_cmd_analyze)

@@ -41,6 +41,11 @@ class AnalysisOptions:
     reference: str | None = None
     compressed: tuple[str, ...] = ()  # member columns that are compressed variants (for CIE)
     epsilon: float = DEFAULT_RASHOMON_EPSILON
+    # regression: cells are values; correct = |value - label| <= tolerance; label-free metrics
+    # compare bins of bin_width (default: the tolerance) over value_range (models.manifest.RegressionSpec)
+    tolerance: float | None = None
+    value_range: tuple[float, float] | None = None
+    bin_width: float | None = None
 
 
 def _read(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -95,6 +100,43 @@ def _class_order(values: set[str]) -> list[str]:
         return sorted(values)
 
 
+def _regression(
+    p: Path, opts: AnalysisOptions, members: list[str], member_cols: list[list[str]], label_col: list[str] | None
+) -> tuple[list[str], np.ndarray, np.ndarray | None] | None:
+    """With --tolerance: (bin names, bins of the members' values (-1 missing), correctness) of a
+    regression table, the same rules as the live recorder (telemetry.recorder.EcosystemSpec)."""
+    if opts.tolerance is None:
+        if opts.value_range is not None or opts.bin_width is not None:
+            raise AnalysisError(f"{p}: --range and --bin-width are for regression tables: give --tolerance too")
+        return None
+    from models.manifest import RegressionSpec
+
+    if opts.value_range is None:
+        raise AnalysisError(f"{p}: a regression table (--tolerance) needs --range LOW,HIGH for the agreement bins")
+    from pydantic import ValidationError
+
+    from models.manifest import describe_validation_error
+
+    try:
+        spec = RegressionSpec(tolerance=opts.tolerance, range=opts.value_range, bin_width=opts.bin_width)
+    except ValidationError as exc:
+        raise AnalysisError(f"{p}: --tolerance/--range/--bin-width: {'; '.join(describe_validation_error(exc))}") from exc
+    raw = np.stack([_numbers(p, col, m) for m, col in zip(members, member_cols)], axis=1)
+    if np.isinf(raw).any():
+        raise AnalysisError(f"{p}: member values must be finite (an empty cell is a missing output)")
+    missing = np.isnan(raw)
+    lo, w = spec.range[0], spec.width
+    codes = np.clip(np.floor((np.where(missing, lo, raw) - lo) / w), 0, spec.n_bins - 1).astype(np.int64)
+    codes[missing] = -1
+    correct = None
+    if label_col is not None:
+        y = _numbers(p, label_col, opts.label_column)
+        with np.errstate(invalid="ignore"):
+            correct = (np.abs(raw - y[:, None]) <= spec.tolerance).astype(np.int8)
+        correct[missing | np.isnan(y)[:, None]] = -1
+    return list(spec.bin_names()), codes, correct
+
+
 def analyze_csv(path: str | Path, opts: AnalysisOptions) -> dict[str, Any]:
     """Every ecosystem metric of the table, as the JSON object `ecoserve analyze --json` prints."""
     p = Path(path)
@@ -117,14 +159,18 @@ def analyze_csv(path: str | Path, opts: AnalysisOptions) -> dict[str, Any]:
         label_col = None
     else:
         label_col = _column(p, header, body, opts.label_column, "label")
-    values = {v for col in member_cols for v in col if v != ""}
-    if label_col is not None:
-        values |= {v for v in label_col if v != ""}
-    classes = _class_order(values)
-    if not classes:
-        raise AnalysisError(f"{p}: every member cell is empty")
-    index = {c: i for i, c in enumerate(classes)}
-    preds = np.array([[index[v] if v != "" else -1 for v in col] for col in member_cols], dtype=np.int64).T
+    regression = _regression(p, opts, members, member_cols, label_col)
+    if regression is not None:
+        classes, preds, correct_reg = regression
+    else:
+        values = {v for col in member_cols for v in col if v != ""}
+        if label_col is not None:
+            values |= {v for v in label_col if v != ""}
+        classes = _class_order(values)
+        if not classes:
+            raise AnalysisError(f"{p}: every member cell is empty")
+        index = {c: i for i, c in enumerate(classes)}
+        preds = np.array([[index[v] if v != "" else -1 for v in col] for col in member_cols], dtype=np.int64).T
     n = preds.shape[0]
 
     served = None
@@ -154,8 +200,11 @@ def analyze_csv(path: str | Path, opts: AnalysisOptions) -> dict[str, Any]:
         correct = correctness(preds, served=served, rewards=rewards)
     else:
         assert label_col is not None
-        labels = np.array([index[v] if v != "" else -1 for v in label_col], dtype=np.int64)
-        correct = correctness(preds, labels)
+        if regression is not None:
+            correct = correct_reg
+        else:
+            labels = np.array([index[v] if v != "" else -1 for v in label_col], dtype=np.int64)
+            correct = correctness(preds, labels)
         if served is not None:
             rows = np.arange(n)
             c_served = correct[rows, served]

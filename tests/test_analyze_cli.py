@@ -98,6 +98,10 @@ def _bad(tmp_path, text, name="bad.csv"):
                                        "--reward-column", "r"], "column 's' must name a member, got 'zz'"),
         ("a,b,r\n1,0,1\n", ["--mode", "bandit", "--reward-column", "r"], "bandit mode needs --served-column"),
         ("label,a,b\n1,1,0\n", ["--reference", "c"], "--reference 'c' is not a member column"),
+        ("label,a,b\n1,1,0\n", ["--range", "0,10"], "--range and --bin-width are for regression tables"),
+        ("label,a,b\n1,1,0\n", ["--tolerance", "1"], "needs --range LOW,HIGH"),
+        ("label,a,b\n1.5,high,0\n", ["--tolerance", "1", "--range", "0,10"], "line 2: column 'a' must be a number"),
+        ("label,a,b\n1.5,1,0\n", ["--tolerance", "0.001", "--range", "0,10"], "at most 256"),
     ],
 )
 def test_bad_files_get_one_line_and_nonzero_exit(tmp_path, content, extra, message):
@@ -107,6 +111,43 @@ def test_bad_files_get_one_line_and_nonzero_exit(tmp_path, content, extra, messa
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert message in proc.stderr
+
+
+def test_analyze_a_regression_table(model_repo, tmp_path):
+    """Values, not classes: correct = within the tolerance, agreement by bin, the same rules as
+    the live recorder; the diabetes ecosystem's own held-out predictions."""
+    out = tmp_path / "diabetes.csv"
+    write_predictions_csv(model_repo / "diabetes", out)
+    proc = ecoserve("analyze", str(out), "--json", "--tolerance", "40", "--range", "0,400",
+                    "--group-column", "sex", "--group-column", "age_group", "--compressed", "mlp_int8")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(proc.stdout)
+    manifest, held, preds = member_predictions(model_repo / "diabetes")
+    names = list(preds)
+    V = np.stack([preds[n] for n in names], axis=1)
+    wrong = np.abs(V - held.y[:, None]) > 40
+    k = wrong.sum(axis=1)
+    assert res["n"] == len(held.y) and res["classes"][0] == "[0,40)" and len(res["classes"]) == 10
+    assert res["systemic_failure_rate"] == pytest.approx((k == len(names)).mean())
+    assert res["independence_baseline"]["systemic_failure_rate"] == pytest.approx(np.prod(wrong.mean(axis=0)))
+    for i, n in enumerate(names):
+        assert res["accuracy"][n] == pytest.approx(1 - wrong[:, i].mean())
+    bins = np.clip(np.floor(V / 40), 0, 9)
+    assert res["unanimity_rate"] == pytest.approx((bins == bins[:, :1]).all(axis=1).mean())
+    # an empty cell is a missing output, never a failure
+    rows = out.read_text().splitlines()
+    cells = rows[1].split(",")
+    cells[2] = ""
+    rows[1] = ",".join(cells)
+    out.write_text("\n".join(rows) + "\n")
+    res2 = json.loads(ecoserve("analyze", str(out), "--json", "--tolerance", "40", "--range", "0,400",
+                               "--group-column", "sex", "--group-column", "age_group").stdout)
+    assert res2["n_complete"] == len(held.y) - 1
+
+
+def test_a_bad_range_is_a_usage_error(tmp_path):
+    proc = ecoserve("analyze", str(_bad(tmp_path, "label,a,b\n1.5,1,0\n")), "--tolerance", "1", "--range", "10")
+    assert proc.returncode == 2 and "argument --range: expected LOW,HIGH (two numbers), got '10'" in proc.stderr
 
 
 def test_missing_file_and_directory(tmp_path):
