@@ -13,6 +13,9 @@ $ECOSERVE predictions digits --repository "$REPO" --out .demo/digits.csv
 $ECOSERVE analyze .demo/digits.csv --compressed mlp_a_int8
 $ECOSERVE predictions credit --repository "$REPO" --out .demo/credit.csv
 $ECOSERVE analyze .demo/credit.csv --group-column sex --group-column age_group
+# a regression ecosystem: correct = within 40 of the true value, agreement by 40-wide bins
+$ECOSERVE predictions diabetes --repository "$REPO" --out .demo/diabetes.csv
+$ECOSERVE analyze .demo/diabetes.csv --tolerance 40 --range 0,400 --group-column sex --group-column age_group --compressed mlp_int8
 echo
 echo "== live: ecoserve on Ray Serve, traffic and delayed labels =="
 export ECOSERVE_FEEDBACK_TOKEN=${ECOSERVE_FEEDBACK_TOKEN:-$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(16))')}
