@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -38,7 +38,7 @@ from telemetry.counts import EcosystemCounts, EcosystemShape, correctness
 from telemetry.exploration import ExplorationCounts
 from telemetry.records import Outcome, outcome_fields
 from telemetry.serving_stats import merge_reports
-from telemetry.store import OutcomeStore, StoredOutcome
+from telemetry.store import FirstLabel, OutcomeStore, StoredOutcome
 
 __all__ = [
     "EcosystemSpec",
@@ -85,6 +85,11 @@ class EcosystemSpec:
     bin_low: float = 0.0
     bin_width: float = 1.0
 
+    def __post_init__(self) -> None:
+        # labels that are plain class ids 0..n-1 (ground-truth classification): `label_value`'s fast path
+        plain = self.label_mode != "bandit" and self.task == "classification"
+        object.__setattr__(self, "_class_ids", len(self.classes) if plain else 0)
+
     @property
     def regression(self) -> bool:
         return self.task == "regression"
@@ -120,7 +125,7 @@ class EcosystemSpec:
 
     def label_value(self, raw: object) -> float:
         """A label as the number the store keeps: class id or value (ground_truth), or reward (bandit)."""
-        if type(raw) is int and self.label_mode != "bandit" and 0 <= raw < len(self.classes) and not self.regression:
+        if type(raw) is int and 0 <= raw < self._class_ids:  # type: ignore[attr-defined]
             return float(raw)  # the common case first: a valid class id (bool is not `int` here)
         if isinstance(raw, bool):
             raise ValueError(f"must be a class or a number, got {raw!r}")
@@ -141,16 +146,19 @@ class EcosystemSpec:
         raise ValueError(f"class id {raw!r} out of range for {len(self.classes)} classes of {self.name!r}")
 
 
-@dataclass(frozen=True)
-class LabelItem:
+class LabelItem(NamedTuple):
+    """One label as the feedback API received it (a named tuple: thousands per request)."""
+
     request_id: str
     label: int | float | str
     timestamp: float | None = None  # when the label was observed (unix s); default: arrival
     source: str = ""  # free text: where the label came from (kept in the label history)
 
 
-@dataclass(frozen=True)
-class ItemResult:
+class ItemResult(NamedTuple):
+    """What became of one label (a named tuple: one per label, and a frozen dataclass's `__init__`
+    costs several times a tuple's)."""
+
     request_id: str
     status: Literal["joined", "duplicate", "correction", "pending"]
 
@@ -431,51 +439,45 @@ class Recorder:
     ) -> list[ItemResult]:
         now = self.clock()
         found = self.store.get_outcomes(list({i.request_id for i in items}))
-        # 1. validate everything before touching anything
-        values: list[float | None] = []
-        for idx, item in enumerate(items):
-            o = found.get(item.request_id)
-            if o is None:
-                values.append(None)
-                continue
-            try:
-                values.append(self.specs[o.ecosystem].label_value(item.label))
-            except ValueError as exc:
-                raise FeedbackError(idx, "label", str(exc)) from exc
-        # 2. classify in arrival order (later items see earlier ones of the same batch)
-        current: dict[str, tuple[float | None, str | None]] = {
-            rid: (o.label, o.label_source) for rid, o in found.items()
-        }
-        first, corrections, pending, results = [], [], [], []
+        # validate and classify in one pass, in arrival order (later items see earlier ones of the
+        # same batch); nothing is applied until every item has passed (step 2)
+        current: dict[str, tuple[float | None, str | None]] = {}
+        first: list[FirstLabel] = []
+        corrections: list[dict[str, Any]] = []
+        pending: list[dict[str, Any]] = []
+        results: list[ItemResult] = []
         fold: list[tuple[StoredOutcome, float, float]] = []
         corrected: list[tuple[str, str, str]] = []
         duplicates: list[str] = []
-        for item, value in zip(items, values):
-            arrived = received_at.get(item.request_id, now) if received_at else now
-            label_time = item.timestamp if item.timestamp is not None else arrived
-            o = found.get(item.request_id)
+        specs = self.specs
+        for idx, (rid, label, timestamp, origin) in enumerate(items):
+            arrived = received_at.get(rid, now) if received_at else now
+            label_time = timestamp if timestamp is not None else arrived
+            o = found.get(rid)
             if o is None:
-                pending.append({"request_id": item.request_id, "label": item.label, "source": item.source,
+                pending.append({"request_id": rid, "label": label, "source": origin,
                                 "label_time": label_time, "received_at": arrived})
-                results.append(ItemResult(item.request_id, "pending"))
+                results.append(ItemResult(rid, "pending"))
                 continue
-            assert value is not None
-            row = {"request_id": o.request_id, "ecosystem": o.ecosystem, "label": value, "source": "observed",
-                   "label_time": label_time, "received_at": arrived, "origin": item.source[:64]}
-            cur_value, cur_source = current[o.request_id]
+            try:
+                value = specs[o.ecosystem].label_value(label)
+            except ValueError as exc:
+                raise FeedbackError(idx, "label", str(exc)) from exc
+            cur_value, cur_source = current.get(rid) or (o.label, o.label_source)
             if cur_source is None:
-                first.append(row)
+                first.append((rid, o.ecosystem, value, "observed", label_time, arrived, origin[:64]))
                 fold.append((o, value, label_time))
-                results.append(ItemResult(o.request_id, "joined"))
+                results.append(ItemResult(rid, "joined"))
             elif cur_value == value and cur_source == "observed":
                 duplicates.append(o.ecosystem)
-                results.append(ItemResult(o.request_id, "duplicate"))
+                results.append(ItemResult(rid, "duplicate"))
                 continue
             else:
-                corrections.append(row)
+                corrections.append({"request_id": rid, "ecosystem": o.ecosystem, "label": value, "source": "observed",
+                                    "label_time": label_time, "received_at": arrived, "origin": origin[:64]})
                 corrected.append((o.ecosystem, cur_source, "observed"))
-                results.append(ItemResult(o.request_id, "correction"))
-            current[o.request_id] = (value, "observed")
+                results.append(ItemResult(rid, "correction"))
+            current[rid] = (value, "observed")
         if pending and not allow_pending:
             pending = []
         if pending and self._pending + len(pending) > self.max_pending:
@@ -483,9 +485,9 @@ class Recorder:
                 len(items) - 1, "request_id",
                 f"{len(pending)} labels for unknown request ids would exceed the pending limit of {self.max_pending}",
             )
-        # 3. one transaction
+        # 2. one transaction
         self.store.apply_labels(first, corrections, pending)
-        # 4. count
+        # 3. count
         self._pending += len({p["request_id"] for p in pending})
         events: dict[str, int] = {"unknown_ids": len(pending)}
         for eco in duplicates:
@@ -495,7 +497,7 @@ class Recorder:
             events[key] = events.get(key, 0) + 1
         self._event(events)
         for name, st in self.state.items():
-            mine = [(o, v, t) for o, v, t in fold if o.ecosystem == name]
+            mine = fold if len(self.state) == 1 else [f for f in fold if f[0].ecosystem == name]
             if mine:
                 self._count_labels(st, [o for o, _, _ in mine], np.array([v for _, v, _ in mine]), "observed",
                                    np.array([t for _, _, t in mine]))
@@ -566,14 +568,11 @@ class Recorder:
                     rows = self.store.unlabeled_before(name, now - spec.assume_label_after_s)
                     if not rows:
                         break
-                    first = [
-                        {"request_id": o.request_id, "ecosystem": name, "label": value, "source": "assumed",
-                         "label_time": o.created_at + spec.assume_label_after_s, "received_at": now, "origin": "sweep"}
-                        for o in rows
-                    ]
+                    first = [(o.request_id, name, value, "assumed", o.created_at + spec.assume_label_after_s, now, "sweep")
+                             for o in rows]
                     self.store.apply_labels(first, [])
                     self._count_labels(st, rows, np.full(len(rows), value), "assumed",
-                                       np.array([f["label_time"] for f in first]))
+                                       np.array([f[4] for f in first]))
                     assumed += len(rows)
             expired = self.store.expire_pending(now - self.pending_ttl_s) if self._pending else 0
             self._event({"expired": expired})

@@ -77,7 +77,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from telemetry.records import PAYLOAD_FIELDS, ROW_COLUMNS, Outcome, RowEncoder, outcome_fields, payload_text
 
-__all__ = ["StoreError", "OutcomeStore", "StoredOutcome", "SCHEMA_VERSION", "open_store"]
+__all__ = ["StoreError", "OutcomeStore", "StoredOutcome", "FirstLabel", "SCHEMA_VERSION", "open_store"]
 
 SCHEMA_VERSION = 3
 _CHUNK = 500  # ids per IN (...) query: well under SQLite's variable limit
@@ -196,6 +196,10 @@ class StoredOutcome(NamedTuple):
     counted_source: str | None
     counted_time: float | None
 
+
+# a first label, as the recorder hands it to `apply_labels` (a plain tuple: one per label, thousands
+# per feedback request): (request_id, ecosystem, label, source, label_time, received_at, origin)
+FirstLabel = tuple[str, str, float, str, float, float, str]
 
 _COLUMNS = ("request_id", "ecosystem", "created_at", "payload", "propensities", "groups", "label", "label_source",
             "counted_label", "counted_source", "counted_time")
@@ -473,12 +477,12 @@ class OutcomeStore:
     # ----------------------------------------------------------- labels
     def apply_labels(
         self,
-        first: list[dict[str, Any]],
+        first: list[FirstLabel],
         corrections: list[dict[str, Any]],
         pending: list[dict[str, Any]] | None = None,
     ) -> None:
-        """In one transaction: set first labels (current and counted), apply corrections
-        (current label only), every one into the label history; hold `pending` labels."""
+        """In one transaction: set first labels (current and counted; tuples, see `FirstLabel`),
+        apply corrections (current label only, into the label history); hold `pending` labels."""
         if not first and not corrections and not pending:
             return
         with self.engine.begin() as conn:
@@ -490,8 +494,8 @@ class OutcomeStore:
                     f"UPDATE ecoserve_outcomes SET label = {ph}, label_source = {ph}, label_time = {ph}, "
                     f"label_received_at = {ph}, counted_label = {ph}, counted_source = {ph}, counted_time = {ph}, "
                     f"counted_origin = {ph} WHERE request_id = {ph}",
-                    [(f["label"], f["source"], f["label_time"], f["received_at"], f["label"], f["source"],
-                      f["label_time"], f.get("origin", ""), f["request_id"]) for f in first],
+                    [(label, source, label_time, received, label, source, label_time, origin, rid)
+                     for rid, _eco, label, source, label_time, received, origin in first],
                 )
             if corrections:
                 conn.execute(

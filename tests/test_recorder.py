@@ -78,8 +78,7 @@ def _indexes(store) -> dict[str, str]:
 
 
 def _label(store, ids, t: float, label: float = 1.0, source: str = "observed") -> None:
-    store.apply_labels([{"request_id": r, "ecosystem": "eco", "label": label, "source": source,
-                         "label_time": t, "received_at": t} for r in ids], [])
+    store.apply_labels([(r, "eco", label, source, t, t, "") for r in ids], [])
 
 
 def test_coverage_and_the_sweep_query_match_a_count_by_hand(store_url):
