@@ -147,9 +147,14 @@ class EcosystemCounts:
         correct: np.ndarray | None = None,
         groups: Mapping[str, Sequence[object] | np.ndarray] | None = None,
         *,
+        labels_only: bool = False,
         _nested: bool = False,
     ) -> EcosystemCounts:
-        """Counts over N outcomes: preds (N, M) class ids (-1 missing), correct (N, M) in {1, 0, -1}."""
+        """Counts over N outcomes: preds (N, M) class ids (-1 missing), correct (N, M) in {1, 0, -1}.
+
+        `labels_only=True` counts the label part alone (the label-free part and `n_outcomes` stay
+        0): what the streaming recorder adds when labels arrive, since it counted the outcomes'
+        predictions when they were recorded (adding both would count them twice)."""
         preds = np.asarray(preds, dtype=np.int64)
         n, m = preds.shape if preds.ndim == 2 else (0, 0)
         if preds.ndim != 2 or m != shape.m:
@@ -157,7 +162,7 @@ class EcosystemCounts:
         if preds.size and preds.max() >= shape.n_classes:
             raise ValueError(f"class id {int(preds.max())} out of range for {shape.n_classes} classes")
         out = cls(shape)
-        out.n_outcomes = n
+        out.n_outcomes = 0 if labels_only else n
         if correct is not None:
             correct = np.asarray(correct, dtype=np.int8)
             if correct.shape != preds.shape:
@@ -174,6 +179,9 @@ class EcosystemCounts:
             out.complete_correct = cc.sum(axis=0).astype(np.int64)
             k = m - cc.sum(axis=1)
             out.k_hist = np.bincount(k, minlength=m + 1).astype(np.int64)
+        if labels_only:
+            out._count_groups(preds, correct, groups, n, labels_only, _nested)
+            return out
         predicted = (preds >= 0).all(axis=1)
         p = preds[predicted]
         out.n_predicted = int(p.shape[0])
@@ -193,7 +201,15 @@ class EcosystemCounts:
             out.disagree_patterns = {int(v): int(c) for v, c in zip(values, counts)}
             if shape.has_cie:
                 out.cie = int(np.count_nonzero(cie_mask(p, shape)))
-        if groups and not _nested:
+        out._count_groups(preds, correct, groups, n, labels_only, _nested)
+        return out
+
+    def _count_groups(
+        self, preds: np.ndarray, correct: np.ndarray | None, groups: Mapping[str, Sequence[object] | np.ndarray] | None,
+        n: int, labels_only: bool, nested: bool,
+    ) -> None:
+        shape, cls = self.shape, type(self)
+        if groups and not nested:
             for key, attrs in group_keys(shape):
                 cols = []
                 for attr in attrs:
@@ -211,10 +227,10 @@ class EcosystemCounts:
                 for value in np.unique(joined):
                     sel = joined == value
                     sub[str(value)] = cls.from_arrays(
-                        shape, preds[sel], None if correct is None else correct[sel], _nested=True
+                        shape, preds[sel], None if correct is None else correct[sel], labels_only=labels_only,
+                        _nested=True,
                     )
-                out.groups[key] = sub
-        return out
+                self.groups[key] = sub
 
     # -------------------------------------------------------------- algebra
     def __add__(self, other: EcosystemCounts) -> EcosystemCounts:

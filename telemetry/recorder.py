@@ -516,7 +516,8 @@ class Recorder:
         created = np.array([o.created_at for o in items])
         c = _correct(spec, raw, preds, served, values)
         groups = st.groups_of([o.groups for o in items])
-        counts = EcosystemCounts.from_arrays(st.shape, preds, c, groups)
+        # the label part only: the outcomes' predictions were counted when they were recorded
+        counts = EcosystemCounts.from_arrays(st.shape, preds, c, groups, labels_only=True)
         st.labels[source] = st.labels[source] + counts
         delay = np.maximum(0.0, label_times - created)
         buckets, total = st.delay[source]
@@ -541,7 +542,7 @@ class Recorder:
         elif recent.any():
             sel = np.flatnonzero(recent)
             sub = {k: [v[i] for i in sel] for k, v in groups.items()} if groups else None
-            st.window.add(EcosystemCounts.from_arrays(st.shape, preds[sel], c[sel], sub))
+            st.window.add(EcosystemCounts.from_arrays(st.shape, preds[sel], c[sel], sub, labels_only=True))
 
     def reclaim(self, ledger: str, accepted: dict[str, int]) -> dict[str, int]:
         """Count the records a crashed gateway accepted and never handed over (its ledger's

@@ -126,6 +126,12 @@ def test_incremental_equals_batch(eco):
     left = EcosystemCounts.from_arrays(shape, preds[:half], c[:half], {"g": groups[:half], "h": groups2[:half]})
     right = EcosystemCounts.from_arrays(shape, preds[half:], c[half:], {"g": groups[half:], "h": groups2[half:]})
     assert (left + right).equals(batch)
+    # the streaming recorder's split: predictions counted when recorded, labels (alone) when they
+    # arrive; together exactly the counts of both at once
+    grp = {"g": groups, "h": groups2}
+    split = EcosystemCounts.from_arrays(shape, preds, None, grp) + EcosystemCounts.from_arrays(
+        shape, preds, c, grp, labels_only=True)
+    assert split.equals(batch)
 
 
 @pytest.mark.parametrize("m", [2, 3, 5, 10])

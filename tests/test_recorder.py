@@ -311,6 +311,25 @@ def test_counters_match_definitions(rec):
     assert base == pytest.approx(np.prod(wrong.mean(axis=0)))
 
 
+def test_window_counts_each_outcome_once_labeled_or_not(rec):
+    """Label-free window gauges count every outcome once, at prediction time; labels add only the
+    label part (a label used to add its outcome's predictions to the window a second time)."""
+    rng = np.random.default_rng(7)
+    n = 120
+    preds = rng.integers(0, 2, (n, 3))
+    rec.record([outcome(i, preds[i], rec.clock_.t) for i in range(n)])
+    rec.feedback([LabelItem(f"r{i}", int(rng.integers(0, 2))) for i in range(0, n, 3)])  # a third labeled
+    counts, _ = rec.window_totals("eco")
+    assert counts.n_outcomes == counts.n_predicted == n and counts.n_labeled == len(range(0, n, 3))
+    unanimous = (preds == preds[:, :1]).all(axis=1)
+    assert counts.unanimous == unanimous.sum()
+    assert value(rec, "ecoserve_window_unanimity_ratio", ecosystem="eco", **ALL) == pytest.approx(unanimous.mean())
+    agree = (preds[:, 0] == preds[:, 2]).mean()
+    assert value(rec, "ecoserve_window_agreement_ratio", ecosystem="eco", member_a="a", member_b="c") == pytest.approx(agree)
+    female = counts.groups["sex"]["female"]
+    assert female.n_predicted == n and female.n_labeled == len(range(0, n, 3))
+
+
 def test_bad_label_rejects_the_whole_batch(rec):
     rec.record([outcome(1, (1, 1, 0), rec.clock_.t), outcome(2, (1, 1, 0), rec.clock_.t)])
     with pytest.raises(FeedbackError, match=r"item 1: label: 'maybe' is not a class"):
