@@ -7,7 +7,8 @@ and `migrate()` brings an older store forward one step at a time):
       request_id, ecosystem, created_at (unix s),
       context                 -> ecoserve_contexts.id: the member list, version list and policy
       payload                 JSON array (`telemetry.records.PAYLOAD_FIELDS`): [predictions (class
-                              ids, -1 = missing), served, intended, greedy, direct, fingerprint]
+                              ids, -1 = missing; a regression ecosystem's values, null = missing),
+                              served, intended, greedy, direct, fingerprint]
       propensities, groups    JSON (a list; an object of subgroup attributes)
       label, label_source, label_time, label_received_at        -- the current label
       counted_label, counted_source, counted_time, counted_origin -- the first label: the one the
@@ -183,7 +184,7 @@ class StoredOutcome(NamedTuple):
     request_id: str
     ecosystem: str
     created_at: float
-    predictions: list[int]
+    predictions: list[int] | list[float | None]  # class ids; a regression ecosystem's values
     served: int
     intended: int
     greedy: int
