@@ -175,6 +175,11 @@ EXPLORATION = [
               "Share of outcomes each member served. Bad: one member taking everything under an exploring policy.",
               ((f'sum by (ecosystem, member) (increase(ecoserve_served_total{{{E},member=~"$member"}}{W})) / on (ecosystem) '
                 f"group_left sum by (ecosystem) (increase(ecoserve_served_total{{{E}}}{W}))", "{{ecosystem}} {{member}}"),)),
+    PanelSpec("timeseries", "Served-output entropy",
+              "Entropy (bits) of the outputs callers received in the window: the classes (regression: value bins). "
+              "Bad: a steady fall (a degenerate feedback loop narrowing what is served, and so what labels can "
+              "teach) that the inputs do not explain.",
+              ((f"ecoserve_window_served_output_entropy{{{E}}}", "{{ecosystem}}"),), unit="none"),
     PanelSpec("timeseries", "Mean logged propensity per member",
               "Average propensity with which each member was served. Bad: values near 0 (huge importance weights).",
               ((f'increase(ecoserve_served_propensity_total{{{E},member=~"$member"}}{W}) / '

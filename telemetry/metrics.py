@@ -36,6 +36,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ecoserve_outcomes_incomplete_total": ("counter", ("ecosystem",), "Outcomes where at least one member produced no output."),
     "ecoserve_member_missing_outputs_total": ("counter", ("ecosystem", "member"), "Outcomes where this member errored or timed out."),
     "ecoserve_served_total": ("counter", ("ecosystem", "member"), "Outcomes served by this member (after any fallback)."),
+    "ecoserve_served_outputs_total": ("counter", ("ecosystem", "output"), "Outcomes by the output their caller received: the class (regression: the value's agreement bin)."),
     "ecoserve_served_propensity_total": ("counter", ("ecosystem", "member"), "Sum of the logged propensities of rows this member served as chosen (policy-routed rows)."),
     "ecoserve_fallbacks_total": ("counter", ("ecosystem", "member"), "Rows where this member was chosen but failed, and another served."),
     "ecoserve_explored_total": ("counter", ("ecosystem",), "Policy-routed rows served by a member other than the greedy one."),
@@ -82,6 +83,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ecoserve_window_snips": ("gauge", ("ecosystem", "member"), "Self-normalized IPS estimate of serving this member."),
     "ecoserve_window_effective_sample_size": ("gauge", ("ecosystem", "member"), "Effective sample size of the IPS weights."),
     "ecoserve_window_min_propensity": ("gauge", ("ecosystem",), "Smallest logged propensity among labeled policy-routed rows (positivity)."),
+    "ecoserve_window_served_output_entropy": ("gauge", ("ecosystem",), "Entropy (base 2) of the distribution of served outputs predicted in the window; a fall means fewer outputs reach callers (degenerate feedback loops)."),
 }
 
 
@@ -160,6 +162,8 @@ class EcoserveCollector(Collector):
             fams["ecoserve_served_total"].add_metric([eco, m], int(st.served[a]))
             fams["ecoserve_served_propensity_total"].add_metric([eco, m], float(st.served_propensity[a]))
             fams["ecoserve_fallbacks_total"].add_metric([eco, m], int(st.fallbacks[a]))
+        for name, v in zip(st.spec.classes, st.served_outputs.tolist()):
+            fams["ecoserve_served_outputs_total"].add_metric([eco, name], v)
         for sg, value, c in _subgroups(st.predictions):
             fams["ecoserve_predicted_total"].add_metric([eco, sg, value], c.n_predicted)
             fams["ecoserve_unanimous_total"].add_metric([eco, sg, value], c.unanimous)
@@ -239,6 +243,8 @@ class EcoserveCollector(Collector):
                     fams[name].add_metric([eco, m], v[key])
         if _finite(ex["min_propensity"]):
             fams["ecoserve_window_min_propensity"].add_metric([eco], ex["min_propensity"])
+        if _finite(ex["served_output_entropy_bits"]):
+            fams["ecoserve_window_served_output_entropy"].add_metric([eco], ex["served_output_entropy_bits"])
 
 
 def exposition(recorder: Recorder) -> bytes:

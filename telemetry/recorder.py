@@ -215,6 +215,9 @@ class _EcosystemState:
         self.served = np.zeros(m, dtype=np.int64)
         self.served_propensity = np.zeros(m)
         self.fallbacks = np.zeros(m, dtype=np.int64)
+        # what callers received, per class (a regression ecosystem: per bin), every outcome counted
+        # when recorded: the served-output distribution of DESIGN.md (degenerate feedback loops)
+        self.served_outputs = np.zeros(len(spec.classes), dtype=np.int64)
         self.delay = {s: (np.zeros(len(DELAY_BUCKETS_S) + 1, dtype=np.int64), [0.0]) for s in SOURCES}
         self.corrections: dict[tuple[str, str], int] = {}
         self.duplicates = 0
@@ -410,12 +413,17 @@ class Recorder:
             groups = st.groups_of([o.groups for o in stored])
         counts = EcosystemCounts.from_arrays(st.shape, preds, None, groups)
         st.predictions = st.predictions + counts
+        out = preds[np.arange(n), served]  # never missing: a row is served only by a member that answered
+        outputs = np.bincount(out[out >= 0], minlength=st.served_outputs.shape[0])
+        st.served_outputs += outputs
         recent = times >= self.clock() - self.window_s
         if recent.all():
-            st.window.add(counts)
+            st.window.add(counts, self._served_outputs(st, outputs))
         elif recent.any():
             sub = {k: [v[i] for i in np.flatnonzero(recent)] for k, v in groups.items()} if groups else None
-            st.window.add(EcosystemCounts.from_arrays(st.shape, preds[recent], None, sub))
+            late = out[recent]
+            st.window.add(EcosystemCounts.from_arrays(st.shape, preds[recent], None, sub), self._served_outputs(
+                st, np.bincount(late[late >= 0], minlength=st.served_outputs.shape[0])))
         missing = preds < 0
         st.outcomes += n
         st.incomplete += int(missing.any(axis=1).sum())
@@ -427,6 +435,13 @@ class Recorder:
         fell = routed & (served != intended)
         st.fallbacks += np.bincount(intended[fell], minlength=m)
         st.explored += int((routed & ~fell & (served != greedy)).sum())
+
+    @staticmethod
+    def _served_outputs(st: _EcosystemState, outputs: np.ndarray) -> ExplorationCounts:
+        """The window's served-output counts, as exploration counts holding nothing else."""
+        ex = ExplorationCounts(st.spec.members, len(st.spec.classes))
+        ex.served_outputs = outputs.astype(np.int64)
+        return ex
 
     # ---------------------------------------------------------- labels
     def feedback(self, items: Sequence[LabelItem]) -> list[ItemResult]:
@@ -535,6 +550,7 @@ class Recorder:
                 spec.members, len(spec.classes), preds[idx], served[idx], rewards, props[np.arange(len(idx)), served[idx]],
                 props, np.array([o.greedy for o in rows_], dtype=np.int64),
             )
+            exploration.served_outputs[:] = 0  # every outcome's served output was counted when recorded
             st.exploration = st.exploration + exploration
         recent = label_times >= self.clock() - self.window_s
         if recent.all():

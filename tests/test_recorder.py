@@ -328,6 +328,12 @@ def test_window_counts_each_outcome_once_labeled_or_not(rec):
     assert value(rec, "ecoserve_window_agreement_ratio", ecosystem="eco", member_a="a", member_b="c") == pytest.approx(agree)
     female = counts.groups["sex"]["female"]
     assert female.n_predicted == n and female.n_labeled == len(range(0, n, 3))
+    # the served-output distribution: every outcome once (member "a" served), labels change nothing
+    served = np.bincount(preds[:, 0], minlength=2)
+    for cls, k in zip(("no", "yes"), served):
+        assert value(rec, "ecoserve_served_outputs_total", ecosystem="eco", output=cls) == k
+    q = served[served > 0] / n
+    assert value(rec, "ecoserve_window_served_output_entropy", ecosystem="eco") == pytest.approx(-(q * np.log2(q)).sum())
 
 
 def test_bad_label_rejects_the_whole_batch(rec):

@@ -105,23 +105,34 @@ def post_labels(url, items, token=TOKEN):
 ALL = {"subgroup": "all", "subgroup_value": "all", "ecosystem": "credit", "source": "observed"}
 
 
-def test_scraped_counters_equal_direct_onnxruntime(server, serving_repo):
-    held = load_heldout(serving_repo / "credit")
+def heldout_rows(repo, ecosystem, n):
+    """A fresh run id, n request ids, and the first n held-out rows: X, y, sex, age group."""
+    held = load_heldout(repo / ecosystem)
     run_id = uuid.uuid4().hex[:6]
-    n, per_request = 120, 10
-    X, y = held.X[:n], held.y[:n]
-    sex, age = held.groups["sex"][:n], held.groups["age_group"][:n]
-    ids = [f"{run_id}-{i}" for i in range(n)]
-    # early labels: the first request's labels are posted before it is served
-    early = [{"request_id": ids[i], "label": int(y[i])} for i in range(per_request)]
-    r = post_labels(server, early)
-    assert r.status_code == 200 and r.json()["counts"] == {"pending": per_request}
-    for s in range(0, n, per_request):
+    ids = [f"{run_id}-{ecosystem}-{i}" for i in range(n)]
+    return run_id, ids, held.X[:n], held.y[:n], held.groups["sex"][:n], held.groups["age_group"][:n]
+
+
+def send_rows(url, ecosystem, X, sex, age, ids, early, per_request=10):
+    """Post `early` labels before their outcomes exist (held as pending), then serve every row, in
+    requests of `per_request` rows with their subgroup attributes; returns the last response."""
+    r = post_labels(url, early)
+    assert r.status_code == 200 and r.json()["counts"] == {"pending": len(early)}
+    for s in range(0, len(ids), per_request):
         body = infer_body(X[s : s + per_request], parameters={
             "request_ids": ids[s : s + per_request],
-            "subgroups": [{"sex": str(sex[i]), "age_group": str(age[i])} for i in range(s, s + per_request)],
+            "subgroups": [{"sex": str(sex[i]), "age_group": str(age[i])} for i in range(s, min(s + per_request, len(ids)))],
         })
-        assert httpx.post(f"{server}/v2/models/credit/infer", json=body, timeout=30).status_code == 200
+        r = httpx.post(f"{url}/v2/models/{ecosystem}/infer", json=body, timeout=30)
+        assert r.status_code == 200, r.text
+    return r
+
+
+def test_scraped_counters_equal_direct_onnxruntime(server, serving_repo):
+    n, per_request = 120, 10
+    run_id, ids, X, y, sex, age = heldout_rows(serving_repo, "credit", n)
+    # early labels: the first request's labels are posted before it is served
+    send_rows(server, "credit", X, sex, age, ids, [{"request_id": ids[i], "label": int(y[i])} for i in range(per_request)])
     # the rest of the labels: shuffled, with duplicates and unknown ids
     items = [{"request_id": ids[i], "label": ["bad", "good"][int(y[i])], "timestamp": time.time() + 5} for i in range(per_request, n)]
     items += items[:15] + [{"request_id": f"unknown-{run_id}-{j}", "label": 1} for j in range(3)]
@@ -165,21 +176,11 @@ REG_MEMBERS = ["ridge", "forest", "gboost", "mlp", "knn", "mlp_int8"]
 def test_regression_counters_equal_direct_onnxruntime(server, serving_repo):
     """A regression ecosystem: true values as labels (late, early, duplicated, corrected);
     correct = within the manifest's tolerance (40); label-free counts compare 40-wide bins."""
-    held = load_heldout(serving_repo / "diabetes")
-    run_id = uuid.uuid4().hex[:6]
     n, per_request = 100, 10
-    X, y = held.X[:n], held.y[:n]
-    sex, age = held.groups["sex"][:n], held.groups["age_group"][:n]
-    ids = [f"{run_id}-d{i}" for i in range(n)]
-    early = [{"request_id": ids[i], "label": float(y[i])} for i in range(per_request)]
-    assert post_labels(server, early).json()["counts"] == {"pending": per_request}
-    for s in range(0, n, per_request):
-        body = infer_body(X[s : s + per_request], parameters={
-            "request_ids": ids[s : s + per_request],
-            "subgroups": [{"sex": str(sex[i]), "age_group": str(age[i])} for i in range(s, s + per_request)],
-        })
-        r = httpx.post(f"{server}/v2/models/diabetes/infer", json=body, timeout=30)
-        assert r.status_code == 200 and r.json()["outputs"][0]["name"] == "value"
+    run_id, ids, X, y, sex, age = heldout_rows(serving_repo, "diabetes", n)
+    r = send_rows(server, "diabetes", X, sex, age, ids,
+                  [{"request_id": ids[i], "label": float(y[i])} for i in range(per_request)])
+    assert r.json()["outputs"][0]["name"] == "value"
     r = post_labels(server, [{"request_id": ids[0], "label": "high"}])
     assert r.status_code == 422 and "item 0: label: must be a finite number" in r.json()["error"]
     items = [{"request_id": ids[i], "label": float(y[i]), "timestamp": time.time() + 5} for i in range(per_request, n)]
