@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from telemetry.counts import EcosystemCounts, EcosystemShape, correctness
+from telemetry.counts import EcosystemCounts, EcosystemShape, correctness, value_bins, value_correctness
 from telemetry.exploration import ExplorationCounts
 from telemetry.summary import DEFAULT_RASHOMON_EPSILON, summarize
 
@@ -124,16 +124,10 @@ def _regression(
     raw = np.stack([_numbers(p, col, m) for m, col in zip(members, member_cols)], axis=1)
     if np.isinf(raw).any():
         raise AnalysisError(f"{p}: member values must be finite (an empty cell is a missing output)")
-    missing = np.isnan(raw)
-    lo, w = spec.range[0], spec.width
-    codes = np.clip(np.floor((np.where(missing, lo, raw) - lo) / w), 0, spec.n_bins - 1).astype(np.int64)
-    codes[missing] = -1
+    codes = value_bins(raw, spec.range[0], spec.width, spec.n_bins)
     correct = None
     if label_col is not None:
-        y = _numbers(p, label_col, opts.label_column)
-        with np.errstate(invalid="ignore"):
-            correct = (np.abs(raw - y[:, None]) <= spec.tolerance).astype(np.int8)
-        correct[missing | np.isnan(y)[:, None]] = -1
+        correct = value_correctness(raw, _numbers(p, label_col, opts.label_column), spec.tolerance)
     return list(spec.bin_names()), codes, correct
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["EcosystemShape", "EcosystemCounts", "correctness", "cie_mask", "OTHER", "MISSING", "group_keys"]
+__all__ = ["EcosystemShape", "EcosystemCounts", "correctness", "cie_mask", "value_bins", "value_correctness", "OTHER", "MISSING", "group_keys"]
 
 OTHER = "other"
 MISSING = -1
@@ -66,6 +66,25 @@ class EcosystemShape:
     @property
     def has_cie(self) -> bool:
         return bool(self.compressed) and any(self.compressed) and not all(self.compressed)
+
+
+def value_bins(values: np.ndarray, low: float, width: float, n_bins: int) -> np.ndarray:
+    """Regression values -> agreement bins (int64): bins of `width` from `low`, values beyond the
+    range in the first or last bin, -1 where a value is missing (NaN). What every label-free
+    metric of a regression ecosystem compares (models.manifest.RegressionSpec)."""
+    missing = np.isnan(values)
+    bins = np.clip(np.floor((np.where(missing, low, values) - low) / width), 0, n_bins - 1).astype(np.int64)
+    bins[missing] = MISSING
+    return bins
+
+
+def value_correctness(values: np.ndarray, labels: np.ndarray, tolerance: float) -> np.ndarray:
+    """Correctness (N, M) in {1, 0, -1} of regression values against true values (N,): correct
+    when |value - label| <= tolerance; -1 where the value or the label is missing (NaN)."""
+    with np.errstate(invalid="ignore"):
+        c = (np.abs(values - labels[:, None]) <= tolerance).astype(np.int8)
+    c[np.isnan(values) | np.isnan(labels)[:, None]] = -1
+    return c
 
 
 def group_keys(shape: EcosystemShape) -> list[tuple[str, tuple[str, ...]]]:

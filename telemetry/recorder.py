@@ -34,7 +34,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from telemetry.counts import EcosystemCounts, EcosystemShape, correctness
+from telemetry.counts import EcosystemCounts, EcosystemShape, correctness, value_bins, value_correctness
 from telemetry.exploration import ExplorationCounts
 from telemetry.records import Outcome, outcome_fields
 from telemetry.serving_stats import merge_reports
@@ -104,13 +104,7 @@ class EcosystemSpec:
     def codes(self, raw: np.ndarray) -> np.ndarray:
         """What label-free counts compare: class ids as they are; regression values as their bin
         (values beyond the range in the edge bins), -1 where missing."""
-        if not self.regression:
-            return raw
-        missing = np.isnan(raw)
-        bins = np.floor((np.where(missing, self.bin_low, raw) - self.bin_low) / self.bin_width)
-        codes = np.clip(bins, 0, len(self.classes) - 1).astype(np.int64)
-        codes[missing] = -1
-        return codes
+        return value_bins(raw, self.bin_low, self.bin_width, len(self.classes)) if self.regression else raw
 
     @property
     def shape(self) -> EcosystemShape:
@@ -235,10 +229,7 @@ def _correct(spec: EcosystemSpec, raw: np.ndarray, preds: np.ndarray, served: np
     if spec.label_mode == "bandit":  # a member's reward is known where its output (bin) is the served one
         return correctness(preds, served=served, rewards=labels)
     if spec.regression:
-        with np.errstate(invalid="ignore"):
-            c = (np.abs(raw - labels[:, None]) <= spec.tolerance).astype(np.int8)
-        c[np.isnan(raw) | np.isnan(labels)[:, None]] = -1
-        return c
+        return value_correctness(raw, labels, spec.tolerance)
     return correctness(preds, labels.astype(np.int64))
 
 
