@@ -56,7 +56,9 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ecoserve_labels_duplicate_total": ("counter", ("ecosystem",), "Labels identical to the outcome's existing label (ignored)."),
     "ecoserve_feedback_unknown_id_total": ("counter", (), "Labels whose request id had no stored outcome on arrival (held as pending)."),
     "ecoserve_labels_expired_total": ("counter", (), "Pending labels dropped after their TTL without an outcome."),
+    "ecoserve_labels_rejected_total": ("counter", (), "Pending labels dropped when their outcome arrived because its ecosystem cannot take them (e.g. a class of another ecosystem)."),
     "ecoserve_labels_pending": ("gauge", (), "Labels waiting for their outcome."),
+    "ecoserve_outcomes_unknown_ecosystem_total": ("counter", (), "Outcome records handed over for an ecosystem this recorder does not serve (not stored)."),
     "ecoserve_outcomes_dropped_total": ("counter", ("reason",), "Outcome records the gateways dropped because their queue was full (the recorder down or slower than traffic)."),
     "ecoserve_outcomes_lost_total": ("counter", ("ecosystem",), "Outcome records a gateway replica accepted and never handed over because it crashed (counted from its ledger once it is found dead)."),
     "ecoserve_recorder_cpu_seconds_total": ("counter", ("operation",), "CPU time the recorder spent storing and counting, in the threads that did it (operation: record, feedback, sweep): the telemetry's own cost. Since the recorder started."),
@@ -120,6 +122,8 @@ class EcoserveCollector(Collector):
                 self._ecosystem(fams, eco, st)
             fams["ecoserve_feedback_unknown_id_total"].add_metric([], r.unknown_ids)
             fams["ecoserve_labels_expired_total"].add_metric([], r.expired)
+            fams["ecoserve_labels_rejected_total"].add_metric([], r.pending_rejected)
+            fams["ecoserve_outcomes_unknown_ecosystem_total"].add_metric([], r.unknown_ecosystem)
             fams["ecoserve_labels_pending"].add_metric([], r.pending)
             fams["ecoserve_outcomes_duplicate_id_total"].add_metric([], r.duplicate_outcome_ids)
             for reason in ("queue_full",):

@@ -369,13 +369,24 @@ class Recorder:
                 waiting = self.store.take_pending([f[0] for f in fresh])
                 self._pending = max(0, self._pending - len(waiting))
                 if waiting:
-                    items_ = [LabelItem(w["request_id"], w["label"], w["label_time"], w["source"]) for w in waiting]
-                    received = {w["request_id"]: w["received_at"] for w in waiting}
-                    try:
+                    # a held label its outcome's ecosystem cannot take (e.g. a class of another
+                    # ecosystem) is dropped and counted, one by one: it must not take the other
+                    # waiting labels of this hand-over down with it
+                    eco_of = {f[0]: f[1] for f in fresh}
+                    items_, rejected = [], 0
+                    for w in waiting:
+                        try:
+                            self.specs[eco_of[w["request_id"]]].label_value(w["label"])
+                        except ValueError:
+                            rejected += 1
+                            continue
+                        items_.append(LabelItem(w["request_id"], w["label"], w["label_time"], w["source"]))
+                    if rejected:
+                        self._event({"pending_rejected": rejected})
+                    if items_:
+                        received = {w["request_id"]: w["received_at"] for w in waiting}
                         results = self._feedback_locked(items_, received_at=received, allow_pending=False)
                         joined = sum(1 for r in results if r.status == "joined")
-                    except FeedbackError:
-                        self._event({"pending_rejected": len(items_)})  # e.g. a class the ecosystem lacks
             return {"received": len(items), "inserted": len(inserted), "joined_pending": joined}
 
     def _count_predictions(self, st: _EcosystemState, items: Sequence[tuple[Any, ...]] | Sequence[StoredOutcome]) -> None:
@@ -461,6 +472,7 @@ class Recorder:
             label_time = timestamp if timestamp is not None else arrived
             o = found.get(rid)
             if o is None:
+                self._check_pending_label(idx, label)
                 pending.append({"request_id": rid, "label": label, "source": origin,
                                 "label_time": label_time, "received_at": arrived})
                 results.append(ItemResult(rid, "pending"))
@@ -494,7 +506,8 @@ class Recorder:
         # 2. one transaction
         self.store.apply_labels(first, corrections, pending)
         # 3. count
-        self._pending += len({p["request_id"] for p in pending})
+        if pending:  # the store keeps one label per id, newest first: count what it holds
+            self._pending = self.store.count_pending()
         events: dict[str, int] = {"unknown_ids": len(pending)}
         for eco in duplicates:
             events[f"duplicates|{eco}"] = events.get(f"duplicates|{eco}", 0) + 1
@@ -508,6 +521,19 @@ class Recorder:
                 self._count_labels(st, [o for o, _, _ in mine], np.array([v for _, v, _ in mine]), "observed",
                                    np.array([t for _, _, t in mine]))
         return results
+
+    def _check_pending_label(self, idx: int, label: object) -> None:
+        """A label for an outcome not stored yet: its ecosystem is unknown until it arrives, so it
+        must at least be a label some served ecosystem can take (else 422 now, not a silent drop
+        later)."""
+        errors = []
+        for spec in self.specs.values():
+            try:
+                spec.label_value(label)
+                return
+            except ValueError as exc:
+                errors.append(f"{spec.name}: {exc}")
+        raise FeedbackError(idx, "label", f"no served ecosystem takes this label ({'; '.join(errors)})")
 
     def _count_labels(
         self, st: _EcosystemState, items: Sequence[StoredOutcome], values: np.ndarray, source: str,

@@ -662,3 +662,26 @@ def test_regression_counters_match_definitions_and_survive_a_restart(store_url):
     assert value(again, "ecoserve_member_correct_total", ecosystem="reg", member="c", source="assumed", **ALL) == 0
     assert value(again, "ecoserve_member_correct_total", ecosystem="reg", member="a", source="assumed", **ALL) == 1
     again.store.close()
+
+
+def test_held_labels_are_checked_counted_and_never_take_others_down(store_url):
+    """A label for an outcome not stored yet: 422 now if no served ecosystem could take it; held
+    otherwise (one per id, the newest). When the outcome arrives, a held label its ecosystem cannot
+    take is dropped and counted, and the other labels of that hand-over still join."""
+    clock = Clock()
+    rec = Recorder({"eco": SPEC, "reg": REG}, open_store(store_url), clock=clock)
+    with pytest.raises(FeedbackError, match=r"item 1: label: no served ecosystem takes this label \(eco: 'high' is not a class"):
+        rec.feedback([LabelItem("r1", "yes"), LabelItem("r2", "high")])
+    assert value(rec, "ecoserve_labels_pending") == 0  # nothing held from the rejected request
+    rec.feedback([LabelItem("r1", 12.5), LabelItem("r2", "no")])  # 12.5: a value for reg, no class of eco
+    rec.feedback([LabelItem("r2", "yes")])  # the same id again: the newest label is held
+    assert value(rec, "ecoserve_labels_pending") == 2
+    stats = rec.record([outcome(1, (1, 1, 0), clock.t), outcome(2, (1, 0, 0), clock.t)])
+    assert stats["joined_pending"] == 1
+    assert value(rec, "ecoserve_labels_rejected_total") == 1 and value(rec, "ecoserve_labels_pending") == 0
+    assert rec.store.get_outcomes(["r2"])["r2"].label == 1.0  # "yes", the newest
+    assert rec.store.get_outcomes(["r1"])["r1"].label is None
+    rec.record([Outcome("x1", "nope", clock.t, MEMBERS, ("1",) * 3, (0, 0, 0), 0, 0, (1.0, 0, 0), 0, "primary",
+                        False, {}, "")])
+    assert value(rec, "ecoserve_outcomes_unknown_ecosystem_total") == 1
+    rec.store.close()
