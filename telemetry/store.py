@@ -216,21 +216,20 @@ def _decode_rows(rows: Sequence[Sequence[Any]]) -> list[StoredOutcome]:
     payloads = json.loads("[" + ",".join(r[3] for r in rows) + "]")
     if len(_DECODED) > 4096:
         _DECODED.clear()
+    for r in rows:  # decode each distinct propensity and group text once, up front
+        if r[4] not in _DECODED:
+            _DECODED[r[4]] = json.loads(r[4])
+        if r[5] not in _DECODED:
+            _DECODED[r[5]] = json.loads(r[5])
+    new, dec = tuple.__new__, _DECODED  # tuple.__new__ direct: the named tuple's own __new__ is a Python call
     return [
-        StoredOutcome(r[0], r[1], r[2], p[0], p[1], p[2], p[3], _decoded(r[4]), bool(p[4]), _decoded(r[5]),
-                      r[6], r[7], r[8], r[9], r[10])
+        new(StoredOutcome, (r[0], r[1], r[2], p[0], p[1], p[2], p[3], dec[r[4]], bool(p[4]), dec[r[5]],
+                            r[6], r[7], r[8], r[9], r[10]))
         for r, p in zip(rows, payloads)
     ]
 
 
 _DECODED: dict[str, Any] = {}  # JSON text -> its (shared, never changed) value; bounded
-
-
-def _decoded(text: str) -> Any:
-    value = _DECODED.get(text)
-    if value is None:  # (an empty group object is falsy, and decoded once all the same)
-        value = _DECODED[text] = json.loads(text)
-    return value
 
 
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
