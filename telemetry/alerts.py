@@ -30,6 +30,8 @@ class Thresholds:
     min_coverage: float = 0.5
     min_propensity: float = 0.01
     member_missing_ratio: float = 0.01
+    served_entropy_ratio: float = 0.5  # served-output entropy below half its average over the day before
+    min_served_per_hour: int = 100
 
 
 def _rule(alert: str, expr: str, for_: str, severity: str, summary: str, description: str) -> dict[str, Any]:
@@ -103,6 +105,17 @@ def rule_groups(t: Thresholds = Thresholds()) -> list[dict[str, Any]]:
             "Exploration positivity violated in {{ $labels.ecosystem }}",
             f"The smallest logged propensity is {{{{ $value }}}} (floor {t.min_propensity}): off-policy estimates "
             "rest on huge importance weights.",
+        ),
+        _rule(
+            "EcoserveServedOutputsNarrowing",
+            f"ecoserve_window_served_output_entropy < {t.served_entropy_ratio} * "
+            "avg_over_time(ecoserve_window_served_output_entropy[1d] offset 1h) "
+            f"and on (ecosystem) sum by (ecosystem) (increase(ecoserve_served_total[1h])) >= {t.min_served_per_hour}",
+            "30m", "warning",
+            "What {{ $labels.ecosystem }} serves is narrowing (a degenerate feedback loop?)",
+            "The entropy of the outputs served is {{ $value | humanize }} bits, under "
+            f"{t.served_entropy_ratio:.0%} of its average over the day before the last hour: fewer distinct outputs "
+            "reach callers, so the labels that come back teach less about the others.",
         ),
         _rule(
             "EcoserveMemberMissingOutputs",
