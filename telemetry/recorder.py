@@ -94,12 +94,45 @@ class EcosystemSpec:
     def regression(self) -> bool:
         return self.task == "regression"
 
-    def raw_predictions(self, rows: Sequence[Sequence[Any]], n: int) -> np.ndarray:
+    def raw_predictions(self, rows: Sequence[Sequence[Any]], n: int, width: int | None = None) -> np.ndarray:
         """Stored predictions as an (n, M) array: class ids (int64, -1 missing), or regression
         values (float64, NaN missing)."""
-        if self.regression:
-            return np.array(rows, dtype=np.float64).reshape(n, len(self.members))
-        return np.array(rows, dtype=np.int64).reshape(n, len(self.members))
+        dtype = np.float64 if self.regression else np.int64
+        return np.array(rows, dtype=dtype).reshape(n, len(self.members) if width is None else width)
+
+    def align(
+        self, members: Sequence[tuple[str, ...]], preds: Sequence[Sequence[Any]], served: Sequence[int],
+        intended: Sequence[int], greedy: Sequence[int], props: Sequence[Sequence[float]],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A batch of outcomes as the current members see them: predictions (n, M) as
+        `raw_predictions`; served, intended and greedy member indices (-1: not a current member);
+        propensities (n, M). `members` is each outcome's own member list. Outcomes recorded under
+        another list (a member added, removed or reordered since, or a gateway still running the
+        old config) are mapped by member name: a member they lack has a missing output there, and
+        a member no longer in the ecosystem is left out (README "Metric choices")."""
+        n, m = len(preds), len(self.members)
+        served_, intended_, greedy_ = (np.array(v, dtype=np.int64) for v in (served, intended, greedy))
+        kinds = set(members)
+        if kinds == {self.members}:
+            return (self.raw_predictions(preds, n), served_, intended_, greedy_,
+                    np.array(props, dtype=np.float64).reshape(n, m))
+        raw = np.full((n, m), np.nan) if self.regression else np.full((n, m), -1, dtype=np.int64)
+        props_ = np.zeros((n, m))
+        position = {name: i for i, name in enumerate(self.members)}
+        for kind in kinds:
+            rows = np.array([i for i, mm in enumerate(members) if mm == kind], dtype=np.int64)
+            src = [j for j, name in enumerate(kind) if name in position]
+            dst = [position[kind[j]] for j in src]
+            if src:
+                block = self.raw_predictions([preds[i] for i in rows], len(rows), len(kind))
+                raw[np.ix_(rows, dst)] = block[:, src]
+                pblock = np.array([props[i] for i in rows], dtype=np.float64).reshape(len(rows), len(kind))
+                props_[np.ix_(rows, dst)] = pblock[:, src]
+            to_new = np.array([position.get(name, -1) for name in kind], dtype=np.int64)
+            for arr in (served_, intended_, greedy_):
+                old = arr[rows]
+                arr[rows] = np.where(old >= 0, to_new[np.clip(old, 0, len(kind) - 1)], -1)
+        return raw, served_, intended_, greedy_, props_
 
     def codes(self, raw: np.ndarray) -> np.ndarray:
         """What label-free counts compare: class ids as they are; regression values as their bin
@@ -227,7 +260,8 @@ def _correct(spec: EcosystemSpec, raw: np.ndarray, preds: np.ndarray, served: np
     """Correctness (N, M) in {1, 0, -1} of stored outcomes given their labels (class ids, values
     or rewards); `raw` are the predictions as stored, `preds` their codes (`EcosystemSpec.codes`)."""
     if spec.label_mode == "bandit":  # a member's reward is known where its output (bin) is the served one
-        return correctness(preds, served=served, rewards=labels)
+        kept = served >= 0  # (a served member no longer in the ecosystem: nothing is known)
+        return correctness(preds, served=np.maximum(served, 0), rewards=np.where(kept, labels, np.nan))
     if spec.regression:
         return value_correctness(raw, labels, spec.tolerance)
     return correctness(preds, labels.astype(np.int64))
@@ -395,27 +429,26 @@ class Recorder:
         n, m = len(items), len(st.spec.members)
         if n and not isinstance(items[0], StoredOutcome):
             cols = list(zip(*items))  # Outcome's fields, in declaration order
-            preds = st.spec.codes(st.spec.raw_predictions(cols[5], n))
+            raw, served, intended, greedy, props_all = st.spec.align(cols[3], cols[5], cols[6], cols[7], cols[9], cols[8])
             times = np.array(cols[2], dtype=np.float64)
-            served = np.array(cols[6], dtype=np.int64)
-            intended = np.array(cols[7], dtype=np.int64)
-            props = np.array(cols[8], dtype=np.float64).reshape(n, m)[np.arange(n), intended]
-            greedy = np.array(cols[9], dtype=np.int64)
             direct = np.array(cols[11], dtype=bool)
             groups = st.groups_of(cols[12])
         else:
             stored: Sequence[StoredOutcome] = items  # type: ignore[assignment]
-            preds = st.spec.codes(st.spec.raw_predictions([o.predictions for o in stored], n))
+            raw, served, intended, greedy, props_all = st.spec.align(
+                [o.members for o in stored], [o.predictions for o in stored], [o.served for o in stored],
+                [o.intended for o in stored], [o.greedy for o in stored], [o.propensities for o in stored])
             times = np.array([o.created_at for o in stored], dtype=np.float64)
-            served = np.array([o.served for o in stored], dtype=np.int64)
-            intended = np.array([o.intended for o in stored], dtype=np.int64)
-            props = np.array([o.propensities[o.intended] for o in stored], dtype=np.float64)
-            greedy = np.array([o.greedy for o in stored], dtype=np.int64)
             direct = np.array([o.direct for o in stored], dtype=bool)
             groups = st.groups_of([o.groups for o in stored])
+        preds = st.spec.codes(raw)
+        rows = np.arange(n)
+        props = props_all[rows, np.maximum(intended, 0)]
+        kept = served >= 0  # the served member is still a member (see EcosystemSpec.align)
         counts = EcosystemCounts.from_arrays(st.shape, preds, None, groups)
         st.predictions = st.predictions + counts
-        out = preds[np.arange(n), served]  # never missing: a row is served only by a member that answered
+        # never missing where kept: a row is served only by a member that answered
+        out = np.where(kept, preds[rows, np.maximum(served, 0)], -1)
         outputs = np.bincount(out[out >= 0], minlength=st.served_outputs.shape[0])
         st.served_outputs += outputs
         recent = times >= self.clock() - self.window_s
@@ -430,13 +463,13 @@ class Recorder:
         st.outcomes += n
         st.incomplete += int(missing.any(axis=1).sum())
         st.missing += missing.sum(axis=0)
-        st.served += np.bincount(served, minlength=m)
+        st.served += np.bincount(served[kept], minlength=m)
         st.direct += int(direct.sum())
-        routed = ~direct
+        routed = ~direct & kept & (intended >= 0)
         st.served_propensity += np.bincount(served[routed], weights=props[routed], minlength=m)
         fell = routed & (served != intended)
         st.fallbacks += np.bincount(intended[fell], minlength=m)
-        st.explored += int((routed & ~fell & (served != greedy)).sum())
+        st.explored += int((routed & ~fell & (greedy >= 0) & (served != greedy)).sum())
 
     @staticmethod
     def _served_outputs(st: _EcosystemState, outputs: np.ndarray) -> ExplorationCounts:
@@ -541,10 +574,10 @@ class Recorder:
     ) -> None:
         """Count a batch of first labels (label part, delays, off-policy sums), vectorised."""
         spec = st.spec
-        n, m = len(items), len(spec.members)
-        raw = spec.raw_predictions([o.predictions for o in items], n)
+        raw, served, intended, greedy, props_all = spec.align(
+            [o.members for o in items], [o.predictions for o in items], [o.served for o in items],
+            [o.intended for o in items], [o.greedy for o in items], [o.propensities for o in items])
         preds = spec.codes(raw)
-        served = np.array([o.served for o in items], dtype=np.int64)
         created = np.array([o.created_at for o in items])
         c = _correct(spec, raw, preds, served, values)
         groups = st.groups_of([o.groups for o in items])
@@ -556,16 +589,16 @@ class Recorder:
         buckets += np.bincount(np.searchsorted(DELAY_BUCKETS_S, delay, side="left"), minlength=len(buckets))
         total[0] += float(delay.sum())
         # off-policy estimates use only rows served as the policy chose (no fallback, no direct call)
-        routed = np.array([(not o.direct) and o.served == o.intended for o in items], dtype=bool)
+        direct = np.array([o.direct for o in items], dtype=bool)
+        routed = ~direct & (served == intended) & (served >= 0)
         exploration = None
         if routed.any():
             idx = np.flatnonzero(routed)
-            rows_ = [items[i] for i in idx.tolist()]
             rewards = values[idx] if spec.label_mode == "bandit" else np.maximum(c[idx, served[idx]], 0).astype(float)
-            props = np.array([o.propensities for o in rows_], dtype=np.float64).reshape(len(idx), m)
+            props = props_all[idx]
             exploration = ExplorationCounts.from_arrays(
                 spec.members, len(spec.classes), preds[idx], served[idx], rewards, props[np.arange(len(idx)), served[idx]],
-                props, np.array([o.greedy for o in rows_], dtype=np.int64),
+                props, greedy[idx],
             )
             exploration.served_outputs[:] = 0  # every outcome's served output was counted when recorded
             st.exploration = st.exploration + exploration

@@ -196,6 +196,7 @@ class StoredOutcome(NamedTuple):
     counted_label: float | None
     counted_source: str | None
     counted_time: float | None
+    members: tuple[str, ...] = ()  # the member list it was recorded with (its context); indices refer to it
 
 
 # a first label, as the recorder hands it to `apply_labels` (a plain tuple: one per label, thousands
@@ -203,14 +204,14 @@ class StoredOutcome(NamedTuple):
 FirstLabel = tuple[str, str, float, str, float, float, str]
 
 _COLUMNS = ("request_id", "ecosystem", "created_at", "payload", "propensities", "groups", "label", "label_source",
-            "counted_label", "counted_source", "counted_time")
+            "counted_label", "counted_source", "counted_time", "context")
 
 
-def _decode_rows(rows: Sequence[Sequence[Any]]) -> list[StoredOutcome]:
-    """Rows in `_COLUMNS` order -> outcomes. The payloads are decoded with one `json.loads` per
-    batch (per-row calls were a third of the label-ingest time); propensity vectors and group
-    objects, which repeat from row to row (one per policy decision kind, per subgroup), once per
-    distinct text (`_DECODED`)."""
+def _decode_rows(rows: Sequence[Sequence[Any]], members: dict[int, tuple[str, ...]]) -> list[StoredOutcome]:
+    """Rows in `_COLUMNS` order -> outcomes; `members`: context id -> its member list. The payloads
+    are decoded with one `json.loads` per batch (per-row calls were a third of the label-ingest
+    time); propensity vectors and group objects, which repeat from row to row (one per policy
+    decision kind, per subgroup), once per distinct text (`_DECODED`)."""
     if not rows:
         return []
     payloads = json.loads("[" + ",".join(r[3] for r in rows) + "]")
@@ -224,7 +225,7 @@ def _decode_rows(rows: Sequence[Sequence[Any]]) -> list[StoredOutcome]:
     new, dec = tuple.__new__, _DECODED  # tuple.__new__ direct: the named tuple's own __new__ is a Python call
     return [
         new(StoredOutcome, (r[0], r[1], r[2], p[0], p[1], p[2], p[3], dec[r[4]], bool(p[4]), dec[r[5]],
-                            r[6], r[7], r[8], r[9], r[10]))
+                            r[6], r[7], r[8], r[9], r[10], members[r[11]]))
         for r, p in zip(rows, payloads)
     ]
 
@@ -262,6 +263,7 @@ class OutcomeStore:
         self._checkpointer = _Checkpointer(self, checkpoint_interval_s) if checkpoint_interval_s else None
         self._encoder = RowEncoder()
         self._contexts: dict[tuple[str, str, str], int] = {}  # (members, versions, policy) -> id
+        self._context_members: dict[int, tuple[str, ...]] = {}  # id -> member list (contexts never change)
         self._inserts: dict[int, str] = {}  # rows per statement -> its SQL (the sizes of `_sized_chunks`)
 
     # ----------------------------------------------------------- schema
@@ -451,9 +453,21 @@ class OutcomeStore:
                 rows = conn.exec_driver_sql(
                     f"SELECT {cols} FROM ecoserve_outcomes WHERE request_id IN ({self._ph(len(chunk))})", tuple(chunk)
                 ).fetchall()
-                for o in _decode_rows(rows):
+                for o in self._decode(conn, rows):
                     out[o.request_id] = o
         return out
+
+    def _decode(self, conn: Any, rows: Sequence[Sequence[Any]]) -> list[StoredOutcome]:
+        """`_decode_rows`, with the member lists of the rows' contexts (read once per context)."""
+        wanted = {r[11] for r in rows} - self._context_members.keys()
+        if wanted:
+            self._load_contexts(conn, wanted)
+        return _decode_rows(rows, self._context_members)
+
+    def _load_contexts(self, conn: Any, ids: set[int]) -> None:
+        for cid, members in conn.exec_driver_sql(
+                f"SELECT id, members FROM ecoserve_contexts WHERE id IN ({self._ph(len(ids))})", tuple(ids)):
+            self._context_members[int(cid)] = tuple(json.loads(members))
 
     def iter_outcomes(self, ecosystem: str, batch: int = 5000) -> Iterator[list[StoredOutcome]]:
         """Every stored outcome of an ecosystem, in batches (for rebuilding counts after a restart)."""
@@ -465,7 +479,11 @@ class OutcomeStore:
                 rows = result.fetchmany(batch)
                 if not rows:
                     return
-                yield _decode_rows(rows)
+                wanted = {r[11] for r in rows} - self._context_members.keys()
+                if wanted:
+                    with self.engine.connect() as other:  # the streaming one is busy with its cursor
+                        self._load_contexts(other, wanted)
+                yield _decode_rows(rows, self._context_members)
 
     def count_outcomes(self, ecosystem: str | None = None) -> int:
         q = select(func.count()).select_from(outcomes)
@@ -542,7 +560,7 @@ class OutcomeStore:
         sql = (f"SELECT {', '.join(_COLUMNS)} FROM ecoserve_outcomes{self._unlabeled_hint} WHERE ecosystem = {ph} "
                f"AND label_source IS NULL AND created_at < {ph} LIMIT {int(limit)}")
         with self.engine.connect() as conn:
-            return _decode_rows(conn.exec_driver_sql(sql, (ecosystem, before)).fetchall())
+            return self._decode(conn, conn.exec_driver_sql(sql, (ecosystem, before)).fetchall())
 
     def coverage(self, ecosystem: str, now: float, ages_s: Iterable[float]) -> dict[float, tuple[int, int]]:
         """For each age: (outcomes older than it, of which labeled). One statement per age (one

@@ -685,3 +685,42 @@ def test_held_labels_are_checked_counted_and_never_take_others_down(store_url):
                         False, {}, "")])
     assert value(rec, "ecoserve_outcomes_unknown_ecosystem_total") == 1
     rec.store.close()
+
+
+def test_a_member_added_removed_or_reordered_keeps_the_recorder_up(store_url):
+    """Outcomes stored under one member list, counted by a recorder configured with another (a
+    member added, removed, reordered; or a gateway still on the old config): mapped by name, a
+    member they lack is a missing output (never a failure), one no longer served is left out. It
+    used to make the recorder fail at start (its rebuild could not reshape the stored rows)."""
+    clock = Clock()
+    store = open_store(store_url)
+    r1 = Recorder({"eco": SPEC}, store, clock=clock)
+    rng = np.random.default_rng(3)
+    preds = rng.integers(0, 2, (40, 3))
+    labels = rng.integers(0, 2, 40)
+    r1.record([outcome(i, preds[i], clock.t, served=i % 3) for i in range(40)])
+    r1.feedback([LabelItem(f"r{i}", int(labels[i])) for i in range(20)])
+    store.close()
+    # "b" removed, "d" added, the order changed
+    spec2 = EcosystemSpec(name="eco", members=("c", "a", "d"), classes=("no", "yes"), subgroups={"sex": ("female", "male")})
+    r2 = Recorder({"eco": spec2}, open_store(store_url), clock=clock)
+    assert value(r2, "ecoserve_outcomes_total", ecosystem="eco") == 40
+    assert value(r2, "ecoserve_member_missing_outputs_total", ecosystem="eco", member="d") == 40  # never ran
+    assert value(r2, "ecoserve_member_missing_outputs_total", ecosystem="eco", member="a") == 0
+    # served counts follow the names; rows served by "b" (gone) are left out
+    assert value(r2, "ecoserve_served_total", ecosystem="eco", member="a") == len(range(0, 40, 3))
+    assert value(r2, "ecoserve_served_total", ecosystem="eco", member="c") == len(range(2, 40, 3))
+    obs = {"ecosystem": "eco", "source": "observed", **ALL}
+    assert value(r2, "ecoserve_labeled_outcomes_total", **obs) == 20
+    assert value(r2, "ecoserve_complete_outcomes_total", **obs) == 0  # "d" is unknown on every old outcome
+    for name, col in (("a", 0), ("c", 2)):
+        want = (preds[:20, col] == labels[:20]).sum()
+        assert value(r2, "ecoserve_member_correct_total", member=name, **obs) == want
+    assert value(r2, "ecoserve_pair_agreements_total", ecosystem="eco", member_a="c", member_b="a", **ALL) == 0  # "d" missing: no row counts
+    # new labels for old outcomes, and a hand-over from a gateway still on the old config, both count
+    r2.feedback([LabelItem(f"r{i}", int(labels[i])) for i in range(20, 40)])
+    assert value(r2, "ecoserve_labeled_outcomes_total", **obs) == 40
+    r2.record([outcome(100, (1, 0, 1), clock.t, served=0)])
+    assert value(r2, "ecoserve_outcomes_total", ecosystem="eco") == 41
+    assert value(r2, "ecoserve_served_total", ecosystem="eco", member="a") == len(range(0, 40, 3)) + 1
+    r2.store.close()
