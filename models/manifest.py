@@ -129,9 +129,9 @@ class RegressionSpec(_Strict):
     @model_validator(mode="after")
     def _bins(self) -> RegressionSpec:
         lo, hi = self.range
-        if not (lo < hi) or not all(map(_finite, self.range)):
+        if not (lo < hi) or not all(map(math.isfinite, self.range)):
             raise ValueError(f"range must be two finite numbers, low < high, got {list(self.range)}")
-        if not _finite(self.tolerance):
+        if not math.isfinite(self.tolerance):
             raise ValueError(f"tolerance must be finite, got {self.tolerance}")
         if self.n_bins > MAX_BINS:
             raise ValueError(f"range / bin_width gives {self.n_bins} bins; at most {MAX_BINS} (widen bin_width)")
@@ -149,10 +149,6 @@ class RegressionSpec(_Strict):
     def bin_names(self) -> tuple[str, ...]:
         lo, w = self.range[0], self.width
         return tuple(f"[{lo + i * w:g},{lo + (i + 1) * w:g})" for i in range(self.n_bins))
-
-
-def _finite(v: float) -> bool:
-    return math.isfinite(v)
 
 
 class EcosystemManifest(_Strict):

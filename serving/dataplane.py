@@ -111,7 +111,7 @@ class Dataplane:
                 {"name": man.input.name, "datatype": datatype_of(man.input.dtype), "shape": list(man.input.shape)}
             ],
             "outputs": (
-                [{"name": "value", "datatype": "FP64", "shape": [-1]}] if man.task == "regression" else [
+                [{"name": "value", "datatype": "FP64", "shape": [-1]}] if r.regression else [
                     {"name": "label", "datatype": "INT64", "shape": [-1]},
                     {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(man.classes)]},
                 ]

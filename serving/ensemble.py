@@ -157,7 +157,7 @@ class EcosystemRunner:
         for a, r in results.items():
             if not isinstance(r, BaseException):
                 preds[:, a] = r[0]
-        answered = ~np.isnan(preds) if self.regression else preds >= 0
+        answered = self._answered(preds)
         served = np.array([d.served for d in decisions], dtype=np.int64)
         failed_rows = np.flatnonzero(~answered[np.arange(n), served])
         if failed_rows.size:
@@ -169,7 +169,7 @@ class EcosystemRunner:
                     results[a] = r
                     if not isinstance(r, BaseException):
                         preds[:, a] = r[0]
-                        answered[:, a] = ~np.isnan(r[0]) if self.regression else True
+                answered = self._answered(preds)
             for i in failed_rows:
                 alt = next((a for a in self.policy.fallback_order(decisions[i]) if answered[i, a]), None)
                 if alt is None:
@@ -217,6 +217,10 @@ class EcosystemRunner:
         if self.sink is not None:
             self.sink(outcomes)
         return InferResult(labels=labels, probabilities=probs, outcomes=outcomes)
+
+    def _answered(self, preds: np.ndarray) -> np.ndarray:
+        """Where each member gave an output: not -1 (a class id), not NaN (a regression value)."""
+        return ~np.isnan(preds) if self.regression else preds >= 0
 
     @staticmethod
     def _reason(results: dict[int, Prediction | BaseException], a: int) -> str:

@@ -109,13 +109,11 @@ def _regression(
         if opts.value_range is not None or opts.bin_width is not None:
             raise AnalysisError(f"{p}: --range and --bin-width are for regression tables: give --tolerance too")
         return None
-    from models.manifest import RegressionSpec
-
     if opts.value_range is None:
         raise AnalysisError(f"{p}: a regression table (--tolerance) needs --range LOW,HIGH for the agreement bins")
     from pydantic import ValidationError
 
-    from models.manifest import describe_validation_error
+    from models.manifest import RegressionSpec, describe_validation_error
 
     try:
         spec = RegressionSpec(tolerance=opts.tolerance, range=opts.value_range, bin_width=opts.bin_width)

@@ -198,37 +198,9 @@ class EcosystemCounts:
             out.complete_correct = cc.sum(axis=0).astype(np.int64)
             k = m - cc.sum(axis=1)
             out.k_hist = np.bincount(k, minlength=m + 1).astype(np.int64)
-        if labels_only:
-            out._count_groups(preds, correct, groups, n, labels_only, _nested)
-            return out
-        predicted = (preds >= 0).all(axis=1)
-        p = preds[predicted]
-        out.n_predicted = int(p.shape[0])
-        for a in range(m):
-            out.class_counts[a] = np.bincount(p[:, a], minlength=shape.n_classes)
-            out.agree[a, a] = out.n_predicted
-            for b in range(a + 1, m):
-                same = int(np.count_nonzero(p[:, a] == p[:, b]))
-                out.agree[a, b] = out.agree[b, a] = same
-        if out.n_predicted:
-            out.unanimous = int(np.count_nonzero((p == p[:, :1]).all(axis=1)))
-            ref_col = p[:, shape.reference]
-            bits = np.zeros(out.n_predicted, dtype=np.int64)
-            for a in range(m):
-                bits |= (p[:, a] != ref_col).astype(np.int64) << a
-            values, counts = np.unique(bits, return_counts=True)
-            out.disagree_patterns = {int(v): int(c) for v, c in zip(values, counts)}
-            if shape.has_cie:
-                out.cie = int(np.count_nonzero(cie_mask(p, shape)))
-        out._count_groups(preds, correct, groups, n, labels_only, _nested)
-        return out
-
-    def _count_groups(
-        self, preds: np.ndarray, correct: np.ndarray | None, groups: Mapping[str, Sequence[object] | np.ndarray] | None,
-        n: int, labels_only: bool, nested: bool,
-    ) -> None:
-        shape, cls = self.shape, type(self)
-        if groups and not nested:
+        if not labels_only:  # the label-free part
+            out._count_predicted(preds)
+        if groups and not _nested:
             for key, attrs in group_keys(shape):
                 cols = []
                 for attr in attrs:
@@ -249,7 +221,31 @@ class EcosystemCounts:
                         shape, preds[sel], None if correct is None else correct[sel], labels_only=labels_only,
                         _nested=True,
                     )
-                self.groups[key] = sub
+                out.groups[key] = sub
+        return out
+
+    def _count_predicted(self, preds: np.ndarray) -> None:
+        """The label-free part: agreement, class counts, unanimity, disagreement patterns, CIE."""
+        m = self.shape.m
+        predicted = (preds >= 0).all(axis=1)
+        p = preds[predicted]
+        self.n_predicted = int(p.shape[0])
+        for a in range(m):
+            self.class_counts[a] = np.bincount(p[:, a], minlength=self.shape.n_classes)
+            self.agree[a, a] = self.n_predicted
+            for b in range(a + 1, m):
+                same = int(np.count_nonzero(p[:, a] == p[:, b]))
+                self.agree[a, b] = self.agree[b, a] = same
+        if self.n_predicted:
+            self.unanimous = int(np.count_nonzero((p == p[:, :1]).all(axis=1)))
+            ref_col = p[:, self.shape.reference]
+            bits = np.zeros(self.n_predicted, dtype=np.int64)
+            for a in range(m):
+                bits |= (p[:, a] != ref_col).astype(np.int64) << a
+            values, counts = np.unique(bits, return_counts=True)
+            self.disagree_patterns = {int(v): int(c) for v, c in zip(values, counts)}
+            if self.shape.has_cie:
+                self.cie = int(np.count_nonzero(cie_mask(p, self.shape)))
 
     # -------------------------------------------------------------- algebra
     def __add__(self, other: EcosystemCounts) -> EcosystemCounts:
