@@ -4,7 +4,8 @@ Accepted bodies: one item `{"request_id": ..., "label": ...}`, a list of items, 
 `{"labels": [items]}`. An item: `request_id` (the id the inference response gave,
 or the client's own), `label` (a class name or class id; a reward in bandit mode),
 optional `timestamp` (when the label was observed: unix seconds or ISO 8601;
-default: arrival), optional `source` (free text, kept in the label history).
+default: arrival), optional `source` (free text, at most 64 characters, kept in the label history). Ids and text
+follow `telemetry.text` (an id: 1-128 visible ASCII characters).
 Unknown fields are rejected. Every item is validated before anything is applied;
 a bad item fails the whole request with 422 naming its index and field.
 """
@@ -16,10 +17,11 @@ import math
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from serving.errors import PayloadTooLarge, Unauthorized, UnprocessableEntity
 from telemetry.recorder import LabelItem
+from telemetry.text import MAX_TEXT_LENGTH, id_problem, text_problem
 
 __all__ = ["FeedbackItem", "parse_feedback", "check_bearer"]
 
@@ -27,10 +29,26 @@ __all__ = ["FeedbackItem", "parse_feedback", "check_bearer"]
 class FeedbackItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    request_id: str = Field(min_length=1, max_length=128)
+    request_id: str
     label: int | float | str
     timestamp: float | str | None = None
-    source: str = Field(default="", max_length=64)
+    source: str = ""
+
+    @field_validator("request_id", mode="before")
+    @classmethod
+    def _request_id(cls, v: object) -> object:
+        problem = id_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source(cls, v: object) -> object:
+        problem = text_problem(v, MAX_TEXT_LENGTH)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
 
     @field_validator("label", mode="before")
     @classmethod
@@ -39,8 +57,10 @@ class FeedbackItem(BaseModel):
             raise ValueError("must be a class name, a class id or a number, not a boolean")
         if isinstance(v, float) and not math.isfinite(v):
             raise ValueError("must be finite")
-        if isinstance(v, str) and not (0 < len(v) <= 128):
-            raise ValueError("must be 1 to 128 characters")
+        if isinstance(v, str):
+            problem = "must not be empty" if not v else text_problem(v, 128)
+            if problem is not None:
+                raise ValueError(problem)
         return v
 
     @field_validator("timestamp")

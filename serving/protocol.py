@@ -26,6 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serving.errors import BadRequest
+from telemetry.text import MAX_ID_LENGTH, MAX_TEXT_LENGTH, id_problem, text_problem
 
 __all__ = [
     "InferInput",
@@ -55,7 +56,6 @@ DATATYPES: dict[str, np.dtype[Any]] = {
     "FP64": np.dtype(np.float64),
 }
 _MANIFEST_TO_OIP = {"float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": "INT32"}
-MAX_ID_LENGTH = 128
 
 
 def datatype_of(manifest_dtype: str) -> str:
@@ -81,7 +81,7 @@ class RequestedOutput(_Lenient):
 
 
 class InferRequest(_Lenient):
-    id: str | None = Field(default=None, max_length=MAX_ID_LENGTH)
+    id: str | None = None  # checked with the other ids (`row_request_ids`)
     parameters: dict[str, Any] | None = None
     inputs: list[InferInput] = Field(min_length=1)
     outputs: list[RequestedOutput] | None = None
@@ -179,19 +179,31 @@ class _Uuid7:
 new_request_ids = _Uuid7().take
 
 
+def _checked_id(value: object, where: str) -> str:
+    problem = id_problem(value)
+    if problem is not None:
+        raise BadRequest(f"{where}: {problem}")
+    assert isinstance(value, str)
+    return value
+
+
 def row_request_ids(req: InferRequest, header_id: str | None, n: int) -> tuple[str, list[str]]:
-    """(request-level id, one id per row)."""
-    base = req.id or header_id
-    if base is not None and len(base) > MAX_ID_LENGTH:
-        raise BadRequest(f"request id is longer than {MAX_ID_LENGTH} characters")
+    """(request-level id, one id per row). Every id is checked by `telemetry.text.id_problem`,
+    the ids derived for several rows (`<id>/<row>`) included."""
+    if req.id is not None:
+        base: str | None = _checked_id(req.id, "id")
+    elif header_id is not None:
+        base = _checked_id(header_id, "x-request-id header")
+    else:
+        base = None
     ids = (req.parameters or {}).get("request_ids")
     if ids is not None:
-        if not isinstance(ids, list) or len(ids) != n or not all(isinstance(i, str) and i for i in ids):
+        if not isinstance(ids, list) or len(ids) != n:
             raise BadRequest(f"parameters.request_ids must be a list of {n} non-empty strings (one per row)")
+        for i, rid in enumerate(ids):
+            _checked_id(rid, f"parameters.request_ids[{i}]")
         if len(set(ids)) != n:
             raise BadRequest("parameters.request_ids must be distinct")
-        if any(len(i) > MAX_ID_LENGTH for i in ids):
-            raise BadRequest(f"parameters.request_ids: an id is longer than {MAX_ID_LENGTH} characters")
         return base or ids[0], list(ids)
     if base is None:
         if n == 1:
@@ -199,16 +211,36 @@ def row_request_ids(req: InferRequest, header_id: str | None, n: int) -> tuple[s
             return only, [only]
         ids = new_request_ids(n + 1)
         return ids[0], ids[1:]
-    return base, [base] if n == 1 else [f"{base}/{i}" for i in range(n)]
+    if n == 1:
+        return base, [base]
+    if len(base) + 1 + len(str(n - 1)) > MAX_ID_LENGTH:
+        raise BadRequest(
+            f"id: the row ids '<id>/<row>' of {n} rows would be over {MAX_ID_LENGTH} characters; "
+            "send a shorter id or parameters.request_ids"
+        )
+    return base, [f"{base}/{i}" for i in range(n)]
+
+
+def _group_value(value: object, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise BadRequest(f"{where}: a subgroup value must be a string or a number, got {type(value).__name__}")
+    text = value if isinstance(value, str) else str(value)
+    problem = text_problem(text, MAX_TEXT_LENGTH)
+    if problem is not None:
+        raise BadRequest(f"{where}: {problem}")
+    return text
 
 
 def row_groups(req: InferRequest, attributes: list[str], n: int) -> list[dict[str, str]]:
-    """Declared subgroup attributes of each row, from the request's parameters."""
+    """Declared subgroup attributes of each row, from the request's parameters (each value checked
+    by `telemetry.text.text_problem`: at most 64 characters, no control characters)."""
     params = req.parameters or {}
-    common = {a: str(params[a])[:64] for a in attributes if a in params and params[a] is not None}
+    common = {a: _group_value(params[a], f"parameters.{a}") for a in attributes
+              if a in params and params[a] is not None}
     per_row = params.get("subgroups")
     if per_row is None:
         return [dict(common) for _ in range(n)]
     if not isinstance(per_row, list) or len(per_row) != n or not all(isinstance(r, dict) for r in per_row):
         raise BadRequest(f"parameters.subgroups must be a list of {n} objects (one per row)")
-    return [{**common, **{a: str(r[a])[:64] for a in attributes if r.get(a) is not None}} for r in per_row]
+    return [{**common, **{a: _group_value(r[a], f"parameters.subgroups[{i}].{a}") for a in attributes
+                          if r.get(a) is not None}} for i, r in enumerate(per_row)]

@@ -12,8 +12,7 @@ from typing import Any
 
 from ray import serve
 
-from serving.errors import UnprocessableEntity
-from serving.recorder_host import RecorderHost
+from serving.recorder_host import RecorderHost, raise_for_reply
 from telemetry.recorder import LabelItem
 
 __all__ = ["RecorderDeployment", "HandleTelemetry"]
@@ -26,10 +25,7 @@ class HandleTelemetry:
         self.handle = handle
 
     async def feedback(self, items: list[LabelItem]) -> dict[str, Any]:
-        reply: dict[str, Any] = await self.handle.feedback.remote(items)
-        if "error" in reply:
-            raise UnprocessableEntity(reply["error"])
-        return reply
+        return raise_for_reply(await self.handle.feedback.remote(items))
 
     async def metrics(self) -> bytes:
         data: bytes = await self.handle.metrics.remote()

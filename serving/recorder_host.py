@@ -14,13 +14,13 @@ from typing import Any, Protocol
 
 from models.manifest import load_manifest
 from serving.config import PrimaryPolicyConfig, ServingConfig, TelemetryConfig
-from serving.errors import UnprocessableEntity
+from serving.errors import Unavailable, UnprocessableEntity
 from telemetry.metrics import exposition
 from telemetry.recorder import EcosystemSpec, FeedbackError, LabelItem, Recorder
 from telemetry.records import Outcome, outcome_fields
-from telemetry.store import open_store
+from telemetry.store import STORE_ERRORS, open_store
 
-__all__ = ["RecorderHost", "LocalTelemetry", "recorder_specs", "feedback_reply"]
+__all__ = ["RecorderHost", "LocalTelemetry", "recorder_specs", "feedback_reply", "raise_for_reply"]
 
 log = logging.getLogger("ray.serve")
 
@@ -58,10 +58,16 @@ def recorder_specs(cfg: ServingConfig) -> dict[str, EcosystemSpec]:
 
 
 def feedback_reply(recorder: Recorder, items: list[LabelItem]) -> dict[str, Any]:
+    """The recorder's answer to a feedback batch, as a value that crosses processes and handles:
+    errors as `{"error": message, "status": 422 or 503}` (`raise_for_reply` turns them back)."""
     try:
         results = recorder.feedback(items)
     except FeedbackError as exc:
-        return {"error": str(exc)}
+        return {"error": str(exc), "status": 422}
+    except STORE_ERRORS as exc:  # the store unreachable or full: nothing was applied, the client retries
+        log.warning("feedback not applied, the outcome store failed: %s", exc)
+        return {"error": f"the outcome store is unavailable, nothing was applied; retry later "
+                         f"({str(exc).splitlines()[0]})", "status": 503}
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
@@ -73,6 +79,13 @@ def feedback_reply(recorder: Recorder, items: list[LabelItem]) -> dict[str, Any]
             for r in results
         ],
     }
+
+
+def raise_for_reply(reply: dict[str, Any]) -> dict[str, Any]:
+    """A feedback reply, or its error as the serving error of its status (422 or 503)."""
+    if "error" in reply:
+        raise (Unavailable if reply.get("status") == 503 else UnprocessableEntity)(reply["error"])
+    return reply
 
 
 class TelemetryHost(Protocol):
@@ -88,10 +101,7 @@ class LocalTelemetry:
         self.host = host
 
     async def feedback(self, items: list[LabelItem]) -> dict[str, Any]:
-        reply = await asyncio.to_thread(self.host.feedback, items)
-        if "error" in reply:
-            raise UnprocessableEntity(reply["error"])
-        return reply
+        return raise_for_reply(await asyncio.to_thread(self.host.feedback, items))
 
     async def metrics(self) -> bytes:
         return await asyncio.to_thread(self.host.metrics)

@@ -30,6 +30,7 @@ class Thresholds:
     min_coverage: float = 0.5
     min_propensity: float = 0.01
     member_missing_ratio: float = 0.01
+    handover_failing_s: int = 120  # hand-overs failing this long: records pile up in the gateways' queues
     served_entropy_ratio: float = 0.5  # served-output entropy below half its average over the day before
     min_served_per_hour: int = 100
 
@@ -131,8 +132,17 @@ def rule_groups(t: Thresholds = Thresholds()) -> list[dict[str, Any]]:
             "sum(increase(ecoserve_outcomes_dropped_total[5m])) > 0",
             "0m", "critical",
             "Outcome records are being dropped",
-            "{{ $value }} outcome records were dropped in 5 minutes (a gateway queue was full: the recorder is "
-            "down or slower than traffic): ecosystem metrics are missing data.",
+            "{{ $value }} outcome records were dropped in 5 minutes (a gateway queue was full, or the store "
+            "refused a record: see the reason label): ecosystem metrics are missing data.",
+        ),
+        _rule(
+            "EcoserveHandoversFailing",
+            # from the gauge's own timestamp, not `for:`: a Prometheus restart does not reset it
+            f"(time() - (ecoserve_handover_failing_since_timestamp_seconds > 0)) > {t.handover_failing_s}",
+            "0m", "critical",
+            "The recorder cannot store outcome records",
+            "Hand-overs to the outcome store have failed for {{ $value | humanizeDuration }} (the store is "
+            "unreachable or full): records wait in the gateways' bounded queues and are dropped once those fill.",
         ),
         _rule(
             "EcoserveOutcomesLost",

@@ -59,7 +59,10 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ecoserve_labels_rejected_total": ("counter", (), "Pending labels dropped when their outcome arrived because its ecosystem cannot take them (e.g. a class of another ecosystem)."),
     "ecoserve_labels_pending": ("gauge", (), "Labels waiting for their outcome."),
     "ecoserve_outcomes_unknown_ecosystem_total": ("counter", (), "Outcome records handed over for an ecosystem this recorder does not serve (not stored)."),
-    "ecoserve_outcomes_dropped_total": ("counter", ("reason",), "Outcome records the gateways dropped because their queue was full (the recorder down or slower than traffic)."),
+    "ecoserve_outcomes_dropped_total": ("counter", ("reason",), "Outcome records not stored, by reason: queue_full (a gateway's queue was full: the recorder down or slower than traffic), invalid (the store refused the record: a data error; the rest of its hand-over was stored)."),
+    "ecoserve_handover_failures_total": ("counter", (), "Hand-overs of outcome records the recorder could not store for a reason a retry may cure (the store unreachable, a full disk); their records stay queued at the gateway and are sent again."),
+    "ecoserve_handover_failing": ("gauge", (), "1 while the latest hand-over failed (records are waiting at the gateways), else 0."),
+    "ecoserve_handover_failing_since_timestamp_seconds": ("gauge", (), "Unix time of the first failure of the current run of failed hand-overs; 0 while hand-overs succeed."),
     "ecoserve_outcomes_lost_total": ("counter", ("ecosystem",), "Outcome records a gateway replica accepted and never handed over because it crashed (counted from its ledger once it is found dead)."),
     "ecoserve_recorder_cpu_seconds_total": ("counter", ("operation",), "CPU time the recorder spent storing and counting, in the threads that did it (operation: record, feedback, sweep): the telemetry's own cost. Since the recorder started."),
     "ecoserve_outcomes_duplicate_id_total": ("counter", (), "Outcome records whose request id was already stored (retries; clients reusing ids)."),
@@ -126,8 +129,13 @@ class EcoserveCollector(Collector):
             fams["ecoserve_outcomes_unknown_ecosystem_total"].add_metric([], r.unknown_ecosystem)
             fams["ecoserve_labels_pending"].add_metric([], r.pending)
             fams["ecoserve_outcomes_duplicate_id_total"].add_metric([], r.duplicate_outcome_ids)
-            for reason in ("queue_full",):
-                fams["ecoserve_outcomes_dropped_total"].add_metric([reason], r.dropped().get(reason, 0))
+            dropped = r.dropped()
+            for reason in ("queue_full", "invalid"):
+                fams["ecoserve_outcomes_dropped_total"].add_metric([reason], dropped.get(reason, 0))
+            fams["ecoserve_handover_failures_total"].add_metric([], r.handover_failures)
+            since = r.handover_failing_since
+            fams["ecoserve_handover_failing"].add_metric([], 0 if since is None else 1)
+            fams["ecoserve_handover_failing_since_timestamp_seconds"].add_metric([], since or 0.0)
             fams["ecoserve_window_seconds"].add_metric([], r.window_s)
             for op, cpu in r.cpu_s.items():
                 fams["ecoserve_recorder_cpu_seconds_total"].add_metric([op], cpu)

@@ -24,7 +24,9 @@ Streamed counts keep each outcome's first label; label sources (`observed`,
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -38,7 +40,8 @@ from telemetry.counts import EcosystemCounts, EcosystemShape, correctness, value
 from telemetry.exploration import ExplorationCounts
 from telemetry.records import Outcome, outcome_fields
 from telemetry.serving_stats import merge_reports
-from telemetry.store import FirstLabel, OutcomeStore, StoredOutcome
+from telemetry.store import FirstLabel, InvalidRecord, OutcomeStore, StoredOutcome
+from telemetry.text import id_problem, text_problem
 
 __all__ = [
     "EcosystemSpec",
@@ -51,6 +54,8 @@ __all__ = [
     "COVERAGE_AGES_S",
 ]
 
+log = logging.getLogger(__name__)
+
 SOURCES = ("observed", "assumed")
 DELAY_BUCKETS_S = (1.0, 10.0, 60.0, 300.0, 900.0, 3600.0, 6 * 3600.0, 86400.0, 3 * 86400.0, 7 * 86400.0, 30 * 86400.0)
 COVERAGE_AGES_S = (60.0, 600.0, 3600.0, 86400.0, 7 * 86400.0)
@@ -59,8 +64,8 @@ COVERAGE_AGES_S = (60.0, 600.0, 3600.0, 86400.0, 7 * 86400.0)
 class FeedbackError(ValueError):
     """A feedback item is invalid; names the item index and the field. Nothing was applied."""
 
-    def __init__(self, index: int, fieldname: str, message: str) -> None:
-        super().__init__(f"item {index}: {fieldname}: {message}")
+    def __init__(self, index: int | None, fieldname: str, message: str) -> None:
+        super().__init__(f"item {index}: {fieldname}: {message}" if index is not None else f"{fieldname}: {message}")
         self.index, self.field = index, fieldname
 
 
@@ -294,6 +299,12 @@ class Recorder:
         self.pending_rejected = 0
         self.duplicate_outcome_ids = 0
         self.unknown_ecosystem = 0
+        self.invalid_outcomes = 0  # records the store refused (a data error): dropped, reason "invalid"
+        # hand-overs that failed for a reason a retry may cure (store down, disk full): since when
+        # (None: the last one succeeded), and how many in all; `ecoserve_handover_*`
+        self.handover_failing_since: float | None = None
+        self.handover_failures = 0
+        self._logged_invalid: set[str] = set()
         self.reports: dict[str, dict[str, Any]] = {}
         # CPU seconds of the threads that did the recorder's work, per operation (since start):
         # the telemetry's own cost, `ecoserve_recorder_cpu_seconds_total`
@@ -381,11 +392,22 @@ class Recorder:
                 known = [f for f in known if f[1] in self.state]
                 ecosystems &= self.state.keys()
             unlost: dict[str, int] = {}
-            inserted = self.store.insert_fields(known, progress, unlost)
+            try:
+                inserted, invalid = self._insert(known, progress, unlost)
+            except Exception:
+                self.handover_failures += 1
+                if self.handover_failing_since is None:
+                    self.handover_failing_since = self.clock()
+                raise
+            self.handover_failing_since = None
             for eco, n in unlost.items():  # a hand-over that landed after its gateway was counted lost
                 if eco in self.state:
                     self.state[eco].lost -= n
-            self._event({"unknown_ecosystem": len(items) - len(known), "duplicate_outcome_ids": len(known) - len(inserted)})
+            if invalid:
+                ids = {f[0] for f in invalid}
+                known = [f for f in known if f[0] not in ids]
+            self._event({"unknown_ecosystem": len(items) - len(known) - len(invalid),
+                         "duplicate_outcome_ids": len(known) - len(inserted), "invalid_outcomes": len(invalid)})
             if len(inserted) == len(known):
                 fresh = known
             else:  # skip ids stored before, and repeats within the batch (the store kept the first)
@@ -422,6 +444,51 @@ class Recorder:
                         results = self._feedback_locked(items_, received_at=received, allow_pending=False)
                         joined = sum(1 for r in results if r.status == "joined")
             return {"received": len(items), "inserted": len(inserted), "joined_pending": joined}
+
+    def _insert(
+        self, items: list[tuple[Any, ...]], progress: tuple[str, dict[str, int]] | None, unlost: dict[str, int],
+    ) -> tuple[set[str], list[tuple[Any, ...]]]:
+        """Store a hand-over: (ids inserted, records the store refused). One record the store cannot
+        hold (a data error: re-sending cannot help) must not stop the others, nor every later
+        hand-over: the batch is split in halves until each refused record stands alone, every good
+        one is stored, and the refused ones are returned to be dropped and counted. Any other
+        error (the store unreachable, a full disk) is raised: the gateway keeps the records queued
+        and sends them again."""
+        try:
+            return self.store.insert_fields(items, progress, unlost), []
+        except InvalidRecord as exc:
+            if len(items) <= 1:
+                self._log_invalid(exc)
+                invalid, inserted = list(items), set()
+            else:
+                inserted, invalid = set(), []
+                half = len(items) // 2
+                self._bisect(items[:half], inserted, invalid)
+                self._bisect(items[half:], inserted, invalid)
+        unlost.clear()  # the failed transaction was rolled back
+        if progress:  # what was handed over, the refused records included (they are not lost)
+            self.store.insert_fields([], progress, unlost)
+        return inserted, invalid
+
+    def _bisect(self, items: list[tuple[Any, ...]], inserted: set[str], invalid: list[tuple[Any, ...]]) -> None:
+        try:
+            inserted |= self.store.insert_fields(items)
+        except InvalidRecord as exc:
+            if len(items) == 1:
+                self._log_invalid(exc)
+                invalid.append(items[0])
+                return
+            half = len(items) // 2
+            self._bisect(items[:half], inserted, invalid)
+            self._bisect(items[half:], inserted, invalid)
+
+    def _log_invalid(self, exc: InvalidRecord) -> None:
+        """Log each kind of refusal once (a flood of bad records must not flood the log)."""
+        kind = re.sub(r"\d+", "N", str(exc))  # "in position 6" and "in position 7" are one kind
+        if kind not in self._logged_invalid and len(self._logged_invalid) < 100:
+            self._logged_invalid.add(kind)
+            log.error("dropped an outcome record the store refused (counted in "
+                      "ecoserve_outcomes_dropped_total{reason=\"invalid\"}; logged once per kind): %s", kind)
 
     def _count_predictions(self, st: _EcosystemState, items: Sequence[tuple[Any, ...]] | Sequence[StoredOutcome]) -> None:
         """Count a batch of outcomes' predictions (label-free part), vectorised. `items`: new
@@ -537,7 +604,15 @@ class Recorder:
                 f"{len(pending)} labels for unknown request ids would exceed the pending limit of {self.max_pending}",
             )
         # 2. one transaction
-        self.store.apply_labels(first, corrections, pending)
+        try:
+            self.store.apply_labels(first, corrections, pending)
+        except InvalidRecord as exc:  # nothing was applied; name the item if the text rules can
+            for idx, item in enumerate(items):
+                for fieldname, problem in (("request_id", id_problem(item.request_id)),
+                                           ("source", text_problem(item.source))):
+                    if problem is not None:
+                        raise FeedbackError(idx, fieldname, problem) from exc
+            raise FeedbackError(None, "batch", f"the store refused it, nothing was applied: {exc}") from exc
         # 3. count
         if pending:  # the store keeps one label per id, newest first: count what it holds
             self._pending = self.store.count_pending()
@@ -664,7 +739,11 @@ class Recorder:
         stamp, cached = self._coverage_cache
         if now - stamp < max_age_s and cached:
             return cached
-        fresh = {name: self.store.coverage(name, now, self.coverage_ages_s) for name in self.state}
+        try:
+            fresh = {name: self.store.coverage(name, now, self.coverage_ages_s) for name in self.state}
+        except Exception as exc:  # the store is away: a scrape still answers, with the last coverage read
+            log.warning("label coverage not refreshed, the outcome store failed: %s", str(exc).splitlines()[0])
+            return cached
         self._coverage_cache = (now, fresh)
         return fresh
 
@@ -673,7 +752,9 @@ class Recorder:
             return self.state[ecosystem].window.total()
 
     def dropped(self) -> dict[str, int]:
-        out: dict[str, int] = {}
+        """Records dropped, by reason: the gateways' (`queue_full`) and the recorder's own
+        (`invalid`: records the store refused)."""
+        out: dict[str, int] = {"invalid": self.invalid_outcomes}
         for report in self.reports.values():
             for reason, v in report.get("dropped", {}).items():
                 out[reason] = out.get(reason, 0) + v

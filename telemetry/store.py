@@ -74,11 +74,11 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError, StatementError
 
 from telemetry.records import PAYLOAD_FIELDS, ROW_COLUMNS, Outcome, RowEncoder, outcome_fields, payload_text
 
-__all__ = ["StoreError", "OutcomeStore", "StoredOutcome", "FirstLabel", "SCHEMA_VERSION", "open_store"]
+__all__ = ["StoreError", "InvalidRecord", "is_data_error", "STORE_ERRORS", "OutcomeStore", "StoredOutcome", "FirstLabel", "SCHEMA_VERSION", "open_store"]
 
 SCHEMA_VERSION = 3
 _CHUNK = 500  # ids per IN (...) query: well under SQLite's variable limit
@@ -174,6 +174,43 @@ _V1_TABLES = [schema_table, outcomes, label_history, pending_labels, event_count
 
 class StoreError(RuntimeError):
     """The store could not be opened or written; wraps the database's own error."""
+
+
+class InvalidRecord(StoreError):
+    """The database refused what it was given (a data error: a NUL byte, a lone surrogate, a
+    value too long, a broken constraint). Sending the same records again cannot help, unlike a
+    connection error or a full disk; the caller finds and drops the offending records."""
+
+
+# what a store that is unreachable, busy or full raises (the driver's errors included): callers that
+# must answer anyway (the feedback API: 503) catch these
+STORE_ERRORS: tuple[type[Exception], ...] = (StoreError, SQLAlchemyError, OSError)
+
+# SQLSTATE classes of errors caused by the data, not by the server: 22 data exception,
+# 23 integrity constraint violation, 54 program limit exceeded (e.g. an index entry too large)
+_DATA_SQLSTATE_CLASSES = ("22", "23", "54")
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """Whether `exc`, raised while writing, is caused by the data rather than by the database
+    being unreachable, busy or full (which a retry may cure)."""
+    if isinstance(exc, InvalidRecord):
+        return True
+    if isinstance(exc, DBAPIError):
+        state = getattr(exc.orig, "sqlstate", None)
+        if isinstance(state, str) and state[:2] in _DATA_SQLSTATE_CLASSES:
+            return True
+        return type(exc).__name__ in ("DataError", "IntegrityError")  # e.g. psycopg's client-side NUL check
+    if isinstance(exc, StatementError):  # a parameter the driver could not bind
+        return isinstance(exc.orig, (ValueError, TypeError))
+    return isinstance(exc, (ValueError, TypeError))  # e.g. UnicodeEncodeError from sqlite3's binding
+
+
+def _as_invalid(exc: Exception, what: str) -> Exception:
+    """A data error as `InvalidRecord` (its first line: the driver's message, without the SQL)."""
+    if is_data_error(exc) and not isinstance(exc, InvalidRecord):
+        return InvalidRecord(f"{what}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    return exc
 
 
 class StoredOutcome(NamedTuple):
@@ -379,9 +416,22 @@ class OutcomeStore:
         unlost: dict[str, int] | None = None,
     ) -> set[str]:
         """`insert_outcomes` of outcomes as their field tuples (`outcome_fields`): what a recorder
-        process receives, encoded without rebuilding each Outcome."""
+        process receives, encoded without rebuilding each Outcome. A data error is raised as
+        `InvalidRecord` (nothing of the batch is stored)."""
         if not items and not progress:
             return set()
+        try:
+            return self._insert_fields(items, progress, unlost)
+        except Exception as exc:
+            err = _as_invalid(exc, "an outcome the store cannot hold")
+            if err is exc:
+                raise
+            raise err from exc
+
+    def _insert_fields(
+        self, items: Sequence[tuple[Any, ...]], progress: tuple[str, dict[str, int]] | None,
+        unlost: dict[str, int] | None,
+    ) -> set[str]:
         fresh: dict[str, tuple[Any, ...]] = {}
         for o in items:  # the first of repeated ids in one batch
             fresh.setdefault(o[0], o)
@@ -500,9 +550,21 @@ class OutcomeStore:
         pending: list[dict[str, Any]] | None = None,
     ) -> None:
         """In one transaction: set first labels (current and counted; tuples, see `FirstLabel`),
-        apply corrections (current label only, into the label history); hold `pending` labels."""
+        apply corrections (current label only, into the label history); hold `pending` labels.
+        A data error is raised as `InvalidRecord` (nothing is applied)."""
         if not first and not corrections and not pending:
             return
+        try:
+            self._apply_labels(first, corrections, pending)
+        except Exception as exc:
+            err = _as_invalid(exc, "a label the store cannot hold")
+            if err is exc:
+                raise
+            raise err from exc
+
+    def _apply_labels(
+        self, first: list[FirstLabel], corrections: list[dict[str, Any]], pending: list[dict[str, Any]] | None,
+    ) -> None:
         with self.engine.begin() as conn:
             if pending:
                 self._add_pending(conn, pending)

@@ -247,6 +247,72 @@ def test_feedback_auth_and_bad_items_change_nothing(server):
     assert metric(after, "ecoserve_labeled_outcomes_total", **ALL) == metric(before, "ecoserve_labeled_outcomes_total", **ALL)
 
 
+HOSTILE_IDS = [
+    ("NUL", "\u0000", "character U+0000 at position 0"),
+    ("control character", "ok\u0007bell", "character U+0007 at position 2"),
+    ("space", "a b", "character U+0020"),
+    ("non-ASCII", "caf\u00e9", "character U+00E9"),
+    ("lone surrogate", "x\ud800", "character U+D800"),
+    ("129 characters", "a" * 129, "is 129 characters long; at most 128"),
+    ("10,000 characters", "b" * 10_000, "is 10000 characters long; at most 128"),
+]
+
+
+def test_hostile_request_ids_get_a_400_and_recording_goes_on(server, serving_repo):
+    """Ids a store or a header cannot carry are refused at the edge with the field named; the
+    outcomes before and after them are all stored (the PostgreSQL run is the one that used to stop
+    recording for good after one NUL id)."""
+    x = load_heldout(serving_repo / "credit").X[:2]
+    run = uuid.uuid4().hex[:6]
+    before = scrape(server)
+    good = []
+
+    def ordinary(tag):
+        rid = f"{run}-{tag}"
+        r = httpx.post(f"{server}/v2/models/credit/infer", json=infer_body(x, id=rid), timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-request-id"] == rid
+        good.extend([f"{rid}/0", f"{rid}/1"])
+
+    ordinary("first")
+    for name, rid, message in HOSTILE_IDS:
+        one = infer_body(x[:1], id=rid)
+        r = httpx.post(f"{server}/v2/models/credit/infer", json=one, timeout=30)
+        assert r.status_code == 400, (name, r.text)
+        assert r.json()["error"].startswith("id: ") and message in r.json()["error"], (name, r.text)
+        body = infer_body(x, parameters={"request_ids": [f"{run}-fine", rid]})
+        r = httpx.post(f"{server}/v2/models/credit/infer", json=body, timeout=30)
+        assert r.status_code == 400 and "parameters.request_ids[1]: " in r.json()["error"], (name, r.text)
+        r = post_labels(server, [{"request_id": rid, "label": 1}])
+        assert r.status_code == 422 and "item 0: request_id" in r.json()["error"], (name, r.text)
+        ordinary(name.replace(" ", "_").replace(",", ""))
+    # raw bytes that are not UTF-8: in the body (400 before parsing) and in the x-request-id header
+    raw = b'{"id": "\xff\xfe", "inputs": []}'
+    r = httpx.post(f"{server}/v2/models/credit/infer", content=raw, timeout=30)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"], r.text
+    r = httpx.post(f"{server}/v2/models/credit/infer", json=infer_body(x[:1]),
+                   headers={"x-request-id": b"id-\xff\xfe"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"].startswith("x-request-id header: "), r.text
+    # subgroup values and a label's source: bounded, no control characters
+    r = httpx.post(f"{server}/v2/models/credit/infer", json=infer_body(x[:1], parameters={"sex": "f\u0000"}),
+                   timeout=30)
+    assert r.status_code == 400 and "parameters.sex: character U+0000" in r.json()["error"], r.text
+    r = httpx.post(f"{server}/v2/models/credit/infer", json=infer_body(x[:1], parameters={"sex": "f" * 65}),
+                   timeout=30)
+    assert r.status_code == 400 and "parameters.sex: is 65 characters long" in r.json()["error"], r.text
+    r = post_labels(server, [{"request_id": good[0], "label": 1, "source": "crm\u0000"}])
+    assert r.status_code == 422 and "item 0: source: " in r.json()["error"], r.text
+    ordinary("last")
+    want = metric(before, "ecoserve_outcomes_total", ecosystem="credit") + len(good)
+    m = wait_for(server, "ecoserve_outcomes_total", want, ecosystem="credit")
+    assert metric(m, "ecoserve_outcomes_total", ecosystem="credit") == want
+    dropped = sum(v for (name, _), v in m.items() if name == "ecoserve_outcomes_dropped_total")
+    assert dropped == sum(v for (name, _), v in before.items() if name == "ecoserve_outcomes_dropped_total")
+    assert metric(m, "ecoserve_handover_failing") == 0
+    r = post_labels(server, [{"request_id": rid, "label": 1} for rid in good])
+    assert r.status_code == 200 and r.json()["counts"] == {"joined": len(good)}, r.text
+
+
 def test_promtool_accepts_the_metrics(server):
     promtool = shutil.which("promtool")
     if promtool is None:
