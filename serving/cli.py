@@ -160,10 +160,12 @@ def _cmd_k8s(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from serving.config import ConfigError, load_serve_file
+    from serving.config import ConfigError, load_serve_file, preflight
 
     try:
         f = load_serve_file(args.config)
+        if not args.syntax_only:
+            preflight(f, check_port=not args.skip_port)
     except ConfigError as exc:
         raise CliError(str(exc)) from exc
     print(f"{args.config}: ok ({', '.join(f.serving.ecosystems)})")
@@ -257,8 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["generate"])
     p.set_defaults(func=_cmd_k8s)
 
-    p = sub.add_parser("check-config", help="validate a Serve config file's ecoserve settings")
+    p = sub.add_parser("check-config", help="validate a Serve config file, and what serving it needs from here "
+                       "(environment variables, store URL, model repository, port)")
     p.add_argument("config")
+    p.add_argument("--syntax-only", action="store_true",
+                   help="check the file alone, not this machine's environment (e.g. in CI, for a cluster's config)")
+    p.add_argument("--skip-port", action="store_true", help="do not check that the HTTP port is free")
     p.set_defaults(func=_cmd_check_config)
 
     p = sub.add_parser("migrate-store", help="bring an outcome store to this version's schema now (what the first start would do)")

@@ -34,6 +34,7 @@ __all__ = [
     "ServingConfig",
     "ServeFile",
     "load_serve_file",
+    "preflight",
     "validation_message",
     "DEMO_CONFIG",
 ]
@@ -302,3 +303,64 @@ def load_serve_file(path: str | Path) -> ServeFile:
             serving = parse_serving(app.get("args") or {}, prefix=f"applications.{i}.args")
             return ServeFile(raw=raw, app_index=i, serving=serving)
     raise ConfigError(f"{p}: applications: no application with import_path 'serving.app:build_app'")
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free to serve on
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is already in use (another ecoserve, Ray Serve or haproxy?)"
+            return f"cannot listen on {host}:{port}: {exc.strerror}"
+    return None
+
+
+def preflight(file: ServeFile, *, check_port: bool = True) -> None:
+    """Everything the app will need from its environment, checked before Ray starts (a failure
+    there surfaces only after ~30 s, as a Ray traceback, with the cause in the controller's log):
+    the feedback token and store URL variables, the store URL's form, the model repository with
+    each ecosystem's manifest, members and model files, and the HTTP port. Raises `ConfigError`
+    naming the first setting that cannot work."""
+    s = file.serving
+    s.auth.feedback_token()  # the variable is set and non-empty
+    if s.telemetry.enabled:
+        url = s.telemetry.resolved_store_url()
+        key = "telemetry.store_url_env" if s.telemetry.store_url_env else "telemetry.store_url"
+        if not url.startswith(("sqlite:///", "postgresql://", "postgres://", "postgresql+psycopg://")):
+            raise ConfigError(f"{key}: expected sqlite:///PATH or postgresql://..., got a URL starting "
+                              f"{url.split(':', 1)[0]!r}")
+        if url.startswith("sqlite:///") and ":memory:" not in url:
+            folder = Path(url.removeprefix("sqlite:///")).parent
+            while not folder.exists():  # the store creates missing folders: the nearest existing one must be writable
+                folder = folder.parent
+            if not os.access(folder, os.W_OK):
+                raise ConfigError(f"{key}: the folder {folder} is not writable")
+    repo = Path(s.model_repository)
+    if not repo.is_dir():
+        raise ConfigError(f"model_repository: no such folder {str(repo)!r} (build the demo models with "
+                          "`ecoserve build-models`, or point it at your repository)")
+    from models.manifest import ManifestError, load_manifest
+
+    for name, eco in s.ecosystems.items():
+        try:
+            manifest = load_manifest(repo / name)
+        except ManifestError as exc:
+            raise ConfigError(f"ecosystems.{name}: {str(exc).splitlines()[0]}") from exc
+        current = {m.name: m for m in manifest.current_members()}
+        for member in eco.members or list(current):
+            if member not in current:
+                raise ConfigError(f"ecosystems.{name}.members: {member!r} is not a member of {repo / name} "
+                                  f"({', '.join(current)})")
+            model = repo / name / current[member].path
+            if not model.is_file():
+                raise ConfigError(f"ecosystems.{name}: member {member!r}: no model file {model}")
+    if check_port:
+        problem = _port_problem(file.http_host, file.http_port)
+        if problem is not None:
+            raise ConfigError(f"http_options.port: {problem}")

@@ -7,8 +7,18 @@ they multiply throughput (README "Serving"). They must be in the environment of
 the Ray processes, which is why this sets them and why `k8s/` sets them on the pods.
 
 On Ctrl-C or SIGTERM it shuts Serve and Ray down, then stops any `haproxy` the
-session started that is still alive (with `ray stop` one can outlive Ray and keep
-port 8000).
+server started that is still alive (with `ray stop` one can outlive Ray and keep
+port 8000). Every process the server starts (Ray's daemons, its workers, HAProxy)
+inherits `ECOSERVE_SERVER_ID` in its environment, so they can all be found again.
+
+Shutdown is bounded (`STOP_DEADLINE_S`) whatever the signal pattern. A signal to the main
+process alone (Ctrl-C, `kill PID`): the gateways' queues are flushed to the recorder, then
+Serve and Ray stop gracefully. A signal to the whole process group (`kill -- -PGID`,
+systemd's `KillMode=control-group`): Ray's own daemons die first, and a graceful stop would
+hang waiting for them; so when they are gone, or the graceful stop overruns its deadline,
+every process of this server is terminated (SIGTERM, then SIGKILL) by its
+`ECOSERVE_SERVER_ID`. Records still queued in a gateway then stay in its crash ledger
+(`telemetry.ledger`) and are counted in `ecoserve_outcomes_lost_total` at the next start.
 """
 
 from __future__ import annotations
@@ -17,17 +27,20 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
 import httpx
 
-from serving.config import DEMO_CONFIG, ServeFile, load_serve_file
+from serving.config import DEMO_CONFIG, ServeFile, load_serve_file, preflight
 
-__all__ = ["FAST_INGRESS_ENV", "serve_foreground", "start", "stop", "Running", "free_port", "wait_ready"]
+__all__ = ["FAST_INGRESS_ENV", "SERVER_ID_ENV", "serve_foreground", "start", "stop", "Running", "free_port",
+           "wait_ready", "server_pids"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +48,9 @@ FAST_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTI
 # A local server has no load balancer to drain from: Serve's 30 s proxy drain would only delay
 # Ctrl-C (measured: `serve.delete` took 36 s with HAProxy ingress, 1 s with this at 1 s).
 LOCAL_ENV = {"RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+SERVER_ID_ENV = "ECOSERVE_SERVER_ID"
+STOP_DEADLINE_S = 9.0  # from the signal: the graceful stop (flush, delete, shutdown) must end by then
+KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL of the server's processes
 
 
 def free_port() -> int:
@@ -62,6 +78,20 @@ def wait_ready(url: str, proc: Any = None, timeout_s: float = 240.0) -> None:
         time.sleep(0.25)
 
 
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _haproxy_pids() -> set[int]:
     pids = set()
     for d in Path("/proc").iterdir():
@@ -74,15 +104,131 @@ def _haproxy_pids() -> set[int]:
     return pids
 
 
+def _proc_state(pid: int) -> str | None:
+    """The process's state letter (`R`, `S`, `Z` for a zombie...), None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def server_pids(server_id: str) -> set[int]:
+    """Live processes whose environment carries `ECOSERVE_SERVER_ID=server_id` (not this one)."""
+    tag = f"{SERVER_ID_ENV}={server_id}".encode()
+    found = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            env = (d / "environ").read_bytes()
+        except OSError:
+            continue
+        if tag in env.split(b"\0") and _proc_state(int(d.name)) not in (None, "Z"):
+            found.add(int(d.name))
+    return found
+
+
+def _terminate(pids: set[int], grace_s: float = KILL_GRACE_S) -> None:
+    """SIGTERM, then SIGKILL what is still alive after `grace_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 1.0)
+        while time.monotonic() < deadline:
+            pids = {p for p in pids if _proc_state(p) not in (None, "Z")}
+            if not pids:
+                return
+            time.sleep(0.1)
+
+
+def _core_pids() -> dict[int, str]:
+    """Ray's own daemons started by this process (GCS, raylet): pid -> state, zombies included."""
+    me = os.getpid()
+    found = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and _parent(int(d.name)) == me and _comm(int(d.name)) in ("gcs_server", "raylet"):
+            state = _proc_state(int(d.name))
+            if state is not None:
+                found[int(d.name)] = state
+    return found
+
+
 class Running:
     """A started Serve app: its URL, and what must be stopped."""
 
-    def __init__(self, url: str, haproxy_before: set[int]) -> None:
+    def __init__(self, url: str, haproxy_before: set[int], server_id: str) -> None:
         self.url = url
         self._haproxy_before = haproxy_before
+        self.server_id = server_id
 
     def stop(self) -> None:
+        """Flush the gateways, stop Serve and Ray, then terminate anything of this server left."""
         stop(self._haproxy_before)
+        _terminate(server_pids(self.server_id))  # e.g. an haproxy Ray did not stop
+
+
+class _Supervisor:
+    """Makes `ecoserve serve` stop within `STOP_DEADLINE_S` + `KILL_GRACE_S` of a signal, whatever
+    else the signal reached. The main thread may be stuck inside Ray (starting, or flushing through
+    a controller that is gone) where no Python signal handler can run; so signals also wake a
+    watcher thread through `signal.set_wakeup_fd`. The watcher waits for the main thread's graceful
+    stop, and terminates every process of this server (by `ECOSERVE_SERVER_ID`) and exits if Ray's
+    own daemons die (the whole process group was signalled), if a second signal comes, or if the
+    deadline passes."""
+
+    def __init__(self) -> None:
+        self.server_id = uuid.uuid4().hex
+        self.haproxy_before = _haproxy_pids()
+        self.stop_requested = threading.Event()
+        self.finished = threading.Event()
+        self._read, self._write = socket.socketpair()
+        self._write.setblocking(False)
+        threading.Thread(target=self._watch, name="ecoserve-stop-watch", daemon=True).start()
+
+    def install(self) -> None:
+        """(Re)take SIGTERM and SIGINT: `ray.init` installs a SIGTERM handler of its own."""
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.set_wakeup_fd(self._write.fileno(), warn_on_full_buffer=False)
+
+    def _on_signal(self, signum: int, _: Any) -> None:
+        self.stop_requested.set()
+
+    def _watch(self) -> None:
+        self._read.recv(1)  # the first signal
+        self.stop_requested.set()
+        deadline = time.monotonic() + STOP_DEADLINE_S
+        self._read.settimeout(0.1)
+        reason = ""
+        while not self.finished.is_set():
+            try:
+                if self._read.recv(1):
+                    reason = "a second signal"
+                    break
+            except (TimeoutError, BlockingIOError):
+                pass
+            core = _core_pids()
+            if core and any(state == "Z" for state in core.values()):
+                # Ray's daemons are dying: a graceful stop that was about to end (ray.shutdown) ends now
+                if self.finished.wait(0.5):
+                    return
+                reason = ("Ray's own processes are gone (the whole process group was signalled?); queued "
+                          "outcome records stay in the gateways' ledgers and are counted as lost at the next start")
+                break
+            if time.monotonic() > deadline:
+                reason = f"the graceful stop did not finish within {STOP_DEADLINE_S:.0f} s"
+                break
+        else:
+            return
+        print(f"stopping now: {reason}", flush=True)
+        _terminate(server_pids(self.server_id) | (_haproxy_pids() - self.haproxy_before))
+        print("stopped (the server's processes were terminated)", flush=True)
+        logging.shutdown()
+        os._exit(0)  # Ray's exit hooks would wait a minute for daemons that are gone
 
 
 def start(
@@ -91,6 +237,7 @@ def start(
     num_cpus: int | None = None,
     ready_timeout_s: float = 180.0,
     after_ray_init: Callable[[], None] | None = None,
+    server_id: str | None = None,
 ) -> Running:
     """Start a local Ray, deploy the app from the config file, wait until it answers ready."""
     import ray
@@ -100,14 +247,26 @@ def start(
 
     for k, v in {**FAST_INGRESS_ENV, **LOCAL_ENV}.items():
         os.environ.setdefault(k, v)
+    server_id = server_id or uuid.uuid4().hex
     haproxy_before = _haproxy_pids()
     app_cfg = file.raw["applications"][file.app_index]
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count(),
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        runtime_env={"env_vars": {k: os.environ[k] for k in {**FAST_INGRESS_ENV, **LOCAL_ENV}}},
-    )
+    env = {k: os.environ[k] for k in {**FAST_INGRESS_ENV, **LOCAL_ENV}} | {SERVER_ID_ENV: server_id}
+    # the tag is in the environment of Ray's daemons (started now) and of every worker (runtime_env),
+    # not in this process's: other children of the caller (a test's Prometheus) must not carry it
+    previous = os.environ.get(SERVER_ID_ENV)
+    os.environ[SERVER_ID_ENV] = server_id
+    try:
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            runtime_env={"env_vars": env},
+        )
+    finally:
+        if previous is None:
+            os.environ.pop(SERVER_ID_ENV, None)
+        else:
+            os.environ[SERVER_ID_ENV] = previous
     if after_ray_init is not None:
         after_ray_init()  # e.g. take SIGTERM back from the handler Ray's core worker installs
     try:
@@ -124,7 +283,7 @@ def start(
     except BaseException:
         stop(haproxy_before)
         raise
-    return Running(url, haproxy_before)
+    return Running(url, haproxy_before, server_id)
 
 
 async def _flush_gateway(app_name: str) -> Any:
@@ -163,29 +322,26 @@ def stop(haproxy_before: set[int] | None = None) -> None:
 
 def serve_foreground(config: str | None) -> int:
     file = load_serve_file(config or DEMO_CONFIG)
+    preflight(file)  # what would otherwise fail inside Ray, ~30 s later, with the cause in its logs
     if config is None:
         print(f"serving the demo config {DEMO_CONFIG}")
-    done = threading.Event()
-
-    def _stop(signum: int, _: Any) -> None:
-        done.set()
-
-    def install() -> None:
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
-
+    supervisor = _Supervisor()
     # handlers before Ray starts and again right after (ray.init installs its own SIGTERM
     # handler, which would end the process without the graceful stop); a signal that arrives
     # while starting stops the server as soon as it is up
-    install()
-    running = start(file, after_ray_init=install)
-    install()
+    supervisor.install()
+    running = start(file, after_ray_init=supervisor.install, server_id=supervisor.server_id)
+    supervisor.install()
     print(f"ecoserve is serving at {running.url}  (Ctrl-C to stop)")
     for name in file.serving.ecosystems:
         print(f"  POST {running.url}/v2/models/{name}/infer")
     try:
-        done.wait()
+        # a timed wait: Python runs signal handlers only in the main thread, between its own steps
+        while not supervisor.stop_requested.wait(0.2):
+            pass
     finally:
-        print("stopping...")
+        print("stopping...", flush=True)
         running.stop()
+        supervisor.finished.set()
+    print("stopped", flush=True)
     return 0

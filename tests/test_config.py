@@ -72,3 +72,63 @@ def test_check_config_cli(tmp_path):
     p.write_text(yaml.safe_dump({"applications": [{"import_path": "serving.app:build_app", "args": _with(["provider"], "tpu")}]}))
     proc = subprocess.run([sys.executable, "-m", "serving.cli", "check-config", str(p)], capture_output=True, text=True)
     assert proc.returncode == 2 and "applications.0.args.provider" in proc.stderr and "'tpu'" in proc.stderr
+
+
+def _serve_file(tmp_path, args, port=None):
+    from conftest import write_serve_file
+    from serving.server import free_port
+
+    return load_serve_file(write_serve_file(tmp_path / "serve.yaml", port or free_port(), args))
+
+
+@pytest.mark.parametrize("change, env, message", [
+    (lambda a: a.update(auth={"feedback_token_env": "ECO_TEST_TOKEN"}), {},
+     "auth.feedback_token_env: environment variable 'ECO_TEST_TOKEN' is empty or unset"),
+    (lambda a: a.update(telemetry={"store_url_env": "ECO_TEST_STORE"}), {},
+     "telemetry.store_url_env: environment variable 'ECO_TEST_STORE' is empty or unset"),
+    (lambda a: a.update(telemetry={"store_url_env": "ECO_TEST_STORE"}), {"ECO_TEST_STORE": "mysql://x/y"},
+     "telemetry.store_url_env: expected sqlite:///PATH or postgresql://..., got a URL starting 'mysql'"),
+    (lambda a: a.update(model_repository="/nonexistent/repo"), {}, "model_repository: no such folder '/nonexistent/repo'"),
+    (lambda a: a["ecosystems"].update(nope={"policy": {"kind": "primary", "primary": "a"}, "members": ["a"]}), {},
+     "ecosystems.nope: "),
+    (lambda a: a["ecosystems"]["digits"].update(members=["mlp_a", "ghost"]), {},
+     "ecosystems.digits.members: 'ghost' is not a member"),
+])
+def test_preflight_names_the_setting_that_cannot_work(serving_repo, tmp_path, monkeypatch, change, env, message):
+    from serving.config import preflight
+
+    args = {"model_repository": str(serving_repo), "telemetry": {"store_url": f"sqlite:///{tmp_path}/o.db"},
+            "ecosystems": {"digits": {"policy": {"kind": "primary", "primary": "mlp_a"}}}}
+    change(args)
+    for k in ("ECO_TEST_TOKEN", "ECO_TEST_STORE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError) as err:
+        preflight(_serve_file(tmp_path, args))
+    assert message in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_preflight_finds_a_missing_model_file_and_a_busy_port(serving_repo, tmp_path):
+    import shutil
+    import socket
+
+    from serving.config import preflight
+
+    repo = tmp_path / "repo"
+    shutil.copytree(serving_repo / "digits", repo / "digits")
+    args = {"model_repository": str(repo), "telemetry": {"store_url": f"sqlite:///{tmp_path}/o.db"},
+            "ecosystems": {"digits": {"policy": {"kind": "primary", "primary": "mlp_a"}}}}
+    preflight(_serve_file(tmp_path, args))  # all there
+    next(repo.glob("digits/knn/*/model.onnx")).unlink()
+    with pytest.raises(ConfigError, match="ecosystems.digits: member 'knn': no model file"):
+        preflight(_serve_file(tmp_path, args))
+    args["ecosystems"]["digits"]["members"] = ["mlp_a", "logreg"]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"http_options.port: port {port} on 127.0.0.1 is already in use"):
+            preflight(_serve_file(tmp_path, args, port))
+        preflight(_serve_file(tmp_path, args, port), check_port=False)
