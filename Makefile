@@ -6,11 +6,11 @@ STAMP  := $(VENV)/.installed
 REPO   ?= model_repository
 PYTEST_ARGS ?=
 
-.PHONY: help setup tools demo test test-fast bench build-models clean
+.PHONY: help setup tools demo lint test test-fast bench build-models clean
 
 help:
 	@echo "make demo   - set up, build the demo models, run the demo (see README)"
-	@echo "make test   - set up and run the whole test suite (what CI runs)"
+	@echo "make test   - set up, lint (ruff), type-check (mypy --strict) and run the whole test suite (what CI runs)"
 	@echo "make test-fast - the test suite without the slow end-to-end tests"
 	@echo "make bench  - benchmarks, with baselines measured in the same run"
 
@@ -47,10 +47,14 @@ build-models: $(STAMP)
 demo: build-models tools
 	@bash scripts/demo.sh
 
-test: $(STAMP) tools
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: $(STAMP) tools lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP) tools
+test-fast: $(STAMP) tools lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: build-models tools

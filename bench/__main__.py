@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import platform
 import sys
+from collections.abc import Sequence
 
 
-def _table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
+def _table(title: str, rows: Sequence[tuple[str, ...]], header: tuple[str, ...]) -> None:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print(f"\n## {title}\n")
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ def _data(n: int, m: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.n
     return preds, labels
 
 
-def _best(fn, repeat: int = 3) -> float:
+def _best(fn: Callable[[], object], repeat: int = 3) -> float:
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()

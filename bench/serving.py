@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +213,7 @@ def store_lag_s(url: str, quiet_s: float = 0.6) -> float:
         time.sleep(0.05)
 
 
-def onoff(repo: Path) -> list[tuple[str, ...]]:
+def onoff(repo: Path) -> Sequence[tuple[str, ...]]:
     """Telemetry on vs off, side by side and interleaved (see the module docstring)."""
     # short segments, many rounds: the two halves of a pair run seconds apart, so the machine's
     # drift (minutes, on this shared VM) cancels in their ratio
@@ -267,7 +268,7 @@ def onoff(repo: Path) -> list[tuple[str, ...]]:
     return out
 
 
-def run(repo: Path) -> list[tuple[str, ...]]:
+def run(repo: Path) -> Sequence[tuple[str, ...]]:
     duration_s = float(os.environ.get("BENCH_SECONDS", "5"))
     setups = [s for s in os.environ.get("BENCH_SETUPS", ",".join(SETUPS)).split(",") if s]
     x = load_heldout(repo / "digits").X

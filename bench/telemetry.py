@@ -6,6 +6,7 @@ from __future__ import annotations
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ def _ingest(url: str, n: int) -> tuple[float, float]:
     return n / t_rec, n / t_floor
 
 
-def run() -> list[tuple[str, ...]]:
+def run() -> Sequence[tuple[str, ...]]:
     n = 50_000
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

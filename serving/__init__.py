@@ -5,7 +5,15 @@ Importing this package does not import Ray; `serving.app` (the Serve application
 """
 
 from serving.config import ConfigError, ServingConfig, load_serve_file, parse_serving
-from serving.errors import BadRequest, EcoserveError, NotFound, PayloadTooLarge, Unauthorized, Unavailable, UnprocessableEntity
+from serving.errors import (
+    BadRequest,
+    EcoserveError,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    Unavailable,
+    UnprocessableEntity,
+)
 
 __all__ = [
     "BadRequest",

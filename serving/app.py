@@ -85,7 +85,7 @@ def tune_gc() -> None:
 @serve.deployment(name="Gateway")
 @serve.ingress()
 class Gateway:
-    async def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
         self, config: dict[str, Any], member_handles: dict[str, Any] | None = None, recorder: Any = None
     ) -> None:
         cfg = ServingConfig.model_validate(config)
@@ -201,7 +201,7 @@ def build_app(args: dict[str, Any]) -> Application:
             current = {m.name: m for m in manifest.current_members()}
             for name in eco_cfg.members or list(current):
                 res = eco_cfg.member_resources.get(name, cfg.members)
-                handles[f"{eco}.{name}"] = MemberDeployment.options(
+                handles[f"{eco}.{name}"] = MemberDeployment.options(  # type: ignore[attr-defined]
                     name=f"{eco}-{name}".replace("_", "-"),
                     num_replicas=res.num_replicas,
                     ray_actor_options=_actor_options(res.num_cpus, res.num_gpus),
@@ -219,7 +219,7 @@ def build_app(args: dict[str, Any]) -> Application:
             num_replicas=1,  # one writer: the store and the counters live here
             ray_actor_options=_actor_options(t.recorder.num_cpus, 0),
         ).bind(recorder_specs(cfg), telemetry.model_dump(mode="json"))
-    return Gateway.options(
+    return Gateway.options(  # type: ignore[attr-defined,no-any-return]
         num_replicas=cfg.gateway.num_replicas,
         # in-flight requests are small and fast: do not hold a shutdown for Serve's default 20 s
         graceful_shutdown_timeout_s=5,

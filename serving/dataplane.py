@@ -19,8 +19,8 @@ from serving.ensemble import EcosystemRunner, InferResult, OutcomeSink
 from serving.errors import BadRequest, NotFound, PayloadTooLarge
 from serving.members import MemberCall
 from serving.policies import make_policy
-from telemetry.serving_stats import ServingStats
 from serving.protocol import InferRequest, datatype_of, row_groups, row_request_ids, tensor_from_input
+from telemetry.serving_stats import ServingStats
 
 __all__ = ["Dataplane", "MemberFactory", "ResolvedModel", "SERVER_NAME", "SERVER_VERSION"]
 

@@ -113,7 +113,8 @@ class EcosystemRunner:
             return [{a: split[a][k] for a in needed} for k, needed in enumerate(neededs)]
 
         async def fanout(x: np.ndarray, needed: list[int]) -> dict[int, Prediction | BaseException]:
-            result: dict[int, Prediction | BaseException] = await batched(x, needed)
+            # (serve.batch's typing sees the batched signature, lists, not the per-call one)
+            result: dict[int, Prediction | BaseException] = await batched(x, needed)  # type: ignore[arg-type]
             return result
 
         self.fanout = fanout  # type: ignore[method-assign]
@@ -126,7 +127,7 @@ class EcosystemRunner:
         t0 = time.perf_counter()
         try:
             result = await asyncio.wait_for(member.predict(x), timeout=self.cfg.member_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.stats.error(self.manifest.name, member.name, "timeout")
             return TimeoutError(f"{self.names[a]}: no answer within {self.cfg.member_timeout_s} s")
         except Exception as exc:  # a member's failure is recorded as a missing output, never raised

@@ -147,7 +147,10 @@ def _serve_config(path: Path) -> dict[str, Any]:
 def rendered_files(root: Path = K8S_DIR) -> dict[Path, str]:
     cpu = _serve_config(root / "ecoserve.yaml")
     gpu = _serve_config(root / "ecoserve-gpu.yaml")
-    dump = lambda obj: HEADER + yaml.safe_dump(obj, sort_keys=False, width=200)  # noqa: E731
+
+    def dump(obj: Any) -> str:
+        return HEADER + yaml.safe_dump(obj, sort_keys=False, width=200)
+
     return {
         root / "base" / "rayservice.yaml": dump(rayservice(cpu)),
         root / "overlays" / "gpu" / "rayservice-gpu-patch.yaml": dump(gpu_patch(gpu)),

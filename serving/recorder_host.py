@@ -34,8 +34,6 @@ def recorder_specs(cfg: ServingConfig) -> dict[str, EcosystemSpec]:
         members = list(eco.members or current)
         reference = members.index(eco.policy.primary) if isinstance(eco.policy, PrimaryPolicyConfig) else 0
         reg = manifest.regression
-        task = {} if reg is None else {"task": "regression", "tolerance": reg.tolerance, "bin_low": reg.range[0],
-                                       "bin_width": reg.width}
         specs[name] = EcosystemSpec(
             name=name,
             members=tuple(members),
@@ -47,7 +45,10 @@ def recorder_specs(cfg: ServingConfig) -> dict[str, EcosystemSpec]:
             label_mode=eco.label_mode,
             assume_label_after_s=eco.assume_label_after_s,
             assumed_label=eco.assumed_label,
-            **task,
+            task="classification" if reg is None else "regression",
+            tolerance=0.0 if reg is None else reg.tolerance,
+            bin_low=0.0 if reg is None else reg.range[0],
+            bin_width=1.0 if reg is None else reg.width,
         )
         if eco.assumed_label is not None:
             try:

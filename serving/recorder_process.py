@@ -37,6 +37,7 @@ Failures, each tested:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import pickle
@@ -139,10 +140,8 @@ class RecorderProcess:
             proc.kill()
             status = proc.wait()
             for pipe in (proc.stdin, proc.stdout):
-                try:
+                with contextlib.suppress(OSError):
                     pipe.close()
-                except OSError:
-                    pass
             raise RecorderLost(f"the recorder process died (exit status {status}); retry") from exc
 
     @staticmethod

@@ -24,6 +24,7 @@ every process of this server is terminated (SIGTERM, then SIGKILL) by its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -31,8 +32,8 @@ import socket
 import threading
 import time
 import uuid
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -133,10 +134,8 @@ def _terminate(pids: set[int], grace_s: float = KILL_GRACE_S) -> None:
     """SIGTERM, then SIGKILL what is still alive after `grace_s`."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
         deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 1.0)
         while time.monotonic() < deadline:
             pids = {p for p in pids if _proc_state(p) not in (None, "Z")}
@@ -309,15 +308,13 @@ def stop(haproxy_before: set[int] | None = None) -> None:
             except Exception as exc:  # no gateway, or telemetry off
                 log.warning("flush before shutdown: %s", exc)
             serve.delete(name)
-        serve.shutdown()
+        serve.shutdown()  # type: ignore[no-untyped-call]
     except Exception as exc:  # shutting down: report, keep going
         log.warning("serve shutdown: %s", exc)
     ray.shutdown()
     for pid in _haproxy_pids() - (haproxy_before or set()):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 def serve_foreground(config: str | None) -> int:

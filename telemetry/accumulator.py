@@ -136,9 +136,9 @@ class CountsAccumulator:
         if bits == 0:  # every member agrees with the reference: unanimous
             self.unanimous += 1
         self.patterns[bits] = self.patterns.get(bits, 0) + 1
-        if self._comp and self._full and bits:
-            if _modal([p[a] for a in self._comp]) != _modal([p[a] for a in self._full]):
-                self.cie += 1
+        if (self._comp and self._full and bits
+                and _modal([p[a] for a in self._comp]) != _modal([p[a] for a in self._full])):
+            self.cie += 1
 
     def snapshot(self) -> EcosystemCounts:
         """The state as `EcosystemCounts` (arrays), equal to the batch form of the same outcomes."""

@@ -193,6 +193,7 @@ def analyze_csv(path: str | Path, opts: AnalysisOptions) -> dict[str, Any]:
     else:
         assert label_col is not None
         if regression is not None:
+            assert correct_reg is not None
             correct = correct_reg
         else:
             labels = np.array([index[v] if v != "" else -1 for v in label_col], dtype=np.int64)

@@ -82,14 +82,14 @@ def value_correctness(values: np.ndarray, labels: np.ndarray, tolerance: float) 
     """Correctness (N, M) in {1, 0, -1} of regression values against true values (N,): correct
     when |value - label| <= tolerance; -1 where the value or the label is missing (NaN)."""
     with np.errstate(invalid="ignore"):
-        c = (np.abs(values - labels[:, None]) <= tolerance).astype(np.int8)
+        c: np.ndarray = (np.abs(values - labels[:, None]) <= tolerance).astype(np.int8)
     c[np.isnan(values) | np.isnan(labels)[:, None]] = -1
     return c
 
 
 def group_keys(shape: EcosystemShape) -> list[tuple[str, tuple[str, ...]]]:
     """(group key, attributes) for every declared attribute and intersection, e.g. ('sex&age_group', ...)."""
-    keys = [(attr, (attr,)) for attr in shape.subgroups]
+    keys: list[tuple[str, tuple[str, ...]]] = [(attr, (attr,)) for attr in shape.subgroups]
     keys += [("&".join(combo), combo) for combo in shape.intersections]
     return keys
 
@@ -111,7 +111,7 @@ def correctness(
     preds = np.asarray(preds)
     if labels is not None:
         labels = np.asarray(labels)
-        c = (preds == labels[:, None]).astype(np.int8)
+        c: np.ndarray = (preds == labels[:, None]).astype(np.int8)
         c[(preds < 0) | (labels < 0)[:, None]] = -1
         return c
     if served is None or rewards is None:
@@ -133,15 +133,15 @@ class EcosystemCounts:
     # label part
     n_labeled: int = 0  # outcomes with at least one known correctness
     n_complete: int = 0  # outcomes with every member's correctness known
-    member_n: np.ndarray = field(default=None)  # type: ignore[assignment]
-    member_correct: np.ndarray = field(default=None)  # type: ignore[assignment]
-    complete_correct: np.ndarray = field(default=None)  # type: ignore[assignment]
-    k_hist: np.ndarray = field(default=None)  # type: ignore[assignment]
+    member_n: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    member_correct: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    complete_correct: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    k_hist: np.ndarray = field(default=None)  # type: ignore[arg-type]
     # label-free part
     n_outcomes: int = 0
     n_predicted: int = 0  # outcomes where every member produced an output
-    agree: np.ndarray = field(default=None)  # type: ignore[assignment]  # (M, M), symmetric, diag = n_predicted
-    class_counts: np.ndarray = field(default=None)  # type: ignore[assignment]  # (M, C) on predicted outcomes
+    agree: np.ndarray = field(default=None)  # type: ignore[arg-type]  # (M, M), symmetric, diag = n_predicted
+    class_counts: np.ndarray = field(default=None)  # type: ignore[arg-type]  # (M, C) on predicted outcomes
     unanimous: int = 0
     disagree_patterns: dict[int, int] = field(default_factory=dict)  # bitmask of members != reference -> count
     cie: int = 0
@@ -304,7 +304,8 @@ def _modal(preds: np.ndarray, cols: np.ndarray, n_classes: int) -> np.ndarray:
     for col in cols:
         # within one column each row appears once, so plain fancy-index += is exact (no np.add.at needed)
         votes[rows, preds[:, col]] += 1
-    return votes.argmax(axis=1)
+    modal: np.ndarray = votes.argmax(axis=1)
+    return modal
 
 
 def cie_mask(preds: np.ndarray, shape: EcosystemShape) -> np.ndarray:
@@ -312,4 +313,5 @@ def cie_mask(preds: np.ndarray, shape: EcosystemShape) -> np.ndarray:
     compressed members differs from the modal prediction of the uncompressed ones."""
     flags = np.asarray(shape.compressed, dtype=bool)
     comp, full = np.flatnonzero(flags), np.flatnonzero(~flags)
-    return _modal(preds, comp, shape.n_classes) != _modal(preds, full, shape.n_classes)
+    mask: np.ndarray = _modal(preds, comp, shape.n_classes) != _modal(preds, full, shape.n_classes)
+    return mask

@@ -266,7 +266,7 @@ def _target(expr: str, legend: str, ref: str, instant: bool, fmt_table: bool = F
 
 
 def _panel(spec: PanelSpec) -> Any:
-    kinds = {"timeseries": timeseries.Panel, "stat": stat.Panel, "bargauge": bargauge.Panel,
+    kinds: dict[str, Any] = {"timeseries": timeseries.Panel, "stat": stat.Panel, "bargauge": bargauge.Panel,
              "table_matrix": table.Panel, "heatmap": heatmap.Panel}
     p = kinds[spec.kind]().title(spec.title).description(spec.description).datasource(DS)
     p = p.span(spec.width).height(spec.height)

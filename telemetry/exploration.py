@@ -37,13 +37,13 @@ class ExplorationCounts:
     explored: int = 0  # served member differs from the greedy one (when greedy is logged)
     n_greedy_known: int = 0
     min_propensity: float = math.inf
-    member_n: np.ndarray = field(default=None)  # type: ignore[assignment]
-    sum_w: np.ndarray = field(default=None)  # type: ignore[assignment]
-    sum_wr: np.ndarray = field(default=None)  # type: ignore[assignment]
-    sum_w2: np.ndarray = field(default=None)  # type: ignore[assignment]
-    served: np.ndarray = field(default=None)  # type: ignore[assignment]
-    served_propensity: np.ndarray = field(default=None)  # type: ignore[assignment]
-    served_outputs: np.ndarray = field(default=None)  # type: ignore[assignment]
+    member_n: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    sum_w: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    sum_wr: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    sum_w2: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    served: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    served_propensity: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    served_outputs: np.ndarray = field(default=None)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
         m = len(self.members)

@@ -16,7 +16,12 @@ class PushError(RuntimeError):
 
 
 def _explain(exc: Exception, url: str) -> str:
-    from grafana_client.client import GrafanaClientError, GrafanaServerError, GrafanaTimeoutError, GrafanaUnauthorizedError
+    from grafana_client.client import (
+        GrafanaClientError,
+        GrafanaServerError,
+        GrafanaTimeoutError,
+        GrafanaUnauthorizedError,
+    )
 
     if isinstance(exc, GrafanaUnauthorizedError):
         return f"Grafana at {url} refused the token (401 Unauthorized)"
@@ -44,7 +49,7 @@ def push_dashboards(
     Returns one line per action."""
     from urllib.parse import urlparse
 
-    from grafana_client import GrafanaApi
+    from grafana_client.api import GrafanaApi
 
     parsed = urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:

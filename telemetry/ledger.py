@@ -28,6 +28,7 @@ emptyDir, which survives container restarts). Linux and macOS (flock, mmap).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -148,10 +149,8 @@ class DeadLedger:
 def _rmdir_if_empty(directory: Path) -> None:
     """A store's ledger directory goes once its last ledger does (another process may race to
     create one in it: `Ledger` makes the directory again, so losing that race is harmless)."""
-    try:
+    with contextlib.suppress(OSError):
         directory.rmdir()
-    except OSError:
-        pass
 
 
 def _read(fd: int) -> tuple[str, str, dict[str, int]] | None:

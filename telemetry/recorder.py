@@ -126,9 +126,9 @@ class EcosystemSpec:
         position = {name: i for i, name in enumerate(self.members)}
         for kind in kinds:
             rows = np.array([i for i, mm in enumerate(members) if mm == kind], dtype=np.int64)
-            src = [j for j, name in enumerate(kind) if name in position]
-            dst = [position[kind[j]] for j in src]
-            if src:
+            src = np.array([j for j, name in enumerate(kind) if name in position], dtype=np.int64)
+            dst = np.array([position[kind[j]] for j in src], dtype=np.int64)
+            if len(src):
                 block = self.raw_predictions([preds[i] for i in rows], len(rows), len(kind))
                 raw[np.ix_(rows, dst)] = block[:, src]
                 pblock = np.array([props[i] for i in rows], dtype=np.float64).reshape(len(rows), len(kind))
@@ -459,9 +459,9 @@ class Recorder:
         except InvalidRecord as exc:
             if len(items) <= 1:
                 self._log_invalid(exc)
-                invalid, inserted = list(items), set()
+                invalid, inserted = list(items), set[str]()
             else:
-                inserted, invalid = set(), []
+                inserted, invalid = set[str](), []
                 half = len(items) // 2
                 self._bisect(items[:half], inserted, invalid)
                 self._bisect(items[half:], inserted, invalid)

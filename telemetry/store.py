@@ -46,8 +46,8 @@ import logging
 import threading
 import time
 import weakref
-from itertools import chain
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 

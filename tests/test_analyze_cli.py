@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from brute import metrics
+
 from models.heldout import member_predictions, write_predictions_csv
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,13 +11,13 @@ so and since when; labels posted meanwhile get a 503.
 from __future__ import annotations
 
 import pytest
+from test_recorder import SPEC, Clock, outcome, value
 
 from serving.errors import Unavailable, UnprocessableEntity
 from serving.recorder_host import feedback_reply, raise_for_reply
 from telemetry.recorder import FeedbackError, LabelItem, Recorder
 from telemetry.records import outcome_fields
 from telemetry.store import InvalidRecord, StoreError, is_data_error, open_store
-from test_recorder import SPEC, Clock, outcome, value
 
 
 @pytest.fixture
@@ -105,8 +105,9 @@ def test_a_store_that_goes_away_fails_hand_overs_and_labels_retryably(rec, store
         assert value(rec, "ecoserve_handover_failing_since_timestamp_seconds") == rec.clock_.t
         first = rec.clock_.t
         rec.clock_.t += 10
-        with pytest.raises(Exception):
+        with pytest.raises(Exception) as again:
             rec.record_fields([fields(10 + i) for i in range(5)])
+        assert not is_data_error(again.value)
         assert value(rec, "ecoserve_handover_failing_since_timestamp_seconds") == first  # since the first
         assert value(rec, "ecoserve_handover_failures_total") == 2
         assert value(rec, "ecoserve_outcomes_dropped_total", reason="invalid") == 0  # not the records' fault
@@ -133,9 +134,8 @@ def test_data_errors_are_told_from_outages():
     try:
         from sqlalchemy.exc import OperationalError
 
-        with pytest.raises(OperationalError) as err:
-            with store.engine.connect() as conn:
-                conn.exec_driver_sql("SELECT * FROM no_such_table")
+        with pytest.raises(OperationalError) as err, store.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT * FROM no_such_table")
         assert not is_data_error(err.value)
     finally:
         store.close()

@@ -15,10 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import PG_ADMIN_URL, _pg_available, serving_args
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from serving_cases import infer_body
 
-from conftest import PG_ADMIN_URL, _pg_available, serving_args
 from models.heldout import load_heldout
 from models.runtime import load_member
 from serving.config import parse_serving
@@ -26,7 +27,6 @@ from serving.dataplane import Dataplane
 from serving.http import build_http_app
 from serving.members import LocalMember
 from serving.recorder_host import LocalTelemetry, RecorderHost, recorder_specs
-from serving_cases import infer_body
 from telemetry.text import id_problem, text_problem
 
 

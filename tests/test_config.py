@@ -76,6 +76,7 @@ def test_check_config_cli(tmp_path):
 
 def _serve_file(tmp_path, args, port=None):
     from conftest import write_serve_file
+
     from serving.server import free_port
 
     return load_serve_file(write_serve_file(tmp_path / "serve.yaml", port or free_port(), args))

@@ -112,9 +112,8 @@ class _Recorder(BaseHTTPRequestHandler):
             return self._reply(403, {"message": "Permissions needed: dashboards:write"})
         if self.mode == "500":
             return self._reply(500, {"message": "database is locked"})
-        if self.path.startswith("/api/datasources/uid/"):
-            if method == "GET":
-                return self._reply(404, {"message": "Data source not found"})
+        if self.path.startswith("/api/datasources/uid/") and method == "GET":
+            return self._reply(404, {"message": "Data source not found"})
         if self.path == "/api/dashboards/db":
             return self._reply(200, {"status": "success", "uid": body["dashboard"]["uid"],
                                      "url": f"/d/{body['dashboard']['uid']}/x", "version": 1})

@@ -10,13 +10,13 @@ import time
 
 import httpx
 import pytest
-
 from conftest import write_serve_file
+from serving_cases import infer_body
+from test_telemetry_e2e import metric, scrape
+
 from models.heldout import load_heldout
 from serving.config import load_serve_file
 from serving.server import _flush_gateway, free_port
-from serving_cases import infer_body
-from test_telemetry_e2e import metric, scrape
 
 pytestmark = pytest.mark.slow
 ROWS = 5

@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
-
 from k8s_schema import RayService, strict
+
 from serving.config import parse_serving
 from serving.k8s import K8S_DIR, rendered_files
 from telemetry.alerts import RULES_PATH
@@ -86,9 +85,9 @@ def test_serve_config_is_the_local_config(rendered):
 def test_secret_references_resolve(rendered):
     for overlay, objs in rendered.items():
         secrets = {s["metadata"]["name"]: set(s.get("data", {})) | set(s.get("stringData", {})) for s in _by_kind(objs, "Secret")}
-        refs = []
+        refs: list[tuple[str, str]] = []
 
-        def walk(node):
+        def walk(node, refs=refs):
             if isinstance(node, dict):
                 if "secretKeyRef" in node:
                     refs.append((node["secretKeyRef"]["name"], node["secretKeyRef"]["key"]))
@@ -145,7 +144,7 @@ def test_gpu_only_in_the_gpu_overlay_and_resources_everywhere(rendered):
 
 
 def test_rules_and_dashboards_come_from_the_committed_sources(rendered):
-    for overlay, objs in rendered.items():
+    for _overlay, objs in rendered.items():
         rule = _by_kind(objs, "PrometheusRule")[0]
         assert rule["spec"]["groups"] == yaml.safe_load(RULES_PATH.read_text())["groups"]
         cm = [c for c in _by_kind(objs, "ConfigMap") if c["metadata"]["name"] == "ecoserve-dashboards"][0]

@@ -13,13 +13,12 @@ import textwrap
 from pathlib import Path
 
 from sqlalchemy import text
+from test_recorder import SPEC, make_v2_store, outcome, v2_row, value
 
 from serving.shipper import OutcomeShipper
 from telemetry.ledger import Ledger, find_dead, store_key
 from telemetry.recorder import Recorder
 from telemetry.store import SCHEMA_VERSION, open_store
-
-from test_recorder import SPEC, make_v2_store, outcome, v2_row, value
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from brute import enumerate_independent, metrics
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from brute import enumerate_independent, metrics
 from telemetry import CountsAccumulator, EcosystemCounts, EcosystemShape, correctness, poisson_binomial_pmf, summarize
 
 GROUP_VALUES = ["a", "b", "zz"]  # "zz" is never declared: it must count as "other"

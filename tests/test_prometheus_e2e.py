@@ -16,13 +16,13 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import serving_args, write_serve_file
+from serving_cases import infer_body
 
-from conftest import write_serve_file, serving_args
 from models.heldout import load_heldout
 from serving.config import load_serve_file
 from serving.prometheus_local import prometheus_binary, start_prometheus
 from serving.server import free_port
-from serving_cases import infer_body
 from telemetry.dashboards import build_dashboards, panel_queries
 
 pytestmark = pytest.mark.slow

@@ -3,8 +3,8 @@ Every test runs against SQLite and against the real PostgreSQL server."""
 
 from __future__ import annotations
 
-import subprocess
 import shutil
+import subprocess
 
 import numpy as np
 import pytest

@@ -6,8 +6,8 @@ Every store-backed test runs against SQLite and against the real PostgreSQL serv
 from __future__ import annotations
 
 import os
-import subprocess
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_recorder import SPEC, outcome
 
 from serving.recorder_host import RecorderHost
 from serving.recorder_process import RecorderLost, RecorderProcess
 from telemetry.recorder import LabelItem
-from test_recorder import SPEC, outcome
 
 ROOT = Path(__file__).resolve().parent.parent
 

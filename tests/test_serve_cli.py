@@ -12,11 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import write_serve_file
+from serving_cases import infer_body
+
 from models.heldout import load_heldout
 from serving.server import free_port
-from serving_cases import infer_body
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,13 +10,12 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from scipy.stats import chisquare
-
 from conftest import serving_args, write_serve_file
+from serving_cases import BAD_REQUESTS, encode, infer_body
+
 from models.heldout import load_heldout
 from serving.config import load_serve_file
 from serving.server import free_port
-from serving_cases import BAD_REQUESTS, encode, infer_body
 
 pytestmark = pytest.mark.slow
 

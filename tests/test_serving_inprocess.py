@@ -13,15 +13,15 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-
 from conftest import serving_args
+from serving_cases import BAD_REQUESTS, encode, infer_body
+
 from models.heldout import load_heldout
 from models.runtime import load_member
 from serving.config import parse_serving
 from serving.dataplane import Dataplane
 from serving.http import build_http_app
 from serving.members import LocalMember
-from serving_cases import BAD_REQUESTS, encode, infer_body
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,13 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import PG_ADMIN_URL, _pg_available, write_serve_file
 from prometheus_client.parser import text_string_to_metric_families
+from serving_cases import infer_body
 
-from conftest import write_serve_file, PG_ADMIN_URL, _pg_available
 from models.heldout import load_heldout
 from serving.config import load_serve_file
 from serving.server import free_port
-from serving_cases import infer_body
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-123"
