@@ -15,7 +15,7 @@ import yaml
 __all__ = ["Thresholds", "rule_groups", "rules_yaml", "RULES_PATH", "RUNBOOK_URL"]
 
 RULES_PATH = Path(__file__).resolve().parent.parent / "k8s" / "base" / "prometheus" / "ecoserve-rules.yaml"
-RUNBOOK_URL = "https://github.com/ecoserve/ecoserve/blob/main/README.md#runbook"
+RUNBOOK_URL = "https://github.com/ecoserve/ecoserve/blob/main/docs/runbook.md#runbook"
 
 
 @dataclass(frozen=True)

@@ -81,10 +81,12 @@ def test_promtool_checks_and_unit_tests_the_rules():
     rules = yaml.safe_load(RULES_PATH.read_text())["groups"][0]["rules"]
     assert fired == {r["alert"] for r in rules}
     assert {"EcoserveSystemicFailureExcess", "EcoserveUnanimityDrop", "EcoserveLabelsStalled"} <= quiet
-    readme = (ROOT / "README.md").read_text()
+    runbook = (ROOT / "docs" / "runbook.md").read_text()
     for r in rules:
         assert set(r["annotations"]) == {"summary", "description", "runbook_url"}
-        assert f"runbook-{r['alert'].lower()}" in readme, f"README runbook entry for {r['alert']} missing"
+        anchor = f"runbook-{r['alert'].lower()}"
+        assert r["annotations"]["runbook_url"].endswith(f"docs/runbook.md#{anchor}")
+        assert f'<a id="{anchor}"></a>\n### {r["alert"]}\n' in runbook, f"docs/runbook.md entry for {r['alert']} missing"
 
 
 class _Recorder(BaseHTTPRequestHandler):

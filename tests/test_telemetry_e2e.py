@@ -5,6 +5,7 @@ replica killed mid-stream. Runs with the SQLite store and with the PostgreSQL se
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import subprocess
@@ -271,19 +272,23 @@ def test_hostile_request_ids_get_a_400_and_recording_goes_on(server, serving_rep
         rid = f"{run}-{tag}"
         r = httpx.post(f"{server}/v2/models/credit/infer", json=infer_body(x, id=rid), timeout=30)
         assert r.status_code == 200, r.text
-        assert r.headers["x-request-id"] == rid
+        assert r.json()["parameters"]["request_ids"] == [f"{rid}/0", f"{rid}/1"]
+        # (Ray Serve's proxy appends its own id to the header: "ours, serve's")
+        assert r.headers["x-request-id"].split(",")[0].strip() == rid
         good.extend([f"{rid}/0", f"{rid}/1"])
 
     ordinary("first")
+    def post(path, body, **kw):  # ASCII JSON: a lone surrogate travels as its escape, as any client sends it
+        return httpx.post(f"{server}{path}", content=json.dumps(body).encode(), timeout=30, **kw)
+
     for name, rid, message in HOSTILE_IDS:
-        one = infer_body(x[:1], id=rid)
-        r = httpx.post(f"{server}/v2/models/credit/infer", json=one, timeout=30)
+        r = post("/v2/models/credit/infer", infer_body(x[:1], id=rid))
         assert r.status_code == 400, (name, r.text)
         assert r.json()["error"].startswith("id: ") and message in r.json()["error"], (name, r.text)
-        body = infer_body(x, parameters={"request_ids": [f"{run}-fine", rid]})
-        r = httpx.post(f"{server}/v2/models/credit/infer", json=body, timeout=30)
+        r = post("/v2/models/credit/infer", infer_body(x, parameters={"request_ids": [f"{run}-fine", rid]}))
         assert r.status_code == 400 and "parameters.request_ids[1]: " in r.json()["error"], (name, r.text)
-        r = post_labels(server, [{"request_id": rid, "label": 1}])
+        r = post("/v2/feedback", {"labels": [{"request_id": rid, "label": 1}]},
+                 headers={"authorization": f"Bearer {TOKEN}"})
         assert r.status_code == 422 and "item 0: request_id" in r.json()["error"], (name, r.text)
         ordinary(name.replace(" ", "_").replace(",", ""))
     # raw bytes that are not UTF-8: in the body (400 before parsing) and in the x-request-id header
@@ -292,6 +297,12 @@ def test_hostile_request_ids_get_a_400_and_recording_goes_on(server, serving_rep
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"], r.text
     r = httpx.post(f"{server}/v2/models/credit/infer", json=infer_body(x[:1]),
                    headers={"x-request-id": b"id-\xff\xfe"}, timeout=30)
+    # Ray Serve's replica decodes this header as UTF-8 before ecoserve's app runs, and answers 500
+    # itself (docs/serving.md, "Client-supplied text"); in process the app answers 400
+    # (test_client_text.py). Either way nothing is recorded, and the recording goes on (below).
+    assert r.status_code in (400, 500), r.text
+    r = httpx.post(f"{server}/v2/models/credit/infer", json=infer_body(x[:1]),
+                   headers={"x-request-id": "id with spaces"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"].startswith("x-request-id header: "), r.text
     # subgroup values and a label's source: bounded, no control characters
     r = httpx.post(f"{server}/v2/models/credit/infer", json=infer_body(x[:1], parameters={"sex": "f\u0000"}),
