@@ -16,6 +16,7 @@ COPY pyproject.toml README.md ./
 COPY models ./models
 COPY serving ./serving
 COPY telemetry ./telemetry
+COPY ecoserve ./ecoserve
 RUN pip install --upgrade pip && pip install ".[build]"
 
 # KubeRay starts Ray with bash (`ray start ...`); Serve's HTTP port and Ray's metrics port

@@ -47,8 +47,8 @@ import httpx
 import yaml
 
 from bench.load import LoadResult, run_load, run_wrk
+from ecoserve.server import free_port, wait_ready
 from models.heldout import load_heldout
-from serving.server import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parent.parent
 SETUPS = ["baseline", "colocated_fast", "colocated_fast_recorder_in_gateway", "colocated_fast_notelemetry",
@@ -100,7 +100,7 @@ def start_setup(setup: str, repo: Path, tmp: Path, telemetry: bool = True) -> tu
                                                       recorder_process=recorder_process)))
         # (colocated_fast pins the recorder to its own deployment; the default with one gateway
         # replica is the in-gateway recorder, measured by colocated_fast_recorder_in_gateway)
-        cmd = [sys.executable, "-m", "serving.cli", "serve", str(cfg)]
+        cmd = [sys.executable, "-m", "ecoserve.cli", "serve", str(cfg)]
     log = tmp / f"{setup}-{int(telemetry)}.log"
     with log.open("wb") as fh:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
@@ -171,7 +171,7 @@ def _point(url: str, x: Any, rows: int, conc: int, duration_s: float, tmpdir: st
 
 
 ONOFF_POINTS = ((1, 1), (1, 64), (32, 1), (32, 64))
-RECORDER_CHILD = "serving.recorder_process"  # the in-gateway recorder's own process
+RECORDER_CHILD = "serving.recording.process"  # the in-gateway recorder's own process
 
 
 def paired_verdict(paired: list[float], target: float = 0.95, resamples: int = 2000) -> str:

@@ -114,7 +114,7 @@ MAX_BINS = 256
 class RegressionSpec(_Strict):
     """How a regression ecosystem's outputs are judged and compared.
 
-    A member is correct when |prediction - label| <= `tolerance` (DESIGN.md section 3).
+    A member is correct when |prediction - label| <= `tolerance` (docs/design.md, "Metric definitions").
     Label-free metrics (agreement, kappa, unanimity, ambiguity, discrepancy, CIE, the
     exploration estimators' "same output") need outputs that are equal or not, so they
     compare predictions by bin: bins of `bin_width` (default: the tolerance) over `range`,

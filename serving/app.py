@@ -2,7 +2,7 @@
 
 Deployments:
 - `Gateway`: the ingress (FastAPI, Open Inference Protocol). With `placement:
-  colocated` (the default, chosen from measurements: see README "Serving") it also
+  colocated` (the default, chosen from measurements: docs/serving.md) it also
   hosts every member's ONNX Runtime session, each with `@serve.batch`.
 - `<ecosystem>-<member>` (`placement: per_member`): one deployment per member, with
   its own fractional `num_cpus`/`num_gpus`, `@serve.batch`, reached by handles.
@@ -31,10 +31,10 @@ from serving.config import ServingConfig, parse_serving
 from serving.dataplane import Dataplane
 from serving.http import build_http_app
 from serving.members import BatchedLocalMember, LocalMember, MemberCall, Prediction, RemoteMember
-from serving.recorder_deployment import HandleTelemetry, RecorderDeployment
-from serving.recorder_host import LocalTelemetry, RecorderHost, recorder_specs
-from serving.recorder_process import RecorderProcess
-from serving.shipper import OutcomeShipper
+from serving.recording.deployment import HandleTelemetry, RecorderDeployment
+from serving.recording.host import LocalTelemetry, RecorderHost, recorder_specs
+from serving.recording.process import RecorderProcess
+from serving.recording.shipper import OutcomeShipper
 from telemetry.ledger import Ledger
 from telemetry.records import Outcome
 
@@ -123,7 +123,7 @@ class Gateway:
             t = cfg.telemetry
             settings = t.model_copy(update={"store_url": t.resolved_store_url(), "store_url_env": None}).model_dump(mode="json")
             host: RecorderHost | RecorderProcess
-            if t.recorder_process:  # off the gateway's GIL (see serving.recorder_process)
+            if t.recorder_process:  # off the gateway's GIL (see serving.recording.process)
                 host = RecorderProcess(recorder_specs(cfg), settings, nice=t.recorder_process_nice)
             else:
                 host = RecorderHost(recorder_specs(cfg), settings)

@@ -36,11 +36,7 @@ __all__ = [
     "load_serve_file",
     "preflight",
     "validation_message",
-    "DEMO_CONFIG",
 ]
-
-DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
-
 
 class ConfigError(ValueError):
     """The config is invalid; the message names the key path and the bad value."""
@@ -152,7 +148,7 @@ class AuthConfig(_Strict):
 
 
 class TelemetryConfig(_Strict):
-    """Outcome recording, the label join, and /metrics (see README "Telemetry")."""
+    """Outcome recording, the label join, and /metrics (docs/store.md, docs/configuration.md)."""
 
     enabled: bool = Field(default=True, description="record outcomes, accept feedback, serve /metrics")
     store_url: str = Field(
@@ -183,7 +179,7 @@ class TelemetryConfig(_Strict):
     recorder_process: bool = Field(
         default=True,
         description="with the recorder in the gateway: run it in a child process of the gateway "
-        "(serving.recorder_process), so that its counting and store writes do not hold the gateway's GIL",
+        "(serving.recording.process), so that its counting and store writes do not hold the gateway's GIL",
     )
     recorder_process_nice: int = Field(
         default=10, ge=0, le=19,

@@ -7,7 +7,7 @@ them. They come from two paths that must agree exactly:
 - `CountsAccumulator.add(...)` (telemetry.accumulator): one outcome at a time (the
   streaming path), snapshotted into `EcosystemCounts` when read.
 
-Conventions (DESIGN.md section 3):
+Conventions (docs/design.md, "Metric definitions"):
 
 - predictions are class ids `>= 0`; `-1` marks a missing output (error, timeout);
 - correctness is `1`/`0`, and `-1` where unknown: a missing output, an unlabeled

@@ -1,4 +1,4 @@
-"""Randomized-exploration quantities from logged propensities (DESIGN.md section 3).
+"""Randomized-exploration quantities from logged propensities (docs/design.md, "Metric definitions").
 
 Off-policy value of serving member m, from outcomes logged under a randomized
 routing policy (Horvitz-Thompson / inverse propensity scoring; SNIPS from

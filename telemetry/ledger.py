@@ -1,7 +1,7 @@
 """Crash accounting: how many outcome records a process accepted and never stored.
 
 A gateway replica holds outcome records in memory until the recorder has stored
-them (`serving.shipper`). If the replica crashes (SIGKILL, OOM kill, segfault),
+them (`serving.recording.shipper`). If the replica crashes (SIGKILL, OOM kill, segfault),
 that queue is gone. To *count* what was lost, each shipper keeps a ledger:
 
 - a small file, mapped into memory (`mmap`, shared), holding per ecosystem the

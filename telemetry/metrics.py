@@ -30,7 +30,7 @@ from telemetry.summary import summarize
 
 __all__ = ["EcoserveCollector", "METRICS", "exposition"]
 
-# name -> (type, labels, help). The README's metrics table is generated from / checked against this.
+# name -> (type, labels, help). docs/metrics.md's table is kept equal to what this exports (a test).
 METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ecoserve_outcomes_total": ("counter", ("ecosystem",), "Outcomes (served rows) recorded."),
     "ecoserve_outcomes_incomplete_total": ("counter", ("ecosystem",), "Outcomes where at least one member produced no output."),
@@ -267,7 +267,7 @@ def exposition(recorder: Recorder) -> bytes:
 
 
 def metrics_markdown() -> str:
-    """The README's metrics table (a test keeps the README equal to it)."""
+    """The metrics table of docs/metrics.md."""
     lines = ["| name | type | labels | meaning |", "| --- | --- | --- | --- |"]
     for name, (kind, labels, doc) in METRICS.items():
         lines.append(f"| `{name}` | {kind} | {', '.join(labels) or '-'} | {doc} |")

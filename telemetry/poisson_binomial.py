@@ -2,7 +2,7 @@
 
 If member m failed independently with probability e_m, the number of members
 failing on an instance, k, would follow a Poisson-binomial distribution. Its pmf
-comes from the O(M^2) recurrence (DESIGN.md section 3; Bommasani et al. 2023,
+comes from the O(M^2) recurrence (docs/design.md; Bommasani et al. 2023,
 "Ecosystem-level analysis of deployed machine learning"):
 
     P_0 = [1];  P_j(k) = P_{j-1}(k) (1 - e_j) + P_{j-1}(k - 1) e_j

@@ -1,7 +1,7 @@
 """The recorder: durable outcomes, the label join, and the streamed ecosystem counts.
 
 One `Recorder` owns the store and every count. It is plain Python (the Ray
-deployment in `serving.recorder_deployment` only wraps it), so all of its
+deployment in `serving.recording.deployment` only wraps it), so all of its
 behaviour is tested without Ray:
 
 - `record(outcomes)`: store them (an id already stored is skipped, so a retried
@@ -114,7 +114,7 @@ class EcosystemSpec:
         propensities (n, M). `members` is each outcome's own member list. Outcomes recorded under
         another list (a member added, removed or reordered since, or a gateway still running the
         old config) are mapped by member name: a member they lack has a missing output there, and
-        a member no longer in the ecosystem is left out (README "Metric choices")."""
+        a member no longer in the ecosystem is left out (docs/design.md, "A changed member list")."""
         n, m = len(preds), len(self.members)
         served_, intended_, greedy_ = (np.array(v, dtype=np.int64) for v in (served, intended, greedy))
         kinds = set(members)
@@ -248,7 +248,7 @@ class _EcosystemState:
         self.served_propensity = np.zeros(m)
         self.fallbacks = np.zeros(m, dtype=np.int64)
         # what callers received, per class (a regression ecosystem: per bin), every outcome counted
-        # when recorded: the served-output distribution of DESIGN.md (degenerate feedback loops)
+        # when recorded: the served-output distribution (docs/design.md: degenerate feedback loops)
         self.served_outputs = np.zeros(len(spec.classes), dtype=np.int64)
         self.delay = {s: (np.zeros(len(DELAY_BUCKETS_S) + 1, dtype=np.int64), [0.0]) for s in SOURCES}
         self.corrections: dict[tuple[str, str], int] = {}

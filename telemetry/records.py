@@ -42,7 +42,7 @@ class Outcome:
 
 
 # Outcome -> the plain tuple of its fields, in declaration order: what crosses from a gateway to
-# its recorder's process (`serving.recorder_process`), counted and encoded without rebuilding it
+# its recorder's process (`serving.recording.process`), counted and encoded without rebuilding it
 outcome_fields: Callable[[Outcome], tuple[Any, ...]] = attrgetter(*Outcome.__slots__)
 
 ROW_COLUMNS = ("request_id", "ecosystem", "created_at", "context", "payload", "propensities", "groups")
@@ -69,7 +69,7 @@ class RowEncoder:
     A row is the outcome's id, ecosystem and time, its context (the id of its member list,
     version list and policy, stored once in `ecoserve_contexts`), one JSON array of the ints and
     the fingerprint (`PAYLOAD_FIELDS`), and the propensities' and groups' JSON: 7 values to bind
-    instead of 14 (README, "The outcome store").
+    instead of 14 (docs/store.md).
 
     The recorder's hottest path: member/version lists, prediction and propensity vectors and
     group dicts repeat from row to row, so their JSON is cached (bounded); a value that is the

@@ -23,7 +23,7 @@ and `migrate()` brings an older store forward one step at a time):
                               (the v2 layout), for people querying the store by hand
 
 Why a payload and a context instead of a column per field (v2): 7 values to bind per row instead
-of 14 cut the store's cost of a row to ~0.7x (README, "The outcome store"); the fields in the
+of 14 cut the store's cost of a row to ~0.7x (docs/store.md); the fields in the
 payload are only ever read back together, with one `json.loads` per batch.
 
 Indexes of `ecoserve_outcomes`: the key; (ecosystem, created_at); and a partial index on
@@ -792,7 +792,7 @@ class _Checkpointer:
     writes (SQLite's default: every 1,000 pages, which at low traffic can be hours). Why a second
     and not less: a checkpoint costs about the same however little it copies (two fsyncs, the
     hot B-tree pages again); at 0.25 s, with 20-row hand-overs every 0.25 s, it was half of the
-    store's CPU (README, "The outcome store"). The thread holds the store weakly and ends with
+    store's CPU (docs/store.md). The thread holds the store weakly and ends with
     `close()` or when the store is garbage."""
 
     def __init__(self, store: OutcomeStore, interval_s: float) -> None:

@@ -1,4 +1,4 @@
-"""Ecosystem metrics derived from additive counts (DESIGN.md section 3).
+"""Ecosystem metrics derived from additive counts (docs/design.md, "Metric definitions").
 
 Every ratio here is computed from `EcosystemCounts`, never stored: the batch
 analysis, the streaming recorder's scrape-time `Collector` and the tests all go
@@ -129,7 +129,7 @@ def _label_free_part(counts: EcosystemCounts, epsilon: float) -> dict[str, Any]:
 def summarize(
     counts: EcosystemCounts, epsilon: float = DEFAULT_RASHOMON_EPSILON, *, include_groups: bool = True
 ) -> dict[str, Any]:
-    """Every ecosystem metric of DESIGN.md section 3 that counts determine, as a JSON-able dict."""
+    """Every ecosystem metric of docs/design.md that counts determine, as a JSON-able dict."""
     out: dict[str, Any] = {"members": list(counts.shape.members)}
     out.update(_label_part(counts))
     out.update(_label_free_part(counts, epsilon))

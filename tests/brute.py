@@ -1,4 +1,4 @@
-"""Plain-Python definitions of the ecosystem metrics, written straight from DESIGN.md §3.
+"""Plain-Python definitions of the ecosystem metrics, written straight from the definitions in docs/design.md.
 
 Deliberately naive (loops, no numpy) so they can be read against the definitions;
 the vectorised core is tested against them.

@@ -14,7 +14,7 @@ import pytest
 from test_recorder import SPEC, Clock, outcome, value
 
 from serving.errors import Unavailable, UnprocessableEntity
-from serving.recorder_host import feedback_reply, raise_for_reply
+from serving.recording.host import feedback_reply, raise_for_reply
 from telemetry.recorder import FeedbackError, LabelItem, Recorder
 from telemetry.records import outcome_fields
 from telemetry.store import InvalidRecord, StoreError, is_data_error, open_store

@@ -26,7 +26,7 @@ from serving.config import parse_serving
 from serving.dataplane import Dataplane
 from serving.http import build_http_app
 from serving.members import LocalMember
-from serving.recorder_host import LocalTelemetry, RecorderHost, recorder_specs
+from serving.recording.host import LocalTelemetry, RecorderHost, recorder_specs
 from telemetry.text import id_problem, text_problem
 
 

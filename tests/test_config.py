@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from serving.config import DEMO_CONFIG, ConfigError, load_serve_file, parse_serving
+from ecoserve import DEMO_CONFIG
+from serving.config import ConfigError, load_serve_file, parse_serving
 
 BASE = {
     "model_repository": "model_repository",
@@ -70,14 +71,14 @@ def test_check_config_cli(tmp_path):
 
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump({"applications": [{"import_path": "serving.app:build_app", "args": _with(["provider"], "tpu")}]}))
-    proc = subprocess.run([sys.executable, "-m", "serving.cli", "check-config", str(p)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "ecoserve.cli", "check-config", str(p)], capture_output=True, text=True)
     assert proc.returncode == 2 and "applications.0.args.provider" in proc.stderr and "'tpu'" in proc.stderr
 
 
 def _serve_file(tmp_path, args, port=None):
     from conftest import write_serve_file
 
-    from serving.server import free_port
+    from ecoserve.server import free_port
 
     return load_serve_file(write_serve_file(tmp_path / "serve.yaml", port or free_port(), args))
 

@@ -13,21 +13,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from telemetry.alerts import RULES_PATH, rule_groups, rules_yaml
-from telemetry.dashboards import DASHBOARD_DIR, DASHBOARDS, build_dashboards, dashboard_json, panel_queries
+from ecoserve.ops.alerts import RULES_FILE, rule_groups, rules_yaml
+from ecoserve.ops.dashboards import DASHBOARDS, DASHBOARDS_DIR, build_dashboards, dashboard_json, panel_queries
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_committed_dashboards_are_not_stale():
     for uid, d in build_dashboards().items():
-        committed = DASHBOARD_DIR / f"{uid}.json"
+        committed = ROOT / DASHBOARDS_DIR / f"{uid}.json"
         assert committed.is_file(), f"{committed} missing: run `ecoserve dashboards generate`"
         assert committed.read_text() == dashboard_json(d), f"{committed} is stale: run `ecoserve dashboards generate`"
 
 
 def test_committed_rules_are_not_stale():
-    assert RULES_PATH.read_text() == rules_yaml(), "run `ecoserve alerts generate`"
+    assert (ROOT / RULES_FILE).read_text() == rules_yaml(), "run `ecoserve alerts generate`"
 
 
 def test_dashboards_pass_the_sdk_schema_and_are_templated():
@@ -68,7 +68,7 @@ def test_promtool_checks_and_unit_tests_the_rules():
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed (make test installs Debian's prometheus package)")
-    check = subprocess.run([promtool, "check", "rules", str(RULES_PATH)], capture_output=True, text=True)
+    check = subprocess.run([promtool, "check", "rules", str(ROOT / RULES_FILE)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     assert f"{len(rule_groups()[0]['rules'])} rules found" in check.stdout and len(rule_groups()[0]["rules"]) == 11
     test = subprocess.run([promtool, "test", "rules", str(ROOT / "tests/promtool/alerts_test.yaml")],
@@ -78,7 +78,7 @@ def test_promtool_checks_and_unit_tests_the_rules():
     cases = yaml.safe_load((ROOT / "tests/promtool/alerts_test.yaml").read_text())
     fired = {a["alertname"] for t in cases["tests"] for a in t["alert_rule_test"] if a.get("exp_alerts")}
     quiet = {a["alertname"] for t in cases["tests"] for a in t["alert_rule_test"] if not a.get("exp_alerts")}
-    rules = yaml.safe_load(RULES_PATH.read_text())["groups"][0]["rules"]
+    rules = yaml.safe_load((ROOT / RULES_FILE).read_text())["groups"][0]["rules"]
     assert fired == {r["alert"] for r in rules}
     assert {"EcoserveSystemicFailureExcess", "EcoserveUnanimityDrop", "EcoserveLabelsStalled"} <= quiet
     runbook = (ROOT / "docs" / "runbook.md").read_text()
@@ -142,7 +142,7 @@ def grafana():
 
 
 def _push(url, *extra):
-    return subprocess.run([sys.executable, "-m", "serving.cli", "dashboards", "push", "--url", url,
+    return subprocess.run([sys.executable, "-m", "ecoserve.cli", "dashboards", "push", "--url", url,
                            "--token", "glsa_test", *extra], capture_output=True, text=True, cwd=ROOT)
 
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_recorder import SPEC, Clock, outcome
 
 from telemetry.metrics import exposition
 from telemetry.recorder import LabelItem, Recorder
 from telemetry.serving_stats import ServingStats
 from telemetry.store import open_store
-from test_recorder import SPEC, Clock, outcome
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -40,8 +40,8 @@ def _exported(tmp_path: Path) -> dict[str, tuple[str, set[str] | None]]:
         rec.feedback([LabelItem(f"r{i}", "yes") for i in range(10)])
         stats = ServingStats()
         stats.request("eco", 200)
-        stats.member_call("eco", "a", "cpu", 0.002, None)
-        stats.member_call("eco", "b", "cpu", 0.5, "timeout")
+        stats.observe("eco", "a", "cpu", 0.002)
+        stats.error("eco", "b", "timeout")
         rec.record([], "gw", {"dropped": {"queue_full": 1}, "serving": stats.snapshot(), "progress": {}})
         text = exposition(rec).decode()
     finally:

@@ -14,9 +14,9 @@ from conftest import write_serve_file
 from serving_cases import infer_body
 from test_telemetry_e2e import metric, scrape
 
+from ecoserve.server import _flush_gateway, free_port
 from models.heldout import load_heldout
 from serving.config import load_serve_file
-from serving.server import _flush_gateway, free_port
 
 pytestmark = pytest.mark.slow
 ROWS = 5
@@ -24,7 +24,7 @@ ROWS = 5
 
 @pytest.fixture(scope="module", params=[True, False], ids=["recorder-in-gateway", "recorder-deployment"])
 def server(request, serving_repo, tmp_path_factory):
-    from serving.server import start
+    from ecoserve.server import start
 
     tmp = tmp_path_factory.mktemp("crash")
     db = tmp / "outcomes.db"

@@ -14,21 +14,26 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
 from k8s_schema import RayService, strict
 
+from ecoserve.ops.alerts import RULES_FILE
+from ecoserve.ops.dashboards import DASHBOARDS_DIR
+from ecoserve.ops.k8s import K8S_DIR as K8S_REL
+from ecoserve.ops.k8s import rendered_files
 from serving.config import parse_serving
-from serving.k8s import K8S_DIR, rendered_files
-from telemetry.alerts import RULES_PATH
-from telemetry.dashboards import DASHBOARD_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S_DIR = ROOT / K8S_REL
 
 KUBECTL = shutil.which("kubectl")
 
 
 def test_generated_k8s_files_are_not_stale():
-    for path, text in rendered_files().items():
+    for path, text in rendered_files(K8S_DIR).items():
         assert path.read_text() == text, f"{path} is stale: run `ecoserve k8s generate`"
 
 
@@ -146,10 +151,10 @@ def test_gpu_only_in_the_gpu_overlay_and_resources_everywhere(rendered):
 def test_rules_and_dashboards_come_from_the_committed_sources(rendered):
     for _overlay, objs in rendered.items():
         rule = _by_kind(objs, "PrometheusRule")[0]
-        assert rule["spec"]["groups"] == yaml.safe_load(RULES_PATH.read_text())["groups"]
+        assert rule["spec"]["groups"] == yaml.safe_load((ROOT / RULES_FILE).read_text())["groups"]
         cm = [c for c in _by_kind(objs, "ConfigMap") if c["metadata"]["name"] == "ecoserve-dashboards"][0]
         assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-        committed = {p.name: p.read_text() for p in DASHBOARD_DIR.glob("*.json")}
+        committed = {p.name: p.read_text() for p in (ROOT / DASHBOARDS_DIR).glob("*.json")}
         assert cm["data"] == committed
         sm = _by_kind(objs, "ServiceMonitor")[0]
         svc = [s for s in _by_kind(objs, "Service") if s["metadata"]["name"] == "ecoserve"][0]

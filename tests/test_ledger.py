@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy import text
 from test_recorder import SPEC, make_v2_store, outcome, v2_row, value
 
-from serving.shipper import OutcomeShipper
+from serving.recording.shipper import OutcomeShipper
 from telemetry.ledger import Ledger, find_dead, store_key
 from telemetry.recorder import Recorder
 from telemetry.store import SCHEMA_VERSION, open_store
@@ -124,7 +124,7 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path):
 
 CHILD = """
     import asyncio, time
-    from serving.shipper import OutcomeShipper
+    from serving.recording.shipper import OutcomeShipper
     from telemetry.ledger import Ledger
     from telemetry.recorder import Recorder
     from telemetry.store import open_store

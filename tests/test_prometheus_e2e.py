@@ -19,11 +19,11 @@ import pytest
 from conftest import serving_args, write_serve_file
 from serving_cases import infer_body
 
+from ecoserve.ops.dashboards import build_dashboards, panel_queries
+from ecoserve.ops.prometheus_local import prometheus_binary, start_prometheus
+from ecoserve.server import free_port
 from models.heldout import load_heldout
 from serving.config import load_serve_file
-from serving.prometheus_local import prometheus_binary, start_prometheus
-from serving.server import free_port
-from telemetry.dashboards import build_dashboards, panel_queries
 
 pytestmark = pytest.mark.slow
 TOKEN = "prom-test-token"
@@ -34,7 +34,7 @@ CREDIT = ["logreg", "forest", "gboost", "mlp", "knn"]
 def stack(serving_repo, tmp_path_factory):
     if prometheus_binary() is None:
         pytest.skip("the prometheus binary is not installed (make test installs Debian's prometheus package)")
-    from serving.server import start
+    from ecoserve.server import start
 
     mp = pytest.MonkeyPatch()
     mp.setenv("ECOSERVE_FEEDBACK_TOKEN", TOKEN)

@@ -234,7 +234,7 @@ def test_a_version_2_store_is_migrated_to_3_in_place(store_url, monkeypatch):
 def test_migrate_store_command(store_url, monkeypatch, capsys):
     """`ecoserve migrate-store` migrates a v2 store ahead of the first start and says what it holds;
     a URL it cannot open is one line and exit status 2."""
-    from serving.cli import main
+    from ecoserve.cli import main
 
     make_v2_store(store_url, [])
     monkeypatch.setenv("ECOSERVE_TEST_STORE", store_url)

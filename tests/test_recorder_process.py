@@ -1,4 +1,4 @@
-"""The in-gateway recorder in a child process (`serving.recorder_process`): same answers as an
+"""The in-gateway recorder in a child process (`serving.recording.process`): same answers as an
 in-process recorder, and what happens when the child dies between calls, after a commit but
 before its reply, when its store cannot open, and when its parent dies.
 Every store-backed test runs against SQLite and against the real PostgreSQL server."""
@@ -18,8 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_recorder import SPEC, outcome
 
-from serving.recorder_host import RecorderHost
-from serving.recorder_process import RecorderLost, RecorderProcess
+from serving.recording.host import RecorderHost
+from serving.recording.process import RecorderLost, RecorderProcess
 from telemetry.recorder import LabelItem
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,7 +153,7 @@ def test_the_child_dies_with_its_parent(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(ROOT / 'tests')!r})
-        from serving.recorder_process import RecorderProcess
+        from serving.recording.process import RecorderProcess
         from test_recorder import SPEC
         p = RecorderProcess({{"eco": SPEC}}, {{"store_url": "sqlite:///{tmp_path / 'o.db'}"}})
         print(p.pid, flush=True)

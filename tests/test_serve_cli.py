@@ -15,8 +15,8 @@ import pytest
 from conftest import write_serve_file
 from serving_cases import infer_body
 
+from ecoserve.server import free_port
 from models.heldout import load_heldout
-from serving.server import free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,8 +38,8 @@ def _pids(name: str, file: str = "comm") -> set[int]:
 
 
 def _recorder_children() -> set[int]:
-    """Processes running `python -m serving.recorder_process` (the in-gateway recorder's child)."""
-    return _pids("serving.recorder_process", file="cmdline")
+    """Processes running `python -m serving.recording.process` (the in-gateway recorder's child)."""
+    return _pids("serving.recording.process", file="cmdline")
 
 
 @pytest.mark.parametrize("placement", [
@@ -62,7 +62,7 @@ def test_sigterm_flushes_every_record_and_stops_everything(serving_repo, tmp_pat
     })
     before = {n: _pids(n) for n in ("raylet", "gcs_server", "haproxy")}
     children_before = _recorder_children()
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", str(path)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "ecoserve.cli", "serve", str(path)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -134,7 +134,7 @@ def test_sigterm_to_the_process_group_stops_everything_within_15_s(serving_repo,
     the server still exits within 15 s, leaves no process and frees its port, and every answered
     row is either stored or counted as lost from its gateway's ledger (what the next start does)."""
     from serving.config import load_serve_file
-    from serving.recorder_host import recorder_specs
+    from serving.recording.host import recorder_specs
     from telemetry.ledger import find_dead
     from telemetry.recorder import Recorder
     from telemetry.store import open_store
@@ -148,7 +148,7 @@ def test_sigterm_to_the_process_group_stops_everything_within_15_s(serving_repo,
         "telemetry": {"store_url": f"sqlite:///{db}", "flush_interval_s": 2, "ledger_dir": str(tmp_path / "ledgers")},
         "ecosystems": {"digits": {"policy": {"kind": "primary", "primary": "mlp_a"}}},
     })
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", str(path)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "ecoserve.cli", "serve", str(path)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     answered = 0
@@ -205,7 +205,7 @@ def test_serve_without_the_token_variable_fails_fast_naming_it(serving_repo, tmp
     env = {k: v for k, v in os.environ.items() if k != "ECOSERVE_FEEDBACK_TOKEN"}
     for command in ("serve", "check-config"):
         t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "serving.cli", command, str(path)], cwd=ROOT, env=env,
+        proc = subprocess.run([sys.executable, "-m", "ecoserve.cli", command, str(path)], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=30)
         took = time.monotonic() - t0
         assert proc.returncode == 2, proc.stdout + proc.stderr

@@ -13,16 +13,16 @@ import pytest
 from conftest import serving_args, write_serve_file
 from serving_cases import BAD_REQUESTS, encode, infer_body
 
+from ecoserve.server import free_port
 from models.heldout import load_heldout
 from serving.config import load_serve_file
-from serving.server import free_port
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def server(serving_repo, tmp_path_factory):
-    from serving.server import start
+    from ecoserve.server import start
 
     port = free_port()
     path = write_serve_file(tmp_path_factory.mktemp("cfg") / "serve.yaml", port, serving_args(serving_repo))

@@ -20,9 +20,9 @@ from conftest import PG_ADMIN_URL, _pg_available, write_serve_file
 from prometheus_client.parser import text_string_to_metric_families
 from serving_cases import infer_body
 
+from ecoserve.server import free_port
 from models.heldout import load_heldout
 from serving.config import load_serve_file
-from serving.server import free_port
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-123"
@@ -31,7 +31,7 @@ MEMBERS = ["logreg", "forest", "gboost", "mlp", "knn"]
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def server(request, serving_repo, tmp_path_factory, monkeypatch_module):
-    from serving.server import start
+    from ecoserve.server import start
 
     tmp = tmp_path_factory.mktemp("tele")
     db_name = None

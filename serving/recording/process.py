@@ -2,10 +2,10 @@
 
 With one gateway replica the recorder lives with the gateway (`telemetry.recorder_in_gateway`).
 `RecorderProcess` runs it in a child of the gateway's process instead
-(`python -m serving.recorder_process`; `telemetry.recorder_process`, default on) and forwards
+(`python -m serving.recording.process`; `telemetry.recorder_process`, default on) and forwards
 `record`, `feedback`, `reclaim`, `metrics` and `sweep` to it.
 
-Why (measured, README "telemetry on vs off"): under load the gateway is bound by its GIL, not by
+Why (measured: docs/benchmarks.md, "Telemetry on against off"): under load the gateway is bound by its GIL, not by
 the machine's CPU (with 32-row requests at concurrency 64, 36-39% of the 2 vCPUs stayed idle
 with telemetry on or off). Every thread of the gateway shares that GIL with its event loop, and
 the recorder's counting and the store's row encoding held it. In the child they hold another
@@ -104,7 +104,7 @@ class RecorderProcess:
         def run() -> None:
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "serving.recorder_process", str(os.getpid()), str(self.nice)],
+                    [sys.executable, "-m", "serving.recording.process", str(os.getpid()), str(self.nice)],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True, env=env,
                 )
             except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
@@ -226,7 +226,7 @@ def main(argv: list[str]) -> int:
         specs, telemetry = _recv(inp)
     except EOFError:
         return 0
-    from serving.recorder_host import RecorderHost
+    from serving.recording.host import RecorderHost
 
     try:
         host = RecorderHost(specs, telemetry)

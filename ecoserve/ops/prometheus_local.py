@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import yaml
 
-from serving.server import free_port
-from telemetry.alerts import RULES_PATH
+from ecoserve.ops.alerts import rules_yaml
+from ecoserve.server import free_port
 
 __all__ = ["LocalPrometheus", "start_prometheus", "prometheus_binary"]
 
@@ -49,14 +49,18 @@ class LocalPrometheus:
 
 def start_prometheus(
     target: str, workdir: Path, *, port: int | None = None, scrape_interval_s: float = 5.0,
-    rules: Path = RULES_PATH,
+    rules: Path | None = None,
 ) -> LocalPrometheus:
-    """Start Prometheus scraping `target` (host:port, path /metrics); wait until it is ready."""
+    """Start Prometheus scraping `target` (host:port, path /metrics); wait until it is ready. The
+    alert rules: `rules`, or by default ecoserve's own, written into `workdir`."""
     binary = prometheus_binary()
     if binary is None:
         raise FileNotFoundError("the `prometheus` binary is not installed (Debian: apt-get install prometheus)")
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
+    if rules is None:
+        rules = workdir / "ecoserve-rules.yaml"
+        rules.write_text(rules_yaml())
     config = {
         "global": {"scrape_interval": f"{scrape_interval_s:g}s", "evaluation_interval": f"{scrape_interval_s:g}s"},
         "rule_files": [str(rules.resolve())],

@@ -97,8 +97,8 @@ def _cmd_providers(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from ecoserve.server import serve_foreground
     from serving.config import ConfigError
-    from serving.server import serve_foreground
 
     try:
         return serve_foreground(args.config)
@@ -107,8 +107,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from ecoserve.demo import run_demo
     from serving.config import ConfigError
-    from serving.demo import run_demo
 
     try:
         return run_demo(exit_after=args.exit, config=args.config)
@@ -117,13 +117,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboards(args: argparse.Namespace) -> int:
-    from telemetry.dashboards import DASHBOARD_DIR, build_dashboards, write_dashboards
+    from ecoserve.ops.dashboards import DASHBOARDS_DIR, build_dashboards, write_dashboards
 
     if args.action == "generate":
-        for p in write_dashboards(args.out or DASHBOARD_DIR):
+        for p in write_dashboards(args.out or DASHBOARDS_DIR):
             print(f"wrote {p}")
         return 0
-    from telemetry.grafana_push import PushError, push_dashboards
+    from ecoserve.ops.grafana_push import PushError, push_dashboards
 
     if not args.url or not (args.token or "@" in args.url):
         raise CliError("push needs --url and --token (a Grafana service account token with the Editor role), "
@@ -138,20 +138,24 @@ def _cmd_dashboards(args: argparse.Namespace) -> int:
 
 
 def _cmd_alerts(args: argparse.Namespace) -> int:
-    from telemetry.alerts import RULES_PATH, write_rules
+    from ecoserve.ops.alerts import RULES_FILE, write_rules
 
-    print(f"wrote {write_rules(args.out or RULES_PATH)}")
+    print(f"wrote {write_rules(args.out or RULES_FILE)}")
     return 0
 
 
 def _cmd_k8s(args: argparse.Namespace) -> int:
+    from ecoserve.ops.alerts import RULES_FILE, write_rules
+    from ecoserve.ops.dashboards import DASHBOARDS_DIR, write_dashboards
+    from ecoserve.ops.k8s import K8S_DIR, generate_k8s
     from serving.config import ConfigError
-    from serving.k8s import generate_k8s
-    from telemetry.alerts import write_rules
-    from telemetry.dashboards import write_dashboards
 
+    root = Path(args.root)
+    if not (root / K8S_DIR / "ecoserve.yaml").is_file():
+        raise CliError(f"no {K8S_DIR / 'ecoserve.yaml'} under {root.resolve()}: run this in the repository root "
+                       "or pass --root")
     try:
-        paths = generate_k8s() + write_dashboards() + [write_rules()]
+        paths = generate_k8s(root / K8S_DIR) + write_dashboards(root / DASHBOARDS_DIR) + [write_rules(root / RULES_FILE)]
     except ConfigError as exc:
         raise CliError(str(exc)) from exc
     for p in paths:
@@ -243,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dashboards", help="generate the Grafana dashboards, or push them to Grafana")
     p.add_argument("action", choices=["generate", "push"])
-    p.add_argument("--out", help="generate: output folder (default: k8s/base/dashboards)")
+    p.add_argument("--out", help="generate: output folder (default: k8s/base/dashboards, under the working directory)")
     p.add_argument("--url", help="push: Grafana URL, e.g. http://localhost:3000")
     p.add_argument("--token", help="push: Grafana service account token")
     p.add_argument("--folder-uid", help="push: folder to put the dashboards in")
@@ -252,11 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("alerts", help="generate the Prometheus alert rules file")
     p.add_argument("action", choices=["generate"])
-    p.add_argument("--out", help="output file (default: k8s/base/prometheus/ecoserve-rules.yaml)")
+    p.add_argument("--out", help="output file (default: k8s/base/prometheus/ecoserve-rules.yaml, under the working directory)")
     p.set_defaults(func=_cmd_alerts)
 
     p = sub.add_parser("k8s", help="regenerate the generated parts of k8s/ (RayService, patches, rules, dashboards)")
     p.add_argument("action", choices=["generate"])
+    p.add_argument("--root", default=".", help="the repository root holding k8s/ (default: the working directory)")
     p.set_defaults(func=_cmd_k8s)
 
     p = sub.add_parser("check-config", help="validate a Serve config file, and what serving it needs from here "

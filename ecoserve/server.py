@@ -3,7 +3,7 @@
 Ingress mode: unless the environment already says otherwise, the HAProxy ingress
 (`RAY_SERVE_ENABLE_HA_PROXY=1`) and Serve's throughput-optimized settings
 (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`) are turned on before Ray starts: measured here
-they multiply throughput (README "Serving"). They must be in the environment of
+they multiply throughput (docs/serving.md). They must be in the environment of
 the Ray processes, which is why this sets them and why `k8s/` sets them on the pods.
 
 On Ctrl-C or SIGTERM it shuts Serve and Ray down, then stops any `haproxy` the
@@ -38,7 +38,8 @@ from typing import Any
 
 import httpx
 
-from serving.config import DEMO_CONFIG, ServeFile, load_serve_file, preflight
+from ecoserve import DEMO_CONFIG
+from serving.config import ServeFile, load_serve_file, preflight
 
 __all__ = ["FAST_INGRESS_ENV", "SERVER_ID_ENV", "serve_foreground", "start", "stop", "Running", "free_port",
            "wait_ready", "server_pids"]

@@ -1,6 +1,6 @@
 """The recorder with its store and sweep thread (`RecorderHost`), and what a gateway needs to use
 one in its own process (`LocalTelemetry`). No Ray here: a recorder process
-(`serving.recorder_process`) runs this without importing Ray; `serving.recorder_deployment`
+(`serving.recording.process`) runs this without importing Ray; `serving.recording.deployment`
 wraps it as a Serve deployment.
 """
 

@@ -24,9 +24,10 @@ from grafana_foundation_sdk.models.dashboard import (
     VariableRefresh,
 )
 
-__all__ = ["PanelSpec", "DASHBOARDS", "build_dashboards", "write_dashboards", "panel_queries", "DASHBOARD_DIR"]
+__all__ = ["PanelSpec", "DASHBOARDS", "build_dashboards", "write_dashboards", "panel_queries", "DASHBOARDS_DIR"]
 
-DASHBOARD_DIR = Path(__file__).resolve().parent.parent / "k8s" / "base" / "dashboards"
+# where the dashboards live in the repository, relative to its root (the CLI passes the root)
+DASHBOARDS_DIR = Path("k8s") / "base" / "dashboards"
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
 E = 'ecosystem=~"$ecosystem"'
 ALL = 'subgroup="all"'
@@ -317,7 +318,7 @@ def dashboard_json(d: dict[str, Any]) -> str:
     return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
 
-def write_dashboards(directory: str | Path = DASHBOARD_DIR) -> list[Path]:
+def write_dashboards(directory: str | Path) -> list[Path]:
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

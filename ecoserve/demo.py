@@ -28,10 +28,11 @@ import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from ecoserve import DEMO_CONFIG
+from ecoserve.ops.prometheus_local import prometheus_binary, start_prometheus
+from ecoserve.server import wait_ready
 from models.heldout import load_heldout
-from serving.config import DEMO_CONFIG, load_serve_file
-from serving.prometheus_local import prometheus_binary, start_prometheus
-from serving.server import wait_ready
+from serving.config import load_serve_file
 
 __all__ = ["run_demo"]
 
@@ -154,7 +155,7 @@ def run_demo(exit_after: bool = False, config: str | None = None) -> int:
     token = os.environ.get("ECOSERVE_FEEDBACK_TOKEN") or secrets.token_urlsafe(16)
     env = {**os.environ, "ECOSERVE_FEEDBACK_TOKEN": token}
     print(f"starting ecoserve ({cfg_path}) ... (Ray and the models take ~30 s)")
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", str(cfg_path)], env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "ecoserve.cli", "serve", str(cfg_path)], env=env)
     prom = None
     try:
         wait_ready(url, proc)

@@ -1,6 +1,6 @@
 """The recorder as a Ray Serve deployment (one replica), and the gateway's view of it.
 
-`RecorderDeployment` wraps `serving.recorder_host.RecorderHost`: it owns the store, runs the
+`RecorderDeployment` wraps `serving.recording.host.RecorderHost`: it owns the store, runs the
 assumed-label / pending-expiry sweep on a thread, and answers `record`, `feedback` and
 `metrics` calls from the gateways. Errors cross the handle as values (`{"error": ...}`), not
 exceptions, so the gateway can map them to 4xx.
@@ -12,7 +12,7 @@ from typing import Any
 
 from ray import serve
 
-from serving.recorder_host import RecorderHost, raise_for_reply
+from serving.recording.host import RecorderHost, raise_for_reply
 from telemetry.recorder import LabelItem
 
 __all__ = ["RecorderDeployment", "HandleTelemetry"]
