@@ -190,7 +190,7 @@ def test_a_version_2_store_is_migrated_to_3_in_place(store_url, monkeypatch):
                if i < 4 else {}),
         ))
     make_v2_store(store_url, rows)
-    monkeypatch.setattr("telemetry.store.MIGRATE_BATCH", 5)  # copied in three steps
+    monkeypatch.setattr("telemetry.store.migrations.MIGRATE_BATCH", 5)  # copied in three steps
     store = open_store(store_url)
     s3 = None
     try:
@@ -508,11 +508,11 @@ def test_reward_stats_count_observed_and_assumed_labels_per_member(rec):
 def test_insert_statements_come_in_ten_sizes(tmp_path):
     """Every batch is cut into chunks of 500 and powers of two, in order and complete, so the
     multi-row INSERTs stay compiled in the statement cache whatever the batch sizes."""
-    from telemetry.store import _sized_chunks
+    from telemetry.store.rows import sized_chunks
 
     sizes = {500} | {2**k for k in range(9)}
     for n in [0, 1, 2, 3, 37, 255, 256, 499, 500, 501, 1000, 1234, 2999]:
-        chunks = list(_sized_chunks(list(range(n))))
+        chunks = list(sized_chunks(list(range(n))))
         assert [v for c in chunks for v in c] == list(range(n))
         assert {len(c) for c in chunks} <= sizes and len(chunks) <= n // 500 + 9
     store = open_store(f"sqlite:///{tmp_path / 'o.db'}")

@@ -1,381 +1,51 @@
-"""The durable outcome store: one schema, two backends (SQLite in WAL mode, PostgreSQL).
-
-SQLAlchemy Core, no ORM. Schema (version 3; `ecoserve_schema` holds the version,
-and `migrate()` brings an older store forward one step at a time):
-
-    ecoserve_outcomes         one row per served row (request_id is the key)
-      request_id, ecosystem, created_at (unix s),
-      context                 -> ecoserve_contexts.id: the member list, version list and policy
-      payload                 JSON array (`telemetry.records.PAYLOAD_FIELDS`): [predictions (class
-                              ids, -1 = missing; a regression ecosystem's values, null = missing),
-                              served, intended, greedy, direct, fingerprint]
-      propensities, groups    JSON (a list; an object of subgroup attributes)
-      label, label_source, label_time, label_received_at        -- the current label
-      counted_label, counted_source, counted_time, counted_origin -- the first label: the one the
-                                                                   streamed counters used
-    ecoserve_contexts         (v3) id, members, versions (JSON lists), policy: stored once each
-    ecoserve_label_history    every correction (a label that differed from the current one)
-    ecoserve_pending_labels   labels that arrived before their outcome (TTL-bounded)
-    ecoserve_event_counts     persistent counters of API events (duplicates, corrections, ...)
-    ecoserve_ledgers          (v2) per gateway ledger and ecosystem: records stored, and whether the
-                              ledger of a crashed gateway was reclaimed (`telemetry.ledger`)
-    ecoserve_outcomes_v       (v3) a view of ecoserve_outcomes with every field in its own column
-                              (the v2 layout), for people querying the store by hand
-
-Why a payload and a context instead of a column per field (v2): 7 values to bind per row instead
-of 14 cut the store's cost of a row to ~0.7x (docs/store.md); the fields in the
-payload are only ever read back together, with one `json.loads` per batch.
-
-Indexes of `ecoserve_outcomes`: the key; (ecosystem, created_at); and a partial index on
-(ecosystem, created_at) of the *unlabeled* outcomes only, which the assumed-label sweep and label
-coverage read (`unlabeled_before`, `coverage`). It holds only what is still waiting for a label,
-so it stays small however large the store grows, and a label removes one entry from it instead of
-moving one inside an index of every outcome (v2's (ecosystem, label_source)).
-
-Migrations: 1 -> 2 creates `ecoserve_ledgers`; 2 -> 3 rewrites `ecoserve_outcomes` in the v3
-layout (contexts, payload, the partial index), in one transaction.
-
-Labels are stored as numbers: a class id (ground_truth mode) or a reward (bandit).
-Knows nothing of Ray, HTTP or Prometheus.
-"""
+"""`OutcomeStore`: every query the recorder makes (outcomes, labels, pending labels, ledgers, event
+counters), and `open_store`. The schema is in `schema`, its upgrades in `migrations`."""
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    Column,
-    Engine,
-    Float,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    Text,
-    UniqueConstraint,
-    bindparam,
-    create_engine,
-    delete,
-    event,
-    func,
-    insert,
-    select,
-    text,
-    update,
-)
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError, StatementError
+from sqlalchemy import Engine, bindparam, create_engine, delete, event, func, insert, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
-from telemetry.records import PAYLOAD_FIELDS, ROW_COLUMNS, Outcome, RowEncoder, outcome_fields, payload_text
-
-__all__ = ["StoreError", "InvalidRecord", "is_data_error", "STORE_ERRORS", "OutcomeStore", "StoredOutcome", "FirstLabel", "SCHEMA_VERSION", "open_store"]
-
-SCHEMA_VERSION = 3
-_CHUNK = 500  # ids per IN (...) query: well under SQLite's variable limit
-CHECKPOINT_INTERVAL_S = 1.0  # SQLite: the background WAL checkpoint's period (see `_Checkpointer`)
-# SQLite: writers checkpoint inline only past this many WAL pages (~80 MB; SQLite's default is
-# 1,000): a safety net for when the background checkpoint cannot keep up (e.g. a long reader)
-AUTOCHECKPOINT_PAGES = 20_000
-WAL_SIZE_LIMIT_BYTES = 64 << 20  # the WAL file is truncated back to this after a checkpoint
-MIGRATE_BATCH = 5000  # outcomes per step of the 2 -> 3 rewrite
-
-log = logging.getLogger(__name__)
-
-metadata = MetaData()
-schema_table = Table("ecoserve_schema", metadata, Column("version", Integer, nullable=False))
-outcomes = Table(
-    "ecoserve_outcomes",
-    metadata,
-    Column("request_id", String(128), primary_key=True),
-    Column("ecosystem", String(64), nullable=False),
-    Column("created_at", Float, nullable=False),
-    Column("context", Integer, nullable=False),  # ecoserve_contexts.id (no FK: contexts are never deleted)
-    Column("payload", Text, nullable=False),  # JSON array of PAYLOAD_FIELDS
-    Column("propensities", Text, nullable=False),
-    Column("groups", Text, nullable=False),
-    Column("label", Float),
-    Column("label_source", String(16)),
-    Column("label_time", Float),
-    Column("label_received_at", Float),
-    Column("counted_label", Float),
-    Column("counted_source", String(16)),
-    Column("counted_time", Float),
-    Column("counted_origin", String(64)),
-    Index("ix_ecoserve_outcomes_eco_created", "ecosystem", "created_at"),
-    # only the outcomes still waiting for a label (see the module docstring)
-    Index("ix_ecoserve_outcomes_unlabeled", "ecosystem", "created_at",
-          sqlite_where=text("label_source IS NULL"), postgresql_where=text("label_source IS NULL")),
-)
-contexts = Table(
-    "ecoserve_contexts",  # v3: what every outcome of a deployment shares, stored once
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("members", Text, nullable=False),  # JSON list
-    Column("versions", Text, nullable=False),  # JSON list
-    Column("policy", String(32), nullable=False),
-    UniqueConstraint("members", "versions", "policy", name="uq_ecoserve_contexts"),
-)
-_V2_INDEXES = ("ix_ecoserve_outcomes_eco_created", "ix_ecoserve_outcomes_eco_source")
-_V2_FIELDS = ("members", "versions", "predictions", "served", "intended", "greedy", "policy", "direct",
-              "fingerprint", "propensities", "groups")
-_LABEL_COLUMNS = ("label", "label_source", "label_time", "label_received_at", "counted_label", "counted_source",
-                  "counted_time", "counted_origin")
-label_history = Table(
-    "ecoserve_label_history",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("request_id", String(128), nullable=False, index=True),
-    Column("ecosystem", String(64), nullable=False),
-    Column("label", Float, nullable=False),
-    Column("source", String(16), nullable=False),
-    Column("label_time", Float, nullable=False),
-    Column("received_at", Float, nullable=False),
-    Column("kind", String(16), nullable=False),  # first | correction
-    Column("origin", String(64), nullable=False, default=""),  # the feedback item's free-text `source`
-)
-pending_labels = Table(
-    "ecoserve_pending_labels",
-    metadata,
-    Column("request_id", String(128), primary_key=True),
-    Column("label", Text, nullable=False),  # JSON: the raw label as sent
-    Column("source", String(16), nullable=False),
-    Column("label_time", Float, nullable=False),
-    Column("received_at", Float, nullable=False),
+from telemetry.records import ROW_COLUMNS, Outcome, RowEncoder, outcome_fields
+from telemetry.store.checkpoint import AUTOCHECKPOINT_PAGES, CHECKPOINT_INTERVAL_S, WAL_SIZE_LIMIT_BYTES, Checkpointer
+from telemetry.store.errors import StoreError, as_invalid
+from telemetry.store.migrations import migrate
+from telemetry.store.rows import COLUMNS, FirstLabel, StoredOutcome, chunks, decode_rows, sized_chunks
+from telemetry.store.schema import (
+    event_counts,
+    label_history,
+    ledgers,
+    outcomes,
+    pending_labels,
 )
 
-event_counts = Table(
-    "ecoserve_event_counts",  # counts of API events (duplicates, corrections, unknown ids, ...)
-    metadata,
-    Column("key", String(256), primary_key=True),
-    Column("value", Integer, nullable=False),
-)
+__all__ = ["OutcomeStore", "open_store"]
 
-ledgers = Table(
-    "ecoserve_ledgers",  # v2: crash accounting of gateway queues (see telemetry.ledger)
-    metadata,
-    Column("ledger", String(64), primary_key=True),
-    Column("ecosystem", String(64), primary_key=True),
-    Column("stored", BigInteger, nullable=False),  # records of this ledger stored (or accounted for)
-    Column("reclaimed", Boolean, nullable=False, default=False),
-    Column("updated_at", Float, nullable=False),
-)
-_V1_TABLES = [schema_table, outcomes, label_history, pending_labels, event_counts]  # as created by v1 (in today's layout)
-
-
-class StoreError(RuntimeError):
-    """The store could not be opened or written; wraps the database's own error."""
-
-
-class InvalidRecord(StoreError):
-    """The database refused what it was given (a data error: a NUL byte, a lone surrogate, a
-    value too long, a broken constraint). Sending the same records again cannot help, unlike a
-    connection error or a full disk; the caller finds and drops the offending records."""
-
-
-# what a store that is unreachable, busy or full raises (the driver's errors included): callers that
-# must answer anyway (the feedback API: 503) catch these
-STORE_ERRORS: tuple[type[Exception], ...] = (StoreError, SQLAlchemyError, OSError)
-
-# SQLSTATE classes of errors caused by the data, not by the server: 22 data exception,
-# 23 integrity constraint violation, 54 program limit exceeded (e.g. an index entry too large)
-_DATA_SQLSTATE_CLASSES = ("22", "23", "54")
-
-
-def is_data_error(exc: BaseException) -> bool:
-    """Whether `exc`, raised while writing, is caused by the data rather than by the database
-    being unreachable, busy or full (which a retry may cure)."""
-    if isinstance(exc, InvalidRecord):
-        return True
-    if isinstance(exc, DBAPIError):
-        state = getattr(exc.orig, "sqlstate", None)
-        if isinstance(state, str) and state[:2] in _DATA_SQLSTATE_CLASSES:
-            return True
-        return type(exc).__name__ in ("DataError", "IntegrityError")  # e.g. psycopg's client-side NUL check
-    if isinstance(exc, StatementError):  # a parameter the driver could not bind
-        return isinstance(exc.orig, (ValueError, TypeError))
-    return isinstance(exc, (ValueError, TypeError))  # e.g. UnicodeEncodeError from sqlite3's binding
-
-
-def _as_invalid(exc: Exception, what: str) -> Exception:
-    """A data error as `InvalidRecord` (its first line: the driver's message, without the SQL)."""
-    if is_data_error(exc) and not isinstance(exc, InvalidRecord):
-        return InvalidRecord(f"{what}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-    return exc
-
-
-class StoredOutcome(NamedTuple):
-    """One stored outcome as the recorder reads it back (a named tuple: built thousands of times per
-    feedback batch, ~10x cheaper than a frozen dataclass). Its propensity list and group dict may
-    be shared between outcomes (decoding is cached): read them, never change them."""
-
-    request_id: str
-    ecosystem: str
-    created_at: float
-    predictions: list[int] | list[float | None]  # class ids; a regression ecosystem's values
-    served: int
-    intended: int
-    greedy: int
-    propensities: list[float]
-    direct: bool
-    groups: dict[str, str]
-    label: float | None
-    label_source: str | None
-    counted_label: float | None
-    counted_source: str | None
-    counted_time: float | None
-    members: tuple[str, ...] = ()  # the member list it was recorded with (its context); indices refer to it
-
-
-# a first label, as the recorder hands it to `apply_labels` (a plain tuple: one per label, thousands
-# per feedback request): (request_id, ecosystem, label, source, label_time, received_at, origin)
-FirstLabel = tuple[str, str, float, str, float, float, str]
-
-_COLUMNS = ("request_id", "ecosystem", "created_at", "payload", "propensities", "groups", "label", "label_source",
-            "counted_label", "counted_source", "counted_time", "context")
-
-
-def _decode_rows(rows: Sequence[Sequence[Any]], members: dict[int, tuple[str, ...]]) -> list[StoredOutcome]:
-    """Rows in `_COLUMNS` order -> outcomes; `members`: context id -> its member list. The payloads
-    are decoded with one `json.loads` per batch (per-row calls were a third of the label-ingest
-    time); propensity vectors and group objects, which repeat from row to row (one per policy
-    decision kind, per subgroup), once per distinct text (`_DECODED`)."""
-    if not rows:
-        return []
-    payloads = json.loads("[" + ",".join(r[3] for r in rows) + "]")
-    if len(_DECODED) > 4096:
-        _DECODED.clear()
-    for r in rows:  # decode each distinct propensity and group text once, up front
-        if r[4] not in _DECODED:
-            _DECODED[r[4]] = json.loads(r[4])
-        if r[5] not in _DECODED:
-            _DECODED[r[5]] = json.loads(r[5])
-    new, dec = tuple.__new__, _DECODED  # tuple.__new__ direct: the named tuple's own __new__ is a Python call
-    return [
-        new(StoredOutcome, (r[0], r[1], r[2], p[0], p[1], p[2], p[3], dec[r[4]], bool(p[4]), dec[r[5]],
-                            r[6], r[7], r[8], r[9], r[10], members[r[11]]))
-        for r, p in zip(rows, payloads)
-    ]
-
-
-_DECODED: dict[str, Any] = {}  # JSON text -> its (shared, never changed) value; bounded
-
-
-def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), _CHUNK):
-        yield items[i : i + _CHUNK]
-
-
-def _sized_chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
-    """Chunks of `_CHUNK` items, then the rest in powers of two (at most 9 more): a multi-row
-    statement is compiled once per size, and compiling one cost about as much as running it here
-    (~5 us per row), so the sizes come from a fixed set of 10 that stay in the statement caches
-    (SQLite's per connection, psycopg's prepared statements) instead of one new size per batch."""
-    i, n = 0, len(items)
-    while n - i >= _CHUNK:
-        yield items[i : i + _CHUNK]
-        i += _CHUNK
-    size = 256
-    while i < n:
-        if n - i >= size:
-            yield items[i : i + size]
-            i += size
-        else:
-            size //= 2
+log = logging.getLogger("telemetry.store")
 
 
 class OutcomeStore:
     def __init__(self, engine: Engine, checkpoint_interval_s: float | None = None) -> None:
         self.engine = engine
         self.backend = engine.dialect.name
-        self._checkpointer = _Checkpointer(self, checkpoint_interval_s) if checkpoint_interval_s else None
+        self._checkpointer = Checkpointer(self, checkpoint_interval_s) if checkpoint_interval_s else None
         self._encoder = RowEncoder()
         self._contexts: dict[tuple[str, str, str], int] = {}  # (members, versions, policy) -> id
         self._context_members: dict[int, tuple[str, ...]] = {}  # id -> member list (contexts never change)
-        self._inserts: dict[int, str] = {}  # rows per statement -> its SQL (the sizes of `_sized_chunks`)
+        self._inserts: dict[int, str] = {}  # rows per statement -> its SQL (the sizes of `sized_chunks`)
 
     # ----------------------------------------------------------- schema
     def migrate(self) -> int:
-        """Create or upgrade the schema; returns the version now in place."""
-        try:
-            with self.engine.begin() as conn:
-                metadata.create_all(conn, tables=_V1_TABLES)
-                version = conn.execute(select(func.max(schema_table.c.version))).scalar()
-                if version is None:  # a new store: every table, at the current version
-                    metadata.create_all(conn)
-                    conn.execute(insert(schema_table).values(version=SCHEMA_VERSION))
-                    version = SCHEMA_VERSION
-                if version > SCHEMA_VERSION:
-                    raise StoreError(
-                        f"the store has schema version {version}, newer than this ecoserve's {SCHEMA_VERSION}"
-                    )
-                if version < 2:  # 1 -> 2: crash accounting of gateway queues
-                    ledgers.create(conn, checkfirst=True)
-                    version = 2
-                if version < 3:  # 2 -> 3: contexts, payloads, the partial index of unlabeled outcomes
-                    self._rewrite_v2_outcomes(conn)
-                    version = 3
-                conn.execute(update(schema_table).values(version=version))
-                conn.exec_driver_sql(self._view_sql())
-        except SQLAlchemyError as exc:
-            raise StoreError(f"cannot prepare the outcome store ({self.backend}): {exc}") from exc
-        return int(version)
-
-    def _rewrite_v2_outcomes(self, conn: Any) -> None:
-        """2 -> 3: copy every outcome into the v3 layout (context ids, one payload), in batches of
-        `MIGRATE_BATCH` by key, in the caller's transaction; then the v2 table goes and the new one
-        takes its name. Labels and their counted copies are carried over unchanged."""
-        contexts.create(conn, checkfirst=True)
-        for name in _V2_INDEXES:  # index names are per database (SQLite) or schema (PostgreSQL): free them
-            conn.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
-        new = outcomes.to_metadata(MetaData(), name="ecoserve_outcomes_v3")
-        new.create(conn)
-        ids: dict[tuple[str, str, str], int] = {}
-        ph = self._ph(1)
-        sql = (f"SELECT request_id, ecosystem, created_at, {', '.join(_V2_FIELDS)}, {', '.join(_LABEL_COLUMNS)} "
-               f"FROM ecoserve_outcomes WHERE request_id > {ph} ORDER BY request_id LIMIT {int(MIGRATE_BATCH)}")
-        last = ""
-        while rows := conn.exec_driver_sql(sql, (last,)).fetchall():
-            out = []
-            for r in rows:
-                rid, eco, t, members, versions, preds, served, intended, greedy, policy, direct, fp, props, groups = r[:14]
-                key = (members, versions, policy)
-                if key not in ids:
-                    ids[key] = self._context_in(conn, *key)
-                out.append({"request_id": rid, "ecosystem": eco, "created_at": t, "context": ids[key],
-                            "payload": payload_text(preds, served, intended, greedy, direct, fp), "propensities": props, "groups": groups,
-                            **dict(zip(_LABEL_COLUMNS, r[14:]))})
-            conn.execute(insert(new), out)
-            last = rows[-1][0]
-        conn.exec_driver_sql("DROP TABLE ecoserve_outcomes")
-        conn.exec_driver_sql("ALTER TABLE ecoserve_outcomes_v3 RENAME TO ecoserve_outcomes")
-
-    def _view_sql(self) -> str:
-        """`ecoserve_outcomes_v`: every outcome with one column per field, as v2 stored them."""
-        if self.backend == "sqlite":
-            def field(i: int, name: str) -> str:
-                return f"json_extract(o.payload, '$[{i}]') AS {name}"
-            head = "CREATE VIEW IF NOT EXISTS"
-        else:
-            casts = {"served": "::integer", "intended": "::integer", "greedy": "::integer", "direct": "::boolean"}
-
-            def field(i: int, name: str) -> str:
-                return f"((o.payload::json)->>{i}){casts.get(name, '')} AS {name}"
-            head = "CREATE OR REPLACE VIEW"
-        fields = ", ".join(field(i, name) for i, name in enumerate(PAYLOAD_FIELDS))
-        labels = ", ".join(f"o.{c}" for c in _LABEL_COLUMNS)
-        return (f"{head} ecoserve_outcomes_v AS SELECT o.request_id, o.ecosystem, o.created_at, c.members, "
-                f"c.versions, c.policy, {fields}, o.propensities, o.groups, {labels} FROM ecoserve_outcomes o "
-                "JOIN ecoserve_contexts c ON c.id = o.context")
+        """Create or upgrade the schema; returns the version now in place (`migrations`)."""
+        return migrate(self)
 
     def _context_in(self, conn: Any, members: str, versions: str, policy: str) -> int:
         """The id of a context, added if new (concurrent writers: the unique constraint decides)."""
@@ -423,7 +93,7 @@ class OutcomeStore:
         try:
             return self._insert_fields(items, progress, unlost)
         except Exception as exc:
-            err = _as_invalid(exc, "an outcome the store cannot hold")
+            err = as_invalid(exc, "an outcome the store cannot hold")
             if err is exc:
                 raise
             raise err from exc
@@ -448,10 +118,10 @@ class OutcomeStore:
         return inserted
 
     def _insert_rows(self, conn: Any, rows: list[tuple[Any, ...]]) -> Iterator[Any]:
-        """Multi-row INSERTs (up to 500 rows each, in `_sized_chunks`' sizes); yields each result.
+        """Multi-row INSERTs (up to 500 rows each, in `sized_chunks`' sizes); yields each result.
         Not `executemany`: it steps (and drops and retakes the GIL) once per row, which under a
         busy event loop cost ~8x the CPU per row here."""
-        for chunk in _sized_chunks(rows):
+        for chunk in sized_chunks(rows):
             yield conn.exec_driver_sql(self._insert_sql(len(chunk)), tuple(chain.from_iterable(chunk)))
 
     def _insert_sqlite(self, conn: Any, fresh: dict[str, Any], rows: list[tuple[Any, ...]]) -> set[str]:
@@ -464,7 +134,7 @@ class OutcomeStore:
         conn.exec_driver_sql("SAVEPOINT ecoserve_insert")
         if sum(res.rowcount for res in self._insert_rows(conn, rows)) != len(rows):
             conn.exec_driver_sql("ROLLBACK TO SAVEPOINT ecoserve_insert")
-            for chunk in _chunks(list(fresh)):
+            for chunk in chunks(list(fresh)):
                 for r in conn.exec_driver_sql(
                     f"SELECT request_id FROM ecoserve_outcomes WHERE request_id IN ({self._ph(len(chunk))})",
                     tuple(chunk)).fetchall():
@@ -477,7 +147,7 @@ class OutcomeStore:
         return set(fresh)
 
     def _insert_sql(self, n: int) -> str:
-        """The INSERT for `n` rows (one of `_sized_chunks`' sizes: the cache stays small)."""
+        """The INSERT for `n` rows (one of `sized_chunks`' sizes: the cache stays small)."""
         sql = self._inserts.get(n)
         if sql is not None:
             return sql
@@ -497,9 +167,9 @@ class OutcomeStore:
 
     def get_outcomes(self, ids: Sequence[str]) -> dict[str, StoredOutcome]:
         out: dict[str, StoredOutcome] = {}
-        cols = ", ".join(_COLUMNS)
+        cols = ", ".join(COLUMNS)
         with self.engine.connect() as conn:
-            for chunk in _chunks(list(dict.fromkeys(ids))):
+            for chunk in chunks(list(dict.fromkeys(ids))):
                 rows = conn.exec_driver_sql(
                     f"SELECT {cols} FROM ecoserve_outcomes WHERE request_id IN ({self._ph(len(chunk))})", tuple(chunk)
                 ).fetchall()
@@ -512,7 +182,7 @@ class OutcomeStore:
         wanted = {r[11] for r in rows} - self._context_members.keys()
         if wanted:
             self._load_contexts(conn, wanted)
-        return _decode_rows(rows, self._context_members)
+        return decode_rows(rows, self._context_members)
 
     def _load_contexts(self, conn: Any, ids: set[int]) -> None:
         for cid, members in conn.exec_driver_sql(
@@ -523,7 +193,7 @@ class OutcomeStore:
         """Every stored outcome of an ecosystem, in batches (for rebuilding counts after a restart)."""
         with self.engine.connect() as conn:
             result = conn.execution_options(stream_results=True).execute(
-                select(*[outcomes.c[c] for c in _COLUMNS]).where(outcomes.c.ecosystem == ecosystem)
+                select(*[outcomes.c[c] for c in COLUMNS]).where(outcomes.c.ecosystem == ecosystem)
             )
             while True:
                 rows = result.fetchmany(batch)
@@ -533,7 +203,7 @@ class OutcomeStore:
                 if wanted:
                     with self.engine.connect() as other:  # the streaming one is busy with its cursor
                         self._load_contexts(other, wanted)
-                yield _decode_rows(rows, self._context_members)
+                yield decode_rows(rows, self._context_members)
 
     def count_outcomes(self, ecosystem: str | None = None) -> int:
         q = select(func.count()).select_from(outcomes)
@@ -557,7 +227,7 @@ class OutcomeStore:
         try:
             self._apply_labels(first, corrections, pending)
         except Exception as exc:
-            err = _as_invalid(exc, "a label the store cannot hold")
+            err = as_invalid(exc, "a label the store cannot hold")
             if err is exc:
                 raise
             raise err from exc
@@ -619,7 +289,7 @@ class OutcomeStore:
         """Unlabeled outcomes predicted before `before`, read through the partial index of
         unlabeled outcomes: the time taken follows what is unlabeled, not the size of the store."""
         ph = self._ph(1)
-        sql = (f"SELECT {', '.join(_COLUMNS)} FROM ecoserve_outcomes{self._unlabeled_hint} WHERE ecosystem = {ph} "
+        sql = (f"SELECT {', '.join(COLUMNS)} FROM ecoserve_outcomes{self._unlabeled_hint} WHERE ecosystem = {ph} "
                f"AND label_source IS NULL AND created_at < {ph} LIMIT {int(limit)}")
         with self.engine.connect() as conn:
             return self._decode(conn, conn.exec_driver_sql(sql, (ecosystem, before)).fetchall())
@@ -654,7 +324,7 @@ class OutcomeStore:
     def _add_pending(conn: Any, rows: list[dict[str, Any]]) -> None:
         """Hold labels whose outcome is not stored yet (the newest label per id wins)."""
         ids = [r["request_id"] for r in rows]
-        for chunk in _chunks(ids):
+        for chunk in chunks(ids):
             conn.execute(delete(pending_labels).where(pending_labels.c.request_id.in_(chunk)))
         latest = {r["request_id"]: r for r in rows}
         conn.execute(
@@ -669,7 +339,7 @@ class OutcomeStore:
         if not ids:
             return found
         with self.engine.begin() as conn:
-            for chunk in _chunks(list(ids)):
+            for chunk in chunks(list(ids)):
                 rows = conn.execute(select(pending_labels).where(pending_labels.c.request_id.in_(chunk))).all()
                 if rows:
                     found.extend({**r._mapping, "label": json.loads(r.label)} for r in rows)
@@ -779,48 +449,6 @@ class OutcomeStore:
         self.engine.dispose()
 
 
-class _Checkpointer:
-    """SQLite WAL checkpoints on a background thread, off the writers' path.
-
-    With SQLite's default, the commit that grows the WAL past 1,000 pages copies them into the
-    database file itself, inline: measured here, a fifth of the CPU of a label batch (every
-    labelled row is rewritten) and a stall in whichever hand-over or feedback request drew it.
-    Here a thread runs a PASSIVE checkpoint every `CHECKPOINT_INTERVAL_S` (sqlite3 releases
-    the GIL while it copies), and writers checkpoint inline only past `AUTOCHECKPOINT_PAGES`.
-    Durability: with `synchronous=NORMAL` a commit survives a process crash at once, and a power
-    loss once a checkpoint has synced the WAL; that now happens at least every second under
-    writes (SQLite's default: every 1,000 pages, which at low traffic can be hours). Why a second
-    and not less: a checkpoint costs about the same however little it copies (two fsyncs, the
-    hot B-tree pages again); at 0.25 s, with 20-row hand-overs every 0.25 s, it was half of the
-    store's CPU (docs/store.md). The thread holds the store weakly and ends with
-    `close()` or when the store is garbage."""
-
-    def __init__(self, store: OutcomeStore, interval_s: float) -> None:
-        self._store = weakref.ref(store)
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ecoserve-sqlite-checkpoint", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        failing = False
-        while not self._stop.wait(self._interval_s):
-            store = self._store()
-            if store is None:
-                return
-            try:
-                store.checkpoint()
-                failing = False
-            except SQLAlchemyError as exc:  # e.g. the file went away; writers still checkpoint past the limit
-                if not failing:
-                    log.warning("background WAL checkpoint failed (will retry): %s", exc)
-                failing = True
-            del store
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=30)
 
 
 def open_store(url: str) -> OutcomeStore:
