@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from telemetry.recorder import EcosystemSpec, LabelItem, Recorder
+from telemetry.recorder import LabelItem, Recorder
 from telemetry.records import Outcome
+from telemetry.spec import EcosystemSpec
 from telemetry.store import open_store
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"

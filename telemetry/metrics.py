@@ -24,7 +24,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from telemetry.counts import EcosystemCounts, group_keys
-from telemetry.recorder import DELAY_BUCKETS_S, SOURCES, Recorder
+from telemetry.events import Event, EventCounts
+from telemetry.recorder import DELAY_BUCKETS_S, SOURCES, EcosystemSnapshot, Recorder
 from telemetry.serving_stats import LATENCY_BUCKETS_S
 from telemetry.summary import summarize
 
@@ -102,6 +103,15 @@ def _family(name: str) -> Any:  # the concrete *MetricFamily: add_metric differs
     return GaugeMetricFamily(name, doc, labels=list(labels))
 
 
+def _cumulative(bounds: tuple[float, ...], buckets: list[int]) -> list[tuple[str, int]]:
+    """A histogram's per-bucket counts as Prometheus' cumulative (le, count) pairs, +Inf last."""
+    cum, acc = [], 0
+    for bound, n in zip([*bounds, math.inf], buckets):
+        acc += n
+        cum.append(("+Inf" if math.isinf(bound) else f"{bound:g}", acc))
+    return cum
+
+
 def _finite(v: Any) -> bool:
     return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
 
@@ -118,57 +128,52 @@ class EcoserveCollector(Collector):
         self.recorder = recorder
 
     def collect(self) -> Iterator[Metric]:
-        r = self.recorder
-        with r._lock:
-            fams: dict[str, Any] = {name: _family(name) for name in METRICS}
-            for eco, st in r.state.items():
-                self._ecosystem(fams, eco, st)
-            fams["ecoserve_feedback_unknown_id_total"].add_metric([], r.unknown_ids)
-            fams["ecoserve_labels_expired_total"].add_metric([], r.expired)
-            fams["ecoserve_labels_rejected_total"].add_metric([], r.pending_rejected)
-            fams["ecoserve_outcomes_unknown_ecosystem_total"].add_metric([], r.unknown_ecosystem)
-            fams["ecoserve_labels_pending"].add_metric([], r.pending)
-            fams["ecoserve_outcomes_duplicate_id_total"].add_metric([], r.duplicate_outcome_ids)
-            dropped = r.dropped()
-            for reason in ("queue_full", "invalid"):
-                fams["ecoserve_outcomes_dropped_total"].add_metric([reason], dropped.get(reason, 0))
-            fams["ecoserve_handover_failures_total"].add_metric([], r.handover_failures)
-            since = r.handover_failing_since
-            fams["ecoserve_handover_failing"].add_metric([], 0 if since is None else 1)
-            fams["ecoserve_handover_failing_since_timestamp_seconds"].add_metric([], since or 0.0)
-            fams["ecoserve_window_seconds"].add_metric([], r.window_s)
-            for op, cpu in r.cpu_s.items():
-                fams["ecoserve_recorder_cpu_seconds_total"].add_metric([op], cpu)
-            serving = r.serving_report()
-            for key, v in sorted(serving["requests"].items()):
-                fams["ecoserve_requests_total"].add_metric(key.split("|"), v)
-            for key, v in sorted(serving["errors"].items()):
-                fams["ecoserve_member_errors_total"].add_metric(key.split("|"), v)
-            for key, (buckets, total) in sorted(serving["latency"].items()):
-                cum, acc = [], 0
-                for bound, n in zip([*LATENCY_BUCKETS_S, math.inf], buckets):
-                    acc += n
-                    cum.append(("+Inf" if math.isinf(bound) else f"{bound:g}", acc))
-                fams["ecoserve_member_latency_seconds"].add_metric(key.split("|"), cum, total)
-            coverage = r.coverage()
-            for eco, by_age in coverage.items():
-                for age in r.coverage_ages_s:
-                    total, labeled = by_age[age]
-                    if total:
-                        fams["ecoserve_label_coverage_ratio"].add_metric([eco, f"{age:g}"], labeled / total)
+        snap = self.recorder.snapshot()
+        fams: dict[str, Any] = {name: _family(name) for name in METRICS}
+        for eco, st in snap.ecosystems.items():
+            self._ecosystem(fams, eco, st, snap.events)
+        events = snap.events
+        fams["ecoserve_feedback_unknown_id_total"].add_metric([], events[Event.UNKNOWN_IDS])
+        fams["ecoserve_labels_expired_total"].add_metric([], events[Event.EXPIRED])
+        fams["ecoserve_labels_rejected_total"].add_metric([], events[Event.PENDING_REJECTED])
+        fams["ecoserve_outcomes_unknown_ecosystem_total"].add_metric([], events[Event.UNKNOWN_ECOSYSTEM])
+        fams["ecoserve_labels_pending"].add_metric([], snap.pending)
+        fams["ecoserve_outcomes_duplicate_id_total"].add_metric([], events[Event.DUPLICATE_OUTCOME_IDS])
+        for reason in ("queue_full", "invalid"):
+            fams["ecoserve_outcomes_dropped_total"].add_metric([reason], snap.dropped.get(reason, 0))
+        fams["ecoserve_handover_failures_total"].add_metric([], snap.handover_failures)
+        since = snap.handover_failing_since
+        fams["ecoserve_handover_failing"].add_metric([], 0 if since is None else 1)
+        fams["ecoserve_handover_failing_since_timestamp_seconds"].add_metric([], since or 0.0)
+        fams["ecoserve_window_seconds"].add_metric([], snap.window_s)
+        for op, cpu in snap.cpu_s.items():
+            fams["ecoserve_recorder_cpu_seconds_total"].add_metric([op], cpu)
+        serving = snap.serving
+        for key, v in sorted(serving["requests"].items()):
+            fams["ecoserve_requests_total"].add_metric(key.split("|"), v)
+        for key, v in sorted(serving["errors"].items()):
+            fams["ecoserve_member_errors_total"].add_metric(key.split("|"), v)
+        for key, (buckets, total) in sorted(serving["latency"].items()):
+            fams["ecoserve_member_latency_seconds"].add_metric(key.split("|"), _cumulative(LATENCY_BUCKETS_S, buckets), total)
+        for eco, by_age in snap.coverage.items():
+            for age in snap.coverage_ages_s:
+                total, labeled = by_age[age]
+                if total:
+                    fams["ecoserve_label_coverage_ratio"].add_metric([eco, f"{age:g}"], labeled / total)
         yield from fams.values()
 
-    def _ecosystem(self, fams: dict[str, Any], eco: str, st: Any) -> None:
+    def _ecosystem(self, fams: dict[str, Any], eco: str, st: EcosystemSnapshot, events: EventCounts) -> None:
         spec = st.spec
         members = spec.members
         fams["ecoserve_outcomes_total"].add_metric([eco], st.outcomes)
         fams["ecoserve_outcomes_incomplete_total"].add_metric([eco], st.incomplete)
-        fams["ecoserve_outcomes_lost_total"].add_metric([eco], st.lost)
+        fams["ecoserve_outcomes_lost_total"].add_metric([eco], events.lost[eco])
         fams["ecoserve_explored_total"].add_metric([eco], st.explored)
         fams["ecoserve_direct_total"].add_metric([eco], st.direct)
-        fams["ecoserve_labels_duplicate_total"].add_metric([eco], st.duplicates)
-        for (src, dst), v in sorted(st.corrections.items()):
-            fams["ecoserve_label_corrections_total"].add_metric([eco, src, dst], v)
+        fams["ecoserve_labels_duplicate_total"].add_metric([eco], events.duplicates[eco])
+        for (e, src, dst), v in sorted(events.corrections.items()):
+            if e == eco:
+                fams["ecoserve_label_corrections_total"].add_metric([eco, src, dst], v)
         for a, m in enumerate(members):
             fams["ecoserve_member_missing_outputs_total"].add_metric([eco, m], int(st.missing[a]))
             fams["ecoserve_served_total"].add_metric([eco, m], int(st.served[a]))
@@ -200,15 +205,11 @@ class EcoserveCollector(Collector):
                         [eco, m, source, sg, value], int(c.member_correct[a])
                     )
             buckets, total = st.delay[source]
-            cum, acc = [], 0
-            for bound, n in zip([*DELAY_BUCKETS_S, math.inf], buckets.tolist()):
-                acc += n
-                cum.append(("+Inf" if math.isinf(bound) else f"{bound:g}", acc))
-            fams["ecoserve_label_delay_seconds"].add_metric([eco, source], cum, total[0])
+            fams["ecoserve_label_delay_seconds"].add_metric([eco, source], _cumulative(DELAY_BUCKETS_S, buckets.tolist()), total)
         self._window(fams, eco, st)
 
-    def _window(self, fams: dict[str, Any], eco: str, st: Any) -> None:
-        counts, exploration = st.window.total()
+    def _window(self, fams: dict[str, Any], eco: str, st: EcosystemSnapshot) -> None:
+        counts, exploration = st.window
         members = st.spec.members
         for sg, value, c in _subgroups(counts):
             s = summarize(c, include_groups=False)

@@ -25,30 +25,34 @@ Streamed counts keep each outcome's first label; label sources (`observed`,
 from __future__ import annotations
 
 import logging
-import math
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from telemetry.counts import EcosystemCounts, EcosystemShape, correctness, value_bins, value_correctness
+from telemetry.counts import EcosystemCounts, correctness, value_correctness
+from telemetry.events import Event, EventCounts
 from telemetry.exploration import ExplorationCounts
 from telemetry.records import Outcome, outcome_fields
 from telemetry.serving_stats import merge_reports
+from telemetry.spec import EcosystemSpec
 from telemetry.store import FirstLabel, InvalidRecord, OutcomeStore, StoredOutcome
 from telemetry.text import id_problem, text_problem
+from telemetry.window import RollingWindow
 
 __all__ = [
-    "EcosystemSpec",
     "LabelItem",
     "ItemResult",
     "FeedbackError",
     "Recorder",
+    "RecorderSnapshot",
+    "EcosystemSnapshot",
     "SOURCES",
     "DELAY_BUCKETS_S",
     "COVERAGE_AGES_S",
@@ -67,115 +71,6 @@ class FeedbackError(ValueError):
     def __init__(self, index: int | None, fieldname: str, message: str) -> None:
         super().__init__(f"item {index}: {fieldname}: {message}" if index is not None else f"{fieldname}: {message}")
         self.index, self.field = index, fieldname
-
-
-@dataclass(frozen=True)
-class EcosystemSpec:
-    """What the recorder must know of an ecosystem to count it."""
-
-    name: str
-    members: tuple[str, ...]
-    classes: tuple[str, ...]
-    subgroups: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    intersections: tuple[tuple[str, ...], ...] = ()
-    compressed: tuple[bool, ...] = ()
-    reference: int = 0
-    label_mode: Literal["ground_truth", "bandit"] = "ground_truth"
-    assume_label_after_s: float | None = None
-    assumed_label: str | float | None = None
-    # regression: `classes` names the agreement bins (models.manifest.RegressionSpec); a member is
-    # correct when |value - label| <= tolerance; label-free metrics compare the values' bins
-    task: Literal["classification", "regression"] = "classification"
-    tolerance: float = 0.0
-    bin_low: float = 0.0
-    bin_width: float = 1.0
-
-    def __post_init__(self) -> None:
-        # labels that are plain class ids 0..n-1 (ground-truth classification): `label_value`'s fast path
-        plain = self.label_mode != "bandit" and self.task == "classification"
-        object.__setattr__(self, "_class_ids", len(self.classes) if plain else 0)
-
-    @property
-    def regression(self) -> bool:
-        return self.task == "regression"
-
-    def raw_predictions(self, rows: Sequence[Sequence[Any]], n: int, width: int | None = None) -> np.ndarray:
-        """Stored predictions as an (n, M) array: class ids (int64, -1 missing), or regression
-        values (float64, NaN missing)."""
-        dtype = np.float64 if self.regression else np.int64
-        return np.array(rows, dtype=dtype).reshape(n, len(self.members) if width is None else width)
-
-    def align(
-        self, members: Sequence[tuple[str, ...]], preds: Sequence[Sequence[Any]], served: Sequence[int],
-        intended: Sequence[int], greedy: Sequence[int], props: Sequence[Sequence[float]],
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """A batch of outcomes as the current members see them: predictions (n, M) as
-        `raw_predictions`; served, intended and greedy member indices (-1: not a current member);
-        propensities (n, M). `members` is each outcome's own member list. Outcomes recorded under
-        another list (a member added, removed or reordered since, or a gateway still running the
-        old config) are mapped by member name: a member they lack has a missing output there, and
-        a member no longer in the ecosystem is left out (docs/design.md, "A changed member list")."""
-        n, m = len(preds), len(self.members)
-        served_, intended_, greedy_ = (np.array(v, dtype=np.int64) for v in (served, intended, greedy))
-        kinds = set(members)
-        if kinds == {self.members}:
-            return (self.raw_predictions(preds, n), served_, intended_, greedy_,
-                    np.array(props, dtype=np.float64).reshape(n, m))
-        raw = np.full((n, m), np.nan) if self.regression else np.full((n, m), -1, dtype=np.int64)
-        props_ = np.zeros((n, m))
-        position = {name: i for i, name in enumerate(self.members)}
-        for kind in kinds:
-            rows = np.array([i for i, mm in enumerate(members) if mm == kind], dtype=np.int64)
-            src = np.array([j for j, name in enumerate(kind) if name in position], dtype=np.int64)
-            dst = np.array([position[kind[j]] for j in src], dtype=np.int64)
-            if len(src):
-                block = self.raw_predictions([preds[i] for i in rows], len(rows), len(kind))
-                raw[np.ix_(rows, dst)] = block[:, src]
-                pblock = np.array([props[i] for i in rows], dtype=np.float64).reshape(len(rows), len(kind))
-                props_[np.ix_(rows, dst)] = pblock[:, src]
-            to_new = np.array([position.get(name, -1) for name in kind], dtype=np.int64)
-            for arr in (served_, intended_, greedy_):
-                old = arr[rows]
-                arr[rows] = np.where(old >= 0, to_new[np.clip(old, 0, len(kind) - 1)], -1)
-        return raw, served_, intended_, greedy_, props_
-
-    def codes(self, raw: np.ndarray) -> np.ndarray:
-        """What label-free counts compare: class ids as they are; regression values as their bin
-        (values beyond the range in the edge bins), -1 where missing."""
-        return value_bins(raw, self.bin_low, self.bin_width, len(self.classes)) if self.regression else raw
-
-    @property
-    def shape(self) -> EcosystemShape:
-        return EcosystemShape(
-            members=self.members,
-            n_classes=len(self.classes),
-            reference=self.reference,
-            compressed=self.compressed,
-            subgroups=self.subgroups,
-            intersections=self.intersections,
-        )
-
-    def label_value(self, raw: object) -> float:
-        """A label as the number the store keeps: class id or value (ground_truth), or reward (bandit)."""
-        if type(raw) is int and 0 <= raw < self._class_ids:  # type: ignore[attr-defined]
-            return float(raw)  # the common case first: a valid class id (bool is not `int` here)
-        if isinstance(raw, bool):
-            raise ValueError(f"must be a class or a number, got {raw!r}")
-        if self.label_mode == "bandit":
-            if not isinstance(raw, (int, float)) or not math.isfinite(raw):
-                raise ValueError(f"bandit mode: must be a finite number (the reward), got {raw!r}")
-            return float(raw)
-        if self.regression:
-            if not isinstance(raw, (int, float)) or not math.isfinite(raw):
-                raise ValueError(f"must be a finite number (the true value of {self.name!r}), got {raw!r}")
-            return float(raw)
-        if isinstance(raw, str):
-            if raw in self.classes:
-                return float(self.classes.index(raw))
-            raise ValueError(f"{raw!r} is not a class of {self.name!r} ({', '.join(self.classes)})")
-        if isinstance(raw, (int, float)) and float(raw).is_integer() and 0 <= raw < len(self.classes):
-            return float(int(raw))
-        raise ValueError(f"class id {raw!r} out of range for {len(self.classes)} classes of {self.name!r}")
 
 
 class LabelItem(NamedTuple):
@@ -199,35 +94,42 @@ class ItemResult(NamedTuple):
         return self.status == "pending"
 
 
-class _Window:
-    """Rolling window of additive counts: `n_buckets` buckets of `window_s / n_buckets` seconds."""
+@dataclass(frozen=True)
+class EcosystemSnapshot:
+    """One ecosystem's counts at one moment: copies, so readers never see the recorder's state
+    change under them (`Recorder.snapshot`)."""
 
-    def __init__(self, shape: EcosystemShape, window_s: float, n_buckets: int, clock: Callable[[], float]) -> None:
-        self.shape, self.window_s, self.n_buckets = shape, window_s, n_buckets
-        self.bucket_s = window_s / n_buckets
-        self._clock = clock
-        self._buckets: dict[int, tuple[EcosystemCounts, ExplorationCounts]] = {}
+    spec: EcosystemSpec
+    outcomes: int
+    incomplete: int
+    direct: int
+    explored: int
+    missing: np.ndarray  # per member: outcomes without its output
+    served: np.ndarray  # per member: outcomes it served
+    served_propensity: np.ndarray  # per member: sum of logged propensities of policy-routed rows it served
+    fallbacks: np.ndarray  # per member: rows it was chosen for but failed
+    served_outputs: np.ndarray  # per class (regression: per bin): outcomes whose caller received it
+    predictions: EcosystemCounts  # label-free part, every outcome
+    labels: dict[str, EcosystemCounts]  # per label source: the label part
+    delay: dict[str, tuple[np.ndarray, float]]  # per label source: delay histogram buckets and sum (s)
+    window: tuple[EcosystemCounts, ExplorationCounts]  # the rolling window's totals
 
-    def add(self, counts: EcosystemCounts | None = None, exploration: ExplorationCounts | None = None) -> None:
-        idx = int(self._clock() // self.bucket_s)
-        c, e = self._buckets.get(idx) or (
-            EcosystemCounts(self.shape), ExplorationCounts(self.shape.members, self.shape.n_classes)
-        )
-        self._buckets[idx] = (c + counts if counts is not None else c, e + exploration if exploration is not None else e)
-        self._expire(idx)
 
-    def _expire(self, idx: int) -> None:
-        for old in [k for k in self._buckets if k <= idx - self.n_buckets]:
-            del self._buckets[old]
+@dataclass(frozen=True)
+class RecorderSnapshot:
+    """Everything `/metrics` reports, read at one moment (`Recorder.snapshot`)."""
 
-    def total(self) -> tuple[EcosystemCounts, ExplorationCounts]:
-        self._expire(int(self._clock() // self.bucket_s))
-        counts = EcosystemCounts(self.shape)
-        exploration = ExplorationCounts(self.shape.members, self.shape.n_classes)
-        for c, e in self._buckets.values():
-            counts = counts + c
-            exploration = exploration + e
-        return counts, exploration
+    ecosystems: dict[str, EcosystemSnapshot]
+    events: EventCounts
+    pending: int
+    dropped: dict[str, int]
+    handover_failures: int
+    handover_failing_since: float | None
+    window_s: float
+    cpu_s: dict[str, float]
+    serving: dict[str, Any]  # the gateways' serving reports, merged
+    coverage: dict[str, dict[float, tuple[int, int]]]  # ecosystem -> age -> (outcomes, labeled)
+    coverage_ages_s: tuple[float, ...]
 
 
 class _EcosystemState:
@@ -238,7 +140,7 @@ class _EcosystemState:
         self.predictions = EcosystemCounts(shape)
         self.labels = {s: EcosystemCounts(shape) for s in SOURCES}
         self.exploration = ExplorationCounts(spec.members, len(spec.classes))
-        self.window = _Window(shape, window_s, n_buckets, clock)
+        self.window = RollingWindow(shape, window_s, n_buckets, clock)
         self.outcomes = 0
         self.incomplete = 0
         self.direct = 0
@@ -251,9 +153,6 @@ class _EcosystemState:
         # when recorded: the served-output distribution (docs/design.md: degenerate feedback loops)
         self.served_outputs = np.zeros(len(spec.classes), dtype=np.int64)
         self.delay = {s: (np.zeros(len(DELAY_BUCKETS_S) + 1, dtype=np.int64), [0.0]) for s in SOURCES}
-        self.corrections: dict[tuple[str, str], int] = {}
-        self.duplicates = 0
-        self.lost = 0  # records a crashed gateway accepted and never handed over (telemetry.ledger)
 
     def groups_of(self, groups: Sequence[dict[str, str]]) -> dict[str, list[str]] | None:
         if not self.spec.subgroups:
@@ -294,12 +193,8 @@ class Recorder:
         self.clock = clock
         self._lock = threading.RLock()
         self.state = {name: _EcosystemState(spec, window_s, window_buckets, clock) for name, spec in specs.items()}
-        self.unknown_ids = 0
-        self.expired = 0
-        self.pending_rejected = 0
-        self.duplicate_outcome_ids = 0
-        self.unknown_ecosystem = 0
-        self.invalid_outcomes = 0  # records the store refused (a data error): dropped, reason "invalid"
+        # event counters, kept in the store so that a restart does not reset them (telemetry.events)
+        self.events = EventCounts.from_store(store.event_counts(), set(specs))
         # hand-overs that failed for a reason a retry may cure (store down, disk full): since when
         # (None: the last one succeeded), and how many in all; `ecoserve_handover_*`
         self.handover_failing_since: float | None = None
@@ -310,37 +205,17 @@ class Recorder:
         # the telemetry's own cost, `ecoserve_recorder_cpu_seconds_total`
         self.cpu_s: dict[str, float] = {"record": 0.0, "feedback": 0.0, "sweep": 0.0}
         self._pending = store.count_pending()
-        self._load_events(store.event_counts())
         self._coverage_cache: tuple[float, dict[str, dict[float, tuple[int, int]]]] = (0.0, {})
         self._rebuild()
 
     # ------------------------------------------------------ event counts
-    # API-event counters are kept in the store (`ecoserve_event_counts`) so that a restart
-    # does not reset them; keys: "unknown_ids", "expired", "duplicate_outcome_ids",
-    # "pending_rejected", "unknown_ecosystem", "duplicates|ECO", "corrections|ECO|FROM|TO", "lost|ECO".
-    def _load_events(self, events: dict[str, int]) -> None:
-        for key, v in events.items():
-            parts = key.split("|")
-            if len(parts) == 1 and hasattr(self, parts[0]):
-                setattr(self, parts[0], v)
-            elif parts[0] == "duplicates" and parts[1] in self.state:
-                self.state[parts[1]].duplicates = v
-            elif parts[0] == "lost" and parts[1] in self.state:
-                self.state[parts[1]].lost = v
-            elif parts[0] == "corrections" and len(parts) == 4 and parts[1] in self.state:
-                self.state[parts[1]].corrections[(parts[2], parts[3])] = v
-
-    def _event(self, increments: dict[str, int]) -> None:
-        for key, v in increments.items():
-            parts = key.split("|")
-            if len(parts) == 1:
-                setattr(self, key, getattr(self, key) + v)
-            elif parts[0] == "duplicates":
-                self.state[parts[1]].duplicates += v
-            else:
-                st = self.state[parts[1]]
-                st.corrections[(parts[2], parts[3])] = st.corrections.get((parts[2], parts[3]), 0) + v
-        self.store.bump(increments)
+    def _count(self, totals: dict[Event, int] | None = None, **per_ecosystem: Counter[Any]) -> None:
+        """Add to the event counters, here and in the store (`telemetry.events`)."""
+        delta = EventCounts(Counter(totals or {}), **per_ecosystem)
+        self.events.add(delta)
+        increments = delta.store_increments()
+        if increments:
+            self.store.bump(increments)
 
     @contextmanager
     def _cpu(self, operation: str) -> Iterator[None]:
@@ -402,12 +277,12 @@ class Recorder:
             self.handover_failing_since = None
             for eco, n in unlost.items():  # a hand-over that landed after its gateway was counted lost
                 if eco in self.state:
-                    self.state[eco].lost -= n
+                    self.events.lost[eco] -= n
             if invalid:
                 ids = {f[0] for f in invalid}
                 known = [f for f in known if f[0] not in ids]
-            self._event({"unknown_ecosystem": len(items) - len(known) - len(invalid),
-                         "duplicate_outcome_ids": len(known) - len(inserted), "invalid_outcomes": len(invalid)})
+            self._count({Event.UNKNOWN_ECOSYSTEM: len(items) - len(known) - len(invalid),
+                         Event.DUPLICATE_OUTCOME_IDS: len(known) - len(inserted), Event.INVALID_OUTCOMES: len(invalid)})
             if len(inserted) == len(known):
                 fresh = known
             else:  # skip ids stored before, and repeats within the batch (the store kept the first)
@@ -438,7 +313,7 @@ class Recorder:
                             continue
                         items_.append(LabelItem(w["request_id"], w["label"], w["label_time"], w["source"]))
                     if rejected:
-                        self._event({"pending_rejected": rejected})
+                        self._count({Event.PENDING_REJECTED: rejected})
                     if items_:
                         received = {w["request_id"]: w["received_at"] for w in waiting}
                         results = self._feedback_locked(items_, received_at=received, allow_pending=False)
@@ -616,13 +491,7 @@ class Recorder:
         # 3. count
         if pending:  # the store keeps one label per id, newest first: count what it holds
             self._pending = self.store.count_pending()
-        events: dict[str, int] = {"unknown_ids": len(pending)}
-        for eco in duplicates:
-            events[f"duplicates|{eco}"] = events.get(f"duplicates|{eco}", 0) + 1
-        for eco, src, dst in corrected:
-            key = f"corrections|{eco}|{src}|{dst}"
-            events[key] = events.get(key, 0) + 1
-        self._event(events)
+        self._count({Event.UNKNOWN_IDS: len(pending)}, duplicates=Counter(duplicates), corrections=Counter(corrected))
         for name, st in self.state.items():
             mine = fold if len(self.state) == 1 else [f for f in fold if f[0].ecosystem == name]
             if mine:
@@ -692,7 +561,7 @@ class Recorder:
             lost = self.store.reclaim_ledger(ledger, {str(k): int(v) for k, v in accepted.items()})
             for eco, n in lost.items():
                 if eco in self.state:
-                    self.state[eco].lost += n
+                    self.events.lost[eco] += n
             return lost
 
     # ------------------------------------------------------------ sweep
@@ -717,7 +586,7 @@ class Recorder:
                                        np.array([f[4] for f in first]))
                     assumed += len(rows)
             expired = self.store.expire_pending(now - self.pending_ttl_s) if self._pending else 0
-            self._event({"expired": expired})
+            self._count({Event.EXPIRED: expired})
             self._pending = max(0, self._pending - expired)
             return {"assumed": assumed, "expired": expired}
 
@@ -747,6 +616,28 @@ class Recorder:
         self._coverage_cache = (now, fresh)
         return fresh
 
+    def snapshot(self) -> RecorderSnapshot:
+        """The counts at this moment, copied (what the Prometheus collector reads)."""
+        coverage = self.coverage()  # reads the store (cached for a few seconds): outside the lock
+        with self._lock:
+            ecosystems = {
+                name: EcosystemSnapshot(
+                    spec=st.spec, outcomes=st.outcomes, incomplete=st.incomplete, direct=st.direct,
+                    explored=st.explored, missing=st.missing.copy(), served=st.served.copy(),
+                    served_propensity=st.served_propensity.copy(), fallbacks=st.fallbacks.copy(),
+                    served_outputs=st.served_outputs.copy(), predictions=st.predictions, labels=dict(st.labels),
+                    delay={src: (buckets.copy(), total[0]) for src, (buckets, total) in st.delay.items()},
+                    window=st.window.total(),
+                )
+                for name, st in self.state.items()
+            }
+            return RecorderSnapshot(
+                ecosystems=ecosystems, events=self.events.copy(), pending=self._pending, dropped=self.dropped(),
+                handover_failures=self.handover_failures, handover_failing_since=self.handover_failing_since,
+                window_s=self.window_s, cpu_s=dict(self.cpu_s), serving=self.serving_report(), coverage=coverage,
+                coverage_ages_s=self.coverage_ages_s,
+            )
+
     def window_totals(self, ecosystem: str) -> tuple[EcosystemCounts, ExplorationCounts]:
         with self._lock:
             return self.state[ecosystem].window.total()
@@ -754,7 +645,7 @@ class Recorder:
     def dropped(self) -> dict[str, int]:
         """Records dropped, by reason: the gateways' (`queue_full`) and the recorder's own
         (`invalid`: records the store refused)."""
-        out: dict[str, int] = {"invalid": self.invalid_outcomes}
+        out: dict[str, int] = {"invalid": self.events[Event.INVALID_OUTCOMES]}
         for report in self.reports.values():
             for reason, v in report.get("dropped", {}).items():
                 out[reason] = out.get(reason, 0) + v

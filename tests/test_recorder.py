@@ -11,8 +11,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from telemetry.metrics import METRICS, exposition
-from telemetry.recorder import EcosystemSpec, FeedbackError, LabelItem, Recorder
+from telemetry.recorder import FeedbackError, LabelItem, Recorder
 from telemetry.records import Outcome, outcome_fields
+from telemetry.spec import EcosystemSpec
 from telemetry.store import SCHEMA_VERSION, open_store
 
 MEMBERS = ("a", "b", "c")
@@ -498,7 +499,8 @@ def test_reward_stats_count_observed_and_assumed_labels_per_member(rec):
     rec.clock_.t += 601  # the rest become assumed "no"
     rec.sweep()
     ok, wrong = rec.reward_stats("eco")
-    total = rec.state["eco"].labels["observed"] + rec.state["eco"].labels["assumed"]
+    labels = rec.snapshot().ecosystems["eco"].labels
+    total = labels["observed"] + labels["assumed"]
     assert ok == [int(v) for v in total.member_correct]
     assert wrong == [int(v) for v in total.member_n - total.member_correct]
     # by hand: members predict (i % 2, 1, 0); labels yes (1) for r0..r5, no (0) for r6..r9

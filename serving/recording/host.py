@@ -16,8 +16,9 @@ from models.manifest import load_manifest
 from serving.config import PrimaryPolicyConfig, ServingConfig, TelemetryConfig
 from serving.errors import Unavailable, UnprocessableEntity
 from telemetry.metrics import exposition
-from telemetry.recorder import EcosystemSpec, FeedbackError, LabelItem, Recorder
+from telemetry.recorder import FeedbackError, LabelItem, Recorder
 from telemetry.records import Outcome, outcome_fields
+from telemetry.spec import EcosystemSpec
 from telemetry.store import STORE_ERRORS, open_store
 
 __all__ = ["RecorderHost", "LocalTelemetry", "recorder_specs", "feedback_reply", "raise_for_reply"]

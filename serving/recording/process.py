@@ -49,8 +49,9 @@ import threading
 from typing import IO, Any
 
 from serving.errors import Unavailable
-from telemetry.recorder import EcosystemSpec, LabelItem
+from telemetry.recorder import LabelItem
 from telemetry.records import Outcome, outcome_fields
+from telemetry.spec import EcosystemSpec
 
 __all__ = ["RecorderProcess", "RecorderLost"]
 
