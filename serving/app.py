@@ -18,8 +18,9 @@ import gc
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from ray import serve
@@ -34,11 +35,11 @@ from serving.members import BatchedLocalMember, LocalMember, MemberCall, Predict
 from serving.recording.deployment import HandleTelemetry, RecorderDeployment
 from serving.recording.host import LocalTelemetry, RecorderHost, recorder_specs
 from serving.recording.process import RecorderProcess
-from serving.recording.shipper import OutcomeShipper
+from serving.recording.shipper import OutcomeShipper, Reclaim, Send
 from telemetry.ledger import Ledger
 from telemetry.records import Outcome
 
-__all__ = ["build_app", "Gateway", "MemberDeployment"]
+__all__ = ["build_app", "Gateway", "MemberDeployment", "RecorderLink", "link_recorder", "member_factory"]
 
 log = logging.getLogger("ray.serve")
 
@@ -82,6 +83,79 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
+class RecorderLink(NamedTuple):
+    """How a gateway reaches its recorder: the feedback and /metrics backend, the hand-over and
+    reclaim calls, and the recorder it owns and must close (None: another deployment owns it)."""
+
+    telemetry: HandleTelemetry | LocalTelemetry
+    send: Send
+    reclaim: Reclaim
+    owned: RecorderHost | RecorderProcess | None
+
+
+def link_recorder_deployment(recorder: Any) -> RecorderLink:
+    """The recorder is its own deployment (several gateway replicas): calls go through its handle."""
+
+    async def send(batch: list[Outcome], reporter: str, report: dict[str, Any]) -> dict[str, Any]:
+        reply: dict[str, Any] = await recorder.record.remote(batch, reporter, report)
+        return reply
+
+    async def reclaim(ledger: str, accepted: dict[str, int]) -> dict[str, int]:
+        lost: dict[str, int] = await recorder.reclaim.remote(ledger, accepted)
+        return lost
+
+    return RecorderLink(HandleTelemetry(recorder), send, reclaim, None)
+
+
+def link_recorder_in_gateway(cfg: ServingConfig) -> RecorderLink:
+    """The recorder runs with this gateway (one replica): in a child process (the default: its
+    counting and store writes off the gateway's GIL) or on a thread of the gateway's process.
+    Blocking calls run on a thread, off the event loop."""
+    t = cfg.telemetry
+    settings = t.model_copy(update={"store_url": t.resolved_store_url(), "store_url_env": None}).model_dump(mode="json")
+    host: RecorderHost | RecorderProcess
+    if t.recorder_process:
+        host = RecorderProcess(recorder_specs(cfg), settings, nice=t.recorder_process_nice)
+    else:
+        host = RecorderHost(recorder_specs(cfg), settings)
+
+    async def send(batch: list[Outcome], reporter: str, report: dict[str, Any]) -> dict[str, Any]:
+        reply: dict[str, Any] = await asyncio.to_thread(host.record, batch, reporter, report)
+        return reply
+
+    async def reclaim(ledger: str, accepted: dict[str, int]) -> dict[str, int]:
+        return await asyncio.to_thread(host.reclaim, ledger, accepted)
+
+    return RecorderLink(LocalTelemetry(host), send, reclaim, host)
+
+
+def link_recorder(cfg: ServingConfig, recorder: Any) -> RecorderLink | None:
+    """The placement decision: a recorder deployment's handle when one was bound, else the
+    recorder in this gateway when telemetry is on (`ServingConfig.recorder_in_gateway`), else none."""
+    if recorder is not None:
+        return link_recorder_deployment(recorder)
+    if cfg.telemetry.enabled and cfg.recorder_in_gateway():
+        return link_recorder_in_gateway(cfg)
+    return None
+
+
+def member_factory(cfg: ServingConfig, member_handles: dict[str, Any] | None,
+                   providers: dict[str, str]) -> Callable[[Path, EcosystemManifest, MemberSpec], MemberCall]:
+    """How the data plane gets each member: a handle to its own deployment (placement: per_member)
+    or an ONNX Runtime session in this replica (colocated)."""
+
+    def factory(d: Path, manifest: EcosystemManifest, spec: MemberSpec) -> MemberCall:
+        key = f"{manifest.name}.{spec.name}"
+        if member_handles:
+            return RemoteMember(member_handles[key], spec.name, spec.version, providers[key])
+        fault = cfg.ecosystems[manifest.name].faults.get(spec.name)
+        session = load_member(d, manifest, spec, cfg.provider)
+        log.info("member %s v%s loaded on %s", key, spec.version, session.provider)
+        return LocalMember(session, fault)
+
+    return factory
+
+
 @serve.deployment(name="Gateway")
 @serve.ingress()
 class Gateway:
@@ -90,63 +164,22 @@ class Gateway:
     ) -> None:
         cfg = ServingConfig.model_validate(config)
         self.feedback_token = cfg.auth.feedback_token()
-        providers: dict[str, str] = {}
-        for key, handle in (member_handles or {}).items():
-            providers[key] = await handle.provider.remote()
-
-        def factory(d: Path, manifest: EcosystemManifest, spec: MemberSpec) -> MemberCall:
-            key = f"{manifest.name}.{spec.name}"
-            if member_handles:
-                return RemoteMember(member_handles[key], spec.name, spec.version, providers[key])
-            fault = cfg.ecosystems[manifest.name].faults.get(spec.name)
-            session = load_member(d, manifest, spec, cfg.provider)
-            log.info("member %s v%s loaded on %s", key, spec.version, session.provider)
-            return LocalMember(session, fault)
-
+        providers = {key: await handle.provider.remote() for key, handle in (member_handles or {}).items()}
+        link = link_recorder(cfg, recorder)
+        self.telemetry = link.telemetry if link else None
+        self.host = link.owned if link else None
         self.shipper: OutcomeShipper | None = None
-        self.telemetry: HandleTelemetry | LocalTelemetry | None = None
-        self.host: RecorderHost | RecorderProcess | None = None
-        send: Any = None
-        reclaim: Any = None
-        if recorder is not None:
-            self.telemetry = HandleTelemetry(recorder)
-
-            async def send(batch: list[Outcome], reporter: str, report: dict[str, Any]) -> dict[str, Any]:
-                reply: dict[str, Any] = await recorder.record.remote(batch, reporter, report)
-                return reply
-
-            async def reclaim(ledger: str, accepted: dict[str, int]) -> dict[str, int]:
-                lost: dict[str, int] = await recorder.reclaim.remote(ledger, accepted)
-                return lost
-
-        elif cfg.telemetry.enabled and cfg.recorder_in_gateway():
-            t = cfg.telemetry
-            settings = t.model_copy(update={"store_url": t.resolved_store_url(), "store_url_env": None}).model_dump(mode="json")
-            host: RecorderHost | RecorderProcess
-            if t.recorder_process:  # off the gateway's GIL (see serving.recording.process)
-                host = RecorderProcess(recorder_specs(cfg), settings, nice=t.recorder_process_nice)
-            else:
-                host = RecorderHost(recorder_specs(cfg), settings)
-            self.host = host
-            self.telemetry = LocalTelemetry(host)
-
-            async def send(batch: list[Outcome], reporter: str, report: dict[str, Any]) -> dict[str, Any]:
-                reply: dict[str, Any] = await asyncio.to_thread(host.record, batch, reporter, report)
-                return reply
-
-            async def reclaim(ledger: str, accepted: dict[str, int]) -> dict[str, int]:
-                return await asyncio.to_thread(host.reclaim, ledger, accepted)
-
-        if send is not None:
+        if link is not None:
             t = cfg.telemetry
             # crash accounting of this replica's queue: see telemetry.ledger
             ledger = Ledger(t.resolved_ledger_dir(), uuid.uuid4().hex[:16], list(cfg.ecosystems), t.store_key())
             self.shipper = OutcomeShipper(
-                send, max_queue=t.max_queue, max_batch=t.max_batch, flush_interval_s=t.flush_interval_s,
+                link.send, max_queue=t.max_queue, max_batch=t.max_batch, flush_interval_s=t.flush_interval_s,
                 on_reply=self._apply_rewards, report=lambda: self.dataplane.stats.snapshot(),
-                ledger=ledger, reclaim=reclaim,
+                ledger=ledger, reclaim=link.reclaim,
             )
-        self.dataplane = Dataplane.build(cfg, factory, sink=self.shipper.put if self.shipper else None)
+        self.dataplane = Dataplane.build(cfg, member_factory(cfg, member_handles, providers),
+                                         sink=self.shipper.put if self.shipper else None)
         if self.shipper is not None:
             self.shipper.start()
         if not member_handles:  # colocated: batch at the ecosystem level (members batch themselves otherwise)

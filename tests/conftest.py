@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,3 +131,41 @@ def write_serve_file(path: Path, port: int, args: dict) -> Path:
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_in_unit_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test not marked `slow` is a unit test: starting Ray there fails loudly (Ray Serve's own
+    unit tests do the same), instead of slowing the fast suite down or leaving processes behind."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    import ray
+    import ray._private.worker as worker
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"{request.node.nodeid} started Ray: mark it `slow` (an end-to-end test) or use a fake")
+
+    monkeypatch.setattr(ray, "init", forbidden)
+    monkeypatch.setattr(worker, "init", forbidden)
+
+
+@contextmanager
+def served_app(args: dict, workdir: Path, env: dict[str, str] | None = None) -> Iterator[Any]:
+    """The real ecoserve app on Ray Serve (HAProxy ingress) on a free port, from ecoserve args:
+    the one way the end-to-end tests start it. Yields the `Running` server (`.url`); stops
+    everything it started, and restores the environment, when the block ends."""
+    from ecoserve.server import free_port, start
+    from serving.config import load_serve_file
+
+    mp = pytest.MonkeyPatch()
+    for k, v in (env or {}).items():
+        mp.setenv(k, v)
+    try:
+        path = write_serve_file(workdir / "serve.yaml", free_port(), args)
+        running = start(load_serve_file(path), num_cpus=2)
+        try:
+            yield running
+        finally:
+            running.stop()
+    finally:
+        mp.undo()

@@ -158,9 +158,19 @@ def test_missing_file_and_directory(tmp_path):
 
 
 def test_help_lists_every_subcommand():
+    import argparse
+
+    from ecoserve.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    commands = set(sub.choices)
+    # every subcommand users have: a removed or renamed one fails here
+    assert commands >= {"build-models", "predictions", "analyze", "serve", "demo", "dashboards", "alerts", "k8s",
+                        "check-config", "migrate-store", "providers"}, commands
     proc = ecoserve("--help")
-    for cmd in ("build-models", "predictions", "analyze", "providers"):
-        assert cmd in proc.stdout
+    for cmd in commands:
+        assert f"    {cmd} " in proc.stdout or f"    {cmd}\n" in proc.stdout, (cmd, proc.stdout)
+        assert ecoserve(cmd, "--help").returncode == 0, cmd
 
 
 def test_pure_parts_import_without_ray_or_web_frameworks():

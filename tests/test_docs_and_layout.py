@@ -137,3 +137,10 @@ def test_no_module_writes_relative_to_its_own_file():
     for package in ("serving", "telemetry", "models", "ecoserve"):
         for path in (ROOT / package).rglob("*.py"):
             assert not pattern.search(path.read_text()), path.relative_to(ROOT)
+
+
+def test_a_unit_test_that_starts_ray_fails_loudly():
+    import ray
+
+    with pytest.raises(RuntimeError, match="started Ray: mark it `slow`"):
+        ray.init()

@@ -10,13 +10,12 @@ import time
 
 import httpx
 import pytest
-from conftest import write_serve_file
+from conftest import served_app
 from serving_cases import infer_body
 from test_telemetry_e2e import metric, scrape
 
-from ecoserve.server import _flush_gateway, free_port
+from ecoserve.server import _flush_gateway
 from models.heldout import load_heldout
-from serving.config import load_serve_file
 
 pytestmark = pytest.mark.slow
 ROWS = 5
@@ -24,8 +23,6 @@ ROWS = 5
 
 @pytest.fixture(scope="module", params=[True, False], ids=["recorder-in-gateway", "recorder-deployment"])
 def server(request, serving_repo, tmp_path_factory):
-    from ecoserve.server import start
-
     tmp = tmp_path_factory.mktemp("crash")
     db = tmp / "outcomes.db"
     args = {
@@ -37,12 +34,8 @@ def server(request, serving_repo, tmp_path_factory):
                       "recorder_in_gateway": request.param},
         "ecosystems": {"credit": {"policy": {"kind": "primary", "primary": "logreg"}}},
     }
-    port = free_port()
-    running = start(load_serve_file(write_serve_file(tmp / "serve.yaml", port, args)), num_cpus=2)
-    try:
+    with served_app(args, tmp) as running:
         yield running.url, db, tmp / "ledgers"
-    finally:
-        running.stop()
 
 
 def stored(db) -> int:

@@ -16,14 +16,12 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import serving_args, write_serve_file
+from conftest import served_app, serving_args
 from serving_cases import infer_body
 
 from ecoserve.ops.dashboards import build_dashboards, panel_queries
 from ecoserve.ops.prometheus_local import prometheus_binary, start_prometheus
-from ecoserve.server import free_port
 from models.heldout import load_heldout
-from serving.config import load_serve_file
 
 pytestmark = pytest.mark.slow
 TOKEN = "prom-test-token"
@@ -34,10 +32,6 @@ CREDIT = ["logreg", "forest", "gboost", "mlp", "knn"]
 def stack(serving_repo, tmp_path_factory):
     if prometheus_binary() is None:
         pytest.skip("the prometheus binary is not installed (make test installs Debian's prometheus package)")
-    from ecoserve.server import start
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("ECOSERVE_FEEDBACK_TOKEN", TOKEN)
     tmp = tmp_path_factory.mktemp("prom")
     args = serving_args(serving_repo)
     args["auth"] = {"feedback_token_env": "ECOSERVE_FEEDBACK_TOKEN"}
@@ -46,18 +40,12 @@ def stack(serving_repo, tmp_path_factory):
     eco = args["ecosystems"]
     eco.pop("broken"), eco.pop("dead")
     eco["faulty"]["faults"] = {"knn": {"error": True}}  # member errors for the serving panels
-    port = free_port()
-    path = write_serve_file(tmp / "serve.yaml", port, args)
-    running = start(load_serve_file(path), num_cpus=2)
-    prom = None
-    try:
-        prom = start_prometheus(f"127.0.0.1:{port}", tmp / "prometheus", scrape_interval_s=1.0)
-        yield running.url, prom
-    finally:
-        if prom is not None:
+    with served_app(args, tmp, env={"ECOSERVE_FEEDBACK_TOKEN": TOKEN}) as running:
+        prom = start_prometheus(running.url.removeprefix("http://"), tmp / "prometheus", scrape_interval_s=1.0)
+        try:
+            yield running.url, prom
+        finally:
             prom.stop()
-        running.stop()
-        mp.undo()
 
 
 def _infer(url, model, x, ids, groups=None):

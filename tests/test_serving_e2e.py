@@ -10,27 +10,18 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import serving_args, write_serve_file
+from conftest import served_app, serving_args
 from serving_cases import BAD_REQUESTS, encode, infer_body
 
-from ecoserve.server import free_port
 from models.heldout import load_heldout
-from serving.config import load_serve_file
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def server(serving_repo, tmp_path_factory):
-    from ecoserve.server import start
-
-    port = free_port()
-    path = write_serve_file(tmp_path_factory.mktemp("cfg") / "serve.yaml", port, serving_args(serving_repo))
-    running = start(load_serve_file(path), num_cpus=2)
-    try:
+    with served_app(serving_args(serving_repo), tmp_path_factory.mktemp("cfg")) as running:
         yield running.url
-    finally:
-        running.stop()
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])

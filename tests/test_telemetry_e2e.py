@@ -16,13 +16,11 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import PG_ADMIN_URL, _pg_available, write_serve_file
+from conftest import PG_ADMIN_URL, _pg_available, served_app
 from prometheus_client.parser import text_string_to_metric_families
 from serving_cases import infer_body
 
-from ecoserve.server import free_port
 from models.heldout import load_heldout
-from serving.config import load_serve_file
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-123"
@@ -30,9 +28,7 @@ MEMBERS = ["logreg", "forest", "gboost", "mlp", "knn"]
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def server(request, serving_repo, tmp_path_factory, monkeypatch_module):
-    from ecoserve.server import start
-
+def server(request, serving_repo, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tele")
     db_name = None
     if request.param == "sqlite":
@@ -46,8 +42,6 @@ def server(request, serving_repo, tmp_path_factory, monkeypatch_module):
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {db_name}")
         store_url = f"postgresql://postgres@127.0.0.1:5432/{db_name}"
-    monkeypatch_module.setenv("ECOSERVE_FEEDBACK_TOKEN", TOKEN)
-    port = free_port()
     args = {
         "model_repository": str(serving_repo),
         "provider": "cpu",
@@ -58,24 +52,15 @@ def server(request, serving_repo, tmp_path_factory, monkeypatch_module):
         "ecosystems": {"credit": {"policy": {"kind": "primary", "primary": "logreg"}},
                        "diabetes": {"policy": {"kind": "primary", "primary": "ridge"}}},
     }
-    path = write_serve_file(tmp / "serve.yaml", port, args)
-    running = start(load_serve_file(path), num_cpus=2)
     try:
-        yield running.url
+        with served_app(args, tmp, env={"ECOSERVE_FEEDBACK_TOKEN": TOKEN}) as running:
+            yield running.url
     finally:
-        running.stop()
         if db_name:
             import psycopg
 
             with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
                 conn.execute(f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:

@@ -145,13 +145,28 @@ def _serve_config(path: Path) -> dict[str, Any]:
     return raw
 
 
+class _Dumper(yaml.SafeDumper):
+    """YAML as a person would write it: no anchors or aliases (`&id001`, `*id001`) for repeated
+    parts, and multi-line strings (serveConfigV2) as block literals (`|`), as KubeRay's samples do."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|" if "\n" in data else None)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
 def rendered_files(root: Path) -> dict[Path, str]:
     """The generated files under `root` (a `k8s/` folder holding ecoserve.yaml and ecoserve-gpu.yaml)."""
     cpu = _serve_config(root / "ecoserve.yaml")
     gpu = _serve_config(root / "ecoserve-gpu.yaml")
 
     def dump(obj: Any) -> str:
-        return HEADER + yaml.safe_dump(obj, sort_keys=False, width=200)
+        return HEADER + yaml.dump(obj, Dumper=_Dumper, sort_keys=False, width=200)
 
     return {
         root / "base" / "rayservice.yaml": dump(rayservice(cpu)),

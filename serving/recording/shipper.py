@@ -23,7 +23,7 @@ from typing import Any
 from telemetry.ledger import Ledger, find_dead
 from telemetry.records import Outcome
 
-__all__ = ["OutcomeShipper", "Reclaim"]
+__all__ = ["OutcomeShipper", "Send", "Reclaim"]
 
 log = logging.getLogger(__name__)
 
