@@ -94,11 +94,12 @@ def _pg_available() -> bool:
         return False
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty outcome store: a SQLite file, or a new PostgreSQL database (dropped after)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'outcomes.db'}"
+@contextmanager
+def fresh_store(kind: str, folder: Path) -> Iterator[str]:
+    """A fresh, empty outcome store's URL: a SQLite file in `folder`, or a new PostgreSQL database
+    (dropped after). Without PostgreSQL the test is skipped, and fails in CI."""
+    if kind == "sqlite":
+        yield f"sqlite:///{folder / 'outcomes.db'}"
         return
     if not _pg_available():
         if os.environ.get("CI"):
@@ -116,6 +117,13 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty outcome store per test, on each backend."""
+    with fresh_store(request.param, tmp_path) as url:
+        yield url
 
 
 def write_serve_file(path: Path, port: int, args: dict) -> Path:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import PG_ADMIN_URL, _pg_available, serving_args
+from conftest import fresh_store, serving_args
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serving_cases import infer_body
@@ -66,23 +65,8 @@ def test_free_text(value, ok):
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def module_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path_factory.mktemp('text') / 'outcomes.db'}"
-        return
-    if not _pg_available():
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL at 127.0.0.1:5432 is required in CI")
-        pytest.skip("PostgreSQL at 127.0.0.1:5432 is not reachable")
-    import psycopg
-
-    name = f"ecoserve_text_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with fresh_store(request.param, tmp_path_factory.mktemp("text")) as url:
+        yield url
 
 
 class Edge:

@@ -15,7 +15,7 @@ import pytest
 from conftest import write_serve_file
 from serving_cases import infer_body
 
-from ecoserve.server import free_port
+from ecoserve.server import free_port, wait_ready
 from models.heldout import load_heldout
 
 pytestmark = pytest.mark.slow
@@ -66,16 +66,7 @@ def test_sigterm_flushes_every_record_and_stops_everything(serving_repo, tmp_pat
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "not ready"
-            time.sleep(0.5)
+        wait_ready(url, proc, timeout_s=180)
         x = load_heldout(serving_repo / "digits").X[:10]
         sent = 0
         for i in range(12):
@@ -153,16 +144,7 @@ def test_sigterm_to_the_process_group_stops_everything_within_15_s(serving_repo,
     url = f"http://127.0.0.1:{port}"
     answered = 0
     try:
-        deadline = time.monotonic() + 180
-        while True:  # ready, and past start-up: the server printed where it serves
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "not ready"
-            time.sleep(0.5)
+        wait_ready(url, proc, timeout_s=180)
         time.sleep(3)
         x = load_heldout(serving_repo / "digits").X[:5]
         for i in range(10):

@@ -16,7 +16,7 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import PG_ADMIN_URL, _pg_available, served_app
+from conftest import fresh_store, served_app
 from prometheus_client.parser import text_string_to_metric_families
 from serving_cases import infer_body
 
@@ -30,37 +30,19 @@ MEMBERS = ["logreg", "forest", "gboost", "mlp", "knn"]
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def server(request, serving_repo, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tele")
-    db_name = None
-    if request.param == "sqlite":
-        store_url = f"sqlite:///{tmp / 'outcomes.db'}"
-    else:
-        if not _pg_available():
-            pytest.skip("PostgreSQL at 127.0.0.1:5432 is not reachable")
-        import psycopg
-
-        db_name = f"ecoserve_e2e_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {db_name}")
-        store_url = f"postgresql://postgres@127.0.0.1:5432/{db_name}"
-    args = {
-        "model_repository": str(serving_repo),
-        "provider": "cpu",
-        "gateway": {"num_cpus": 0.5},
-        "auth": {"feedback_token_env": "ECOSERVE_FEEDBACK_TOKEN"},
-        "telemetry": {"store_url": store_url, "flush_interval_s": 0.1, "sweep_interval_s": 0.5,
-                      "recorder_in_gateway": False},  # its own deployment: this module kills it mid-stream
-        "ecosystems": {"credit": {"policy": {"kind": "primary", "primary": "logreg"}},
-                       "diabetes": {"policy": {"kind": "primary", "primary": "ridge"}}},
-    }
-    try:
+    with fresh_store(request.param, tmp) as store_url:
+        args = {
+            "model_repository": str(serving_repo),
+            "provider": "cpu",
+            "gateway": {"num_cpus": 0.5},
+            "auth": {"feedback_token_env": "ECOSERVE_FEEDBACK_TOKEN"},
+            "telemetry": {"store_url": store_url, "flush_interval_s": 0.1, "sweep_interval_s": 0.5,
+                          "recorder_in_gateway": False},  # its own deployment: this module kills it mid-stream
+            "ecosystems": {"credit": {"policy": {"kind": "primary", "primary": "logreg"}},
+                           "diabetes": {"policy": {"kind": "primary", "primary": "ridge"}}},
+        }
         with served_app(args, tmp, env={"ECOSERVE_FEEDBACK_TOKEN": TOKEN}) as running:
             yield running.url
-    finally:
-        if db_name:
-            import psycopg
-
-            with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-                conn.execute(f"DROP DATABASE IF EXISTS {db_name} WITH (FORCE)")
 
 
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
