@@ -185,9 +185,11 @@ class _Supervisor:
         self.haproxy_before = _haproxy_pids()
         self.stop_requested = threading.Event()
         self.finished = threading.Event()
+        self.forcing = threading.Event()  # the watcher is terminating the server's processes
         self._read, self._write = socket.socketpair()
         self._write.setblocking(False)
-        threading.Thread(target=self._watch, name="ecoserve-stop-watch", daemon=True).start()
+        self._watcher = threading.Thread(target=self._watch, name="ecoserve-stop-watch", daemon=True)
+        self._watcher.start()
 
     def install(self) -> None:
         """(Re)take SIGTERM and SIGINT: `ray.init` installs a SIGTERM handler of its own."""
@@ -197,6 +199,13 @@ class _Supervisor:
 
     def _on_signal(self, signum: int, _: Any) -> None:
         self.stop_requested.set()
+
+    def done(self) -> None:
+        """The main thread's stop has ended; if the watcher is terminating processes, let it finish
+        (it exits the process)."""
+        self.finished.set()
+        if self.forcing.is_set():
+            self._watcher.join(KILL_GRACE_S + 2.0)
 
     def _watch(self) -> None:
         self._read.recv(1)  # the first signal
@@ -214,16 +223,17 @@ class _Supervisor:
             core = _core_pids()
             if core and any(state == "Z" for state in core.values()):
                 # Ray's daemons are dying: a graceful stop that was about to end (ray.shutdown) ends now
-                if self.finished.wait(0.5):
+                if self.finished.wait(2.0):
                     return
-                reason = ("Ray's own processes are gone (the whole process group was signalled?); queued "
-                          "outcome records stay in the gateways' ledgers and are counted as lost at the next start")
+                reason = ("Ray's own processes are gone (the whole process group was signalled?); outcome records "
+                          "not handed over yet stay in the gateways' ledgers and are counted as lost at the next start")
                 break
             if time.monotonic() > deadline:
                 reason = f"the graceful stop did not finish within {STOP_DEADLINE_S:.0f} s"
                 break
         else:
             return
+        self.forcing.set()
         print(f"stopping now: {reason}", flush=True)
         _terminate(server_pids(self.server_id) | (_haproxy_pids() - self.haproxy_before))
         print("stopped (the server's processes were terminated)", flush=True)
@@ -340,6 +350,6 @@ def serve_foreground(config: str | None) -> int:
     finally:
         print("stopping...", flush=True)
         running.stop()
-        supervisor.finished.set()
+        supervisor.done()
     print("stopped", flush=True)
     return 0
