@@ -101,7 +101,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from serving.config import ConfigError
 
     try:
-        return serve_foreground(args.config)
+        return serve_foreground(args.config, address=args.address)
     except ConfigError as exc:
         raise CliError(str(exc)) from exc
 
@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve a config (default: the demo config) on Ray Serve, in the foreground")
     p.add_argument("config", nargs="?", help="Serve config file (default: the demo config, port 8000)")
+    p.add_argument("--address", help="attach to this running Ray cluster (e.g. 10.0.0.5:6380; default: $RAY_ADDRESS, "
+                   "else start a local Ray)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="serve the demo, replay held-out data, post labels, print the live metrics")

@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 
 from ecoserve import DEMO_CONFIG
-from serving.config import ServeFile, load_serve_file, preflight
+from serving.config import ServeFile, load_serve_file, port_problem, preflight
 
 __all__ = ["FAST_INGRESS_ENV", "SERVER_ID_ENV", "serve_foreground", "start", "stop", "Running", "free_port",
            "wait_ready", "server_pids"]
@@ -160,15 +160,18 @@ def _core_pids() -> dict[int, str]:
 class Running:
     """A started Serve app: its URL, and what must be stopped."""
 
-    def __init__(self, url: str, haproxy_before: set[int], server_id: str) -> None:
+    def __init__(self, url: str, haproxy_before: set[int], server_id: str, attached_apps: list[str] | None = None) -> None:
         self.url = url
         self._haproxy_before = haproxy_before
         self.server_id = server_id
+        self.attached_apps = attached_apps  # attached to a cluster: the applications this server deployed
 
     def stop(self) -> None:
-        """Flush the gateways, stop Serve and Ray, then terminate anything of this server left."""
-        stop(self._haproxy_before)
-        _terminate(server_pids(self.server_id))  # e.g. an haproxy Ray did not stop
+        """Flush the gateways, stop Serve and Ray, then terminate anything of this server left
+        (attached to a cluster: delete this server's applications, and leave the cluster be)."""
+        stop(self._haproxy_before, only=self.attached_apps)
+        if self.attached_apps is None:
+            _terminate(server_pids(self.server_id))  # e.g. an haproxy Ray did not stop
 
 
 class _Supervisor:
@@ -180,7 +183,8 @@ class _Supervisor:
     own daemons die (the whole process group was signalled), if a second signal comes, or if the
     deadline passes."""
 
-    def __init__(self) -> None:
+    def __init__(self, attached: bool = False) -> None:
+        self.attached = attached  # on a cluster it did not start: never terminate the cluster's processes
         self.server_id = uuid.uuid4().hex
         self.haproxy_before = _haproxy_pids()
         self.stop_requested = threading.Event()
@@ -235,7 +239,8 @@ class _Supervisor:
             return
         self.forcing.set()
         print(f"stopping now: {reason}", flush=True)
-        _terminate(server_pids(self.server_id) | (_haproxy_pids() - self.haproxy_before))
+        if not self.attached:
+            _terminate(server_pids(self.server_id) | (_haproxy_pids() - self.haproxy_before))
         print("stopped (the server's processes were terminated)", flush=True)
         logging.shutdown()
         os._exit(0)  # Ray's exit hooks would wait a minute for daemons that are gone
@@ -248,8 +253,16 @@ def start(
     ready_timeout_s: float = 180.0,
     after_ray_init: Callable[[], None] | None = None,
     server_id: str | None = None,
+    address: str | None = None,
 ) -> Running:
-    """Start a local Ray, deploy the app from the config file, wait until it answers ready."""
+    """Start a local Ray (or attach to the cluster at `address`), deploy the app from the config
+    file, wait until it answers ready.
+
+    Without `address` this always starts a new local Ray (`address="local"`), even when a cluster
+    started with `ray start` is recorded on the machine. With one (`ecoserve serve --address`, or
+    `RAY_ADDRESS`), it attaches: Ray's resources are the cluster's, the variables the config names
+    (`auth.feedback_token_env`, `telemetry.store_url_env`) travel to the replicas in the app's
+    runtime environment, and stopping deletes only this application."""
     import ray
     from ray import serve
 
@@ -261,22 +274,26 @@ def start(
     haproxy_before = _haproxy_pids()
     app_cfg = file.raw["applications"][file.app_index]
     env = {k: os.environ[k] for k in {**FAST_INGRESS_ENV, **LOCAL_ENV}} | {SERVER_ID_ENV: server_id}
+    if address:  # replicas on other nodes do not inherit this process's environment
+        env |= {k: os.environ[k] for k in _named_env(file) if k in os.environ}
+    else:  # Serve's HAProxy also listens on fixed ports; another Serve on this host may hold them
+        env |= _haproxy_side_ports()
     # the tag is in the environment of Ray's daemons (started now) and of every worker (runtime_env),
     # not in this process's: other children of the caller (a test's Prometheus) must not carry it
-    previous = os.environ.get(SERVER_ID_ENV)
-    os.environ[SERVER_ID_ENV] = server_id
+    previous = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
-        ray.init(
-            num_cpus=num_cpus or os.cpu_count(),
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            runtime_env={"env_vars": env},
-        )
-    finally:
-        if previous is None:
-            os.environ.pop(SERVER_ID_ENV, None)
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": env})
         else:
-            os.environ[SERVER_ID_ENV] = previous
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                     logging_level=logging.WARNING, runtime_env={"env_vars": env})
+    finally:
+        for k, old in previous.items():
+            if old is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = old
     if after_ray_init is not None:
         after_ray_init()  # e.g. take SIGTERM back from the handler Ray's core worker installs
     try:
@@ -291,9 +308,9 @@ def start(
         url = f"http://{host}:{file.http_port}"
         wait_ready(url, timeout_s=ready_timeout_s)
     except BaseException:
-        stop(haproxy_before)
+        stop(haproxy_before, only=[app_cfg.get("name", "ecoserve")] if address else None)
         raise
-    return Running(url, haproxy_before, server_id)
+    return Running(url, haproxy_before, server_id, [app_cfg.get("name", "ecoserve")] if address else None)
 
 
 async def _flush_gateway(app_name: str) -> Any:
@@ -303,14 +320,38 @@ async def _flush_gateway(app_name: str) -> Any:
     return await asyncio.wait_for(gw.flush.remote(), timeout=30)
 
 
-def stop(haproxy_before: set[int] | None = None) -> None:
+HAPROXY_SIDE_PORTS = {"RAY_SERVE_HAPROXY_METRICS_PORT": 9101, "RAY_SERVE_HAPROXY_STATS_PORT": 8404}
+
+
+def _haproxy_side_ports() -> dict[str, str]:
+    """Ports for HAProxy's own metrics and stats listeners (Serve's defaults: 9101 and 8404): the
+    environment's if it sets them, the defaults when free, else free ones. Two Serve instances on
+    one host (a cluster's and a local one, or two local ones) would otherwise collide there."""
+    out = {}
+    for var, default in HAPROXY_SIDE_PORTS.items():
+        if var in os.environ:
+            out[var] = os.environ[var]
+        else:
+            out[var] = str(default) if port_problem("0.0.0.0", default) is None else str(free_port())
+    return out
+
+
+def _named_env(file: ServeFile) -> list[str]:
+    """The environment variables the config names (a token, a store URL)."""
+    s = file.serving
+    return [v for v in (s.auth.feedback_token_env, s.telemetry.store_url_env) if v]
+
+
+def stop(haproxy_before: set[int] | None = None, only: list[str] | None = None) -> None:
+    """Flush, delete and stop. `only`: attached to a cluster, delete these applications and
+    disconnect, leaving Serve and the cluster running."""
     import ray
     from ray import serve
 
     try:
         # zero records lost: hand the gateways' queued outcomes to the recorder while it
         # still runs (Serve stops deployments in no fixed order), then delete gracefully
-        for name in list(serve.status().applications):
+        for name in only if only is not None else list(serve.status().applications):
             try:
                 # from inside an event loop: with the throughput-optimized settings in the
                 # environment at import, handles route on the caller's loop and refuse sync use
@@ -319,26 +360,33 @@ def stop(haproxy_before: set[int] | None = None) -> None:
             except Exception as exc:  # no gateway, or telemetry off
                 log.warning("flush before shutdown: %s", exc)
             serve.delete(name)
-        serve.shutdown()  # type: ignore[no-untyped-call]
+        if only is None:
+            serve.shutdown()  # type: ignore[no-untyped-call]
     except Exception as exc:  # shutting down: report, keep going
         log.warning("serve shutdown: %s", exc)
-    ray.shutdown()
+    ray.shutdown()  # attached: disconnects this driver only
+    if only is not None:
+        return
     for pid in _haproxy_pids() - (haproxy_before or set()):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
 
 
-def serve_foreground(config: str | None) -> int:
+def serve_foreground(config: str | None, address: str | None = None) -> int:
+    """`ecoserve serve`: `address` (else `RAY_ADDRESS`) attaches to a running Ray cluster."""
     file = load_serve_file(config or DEMO_CONFIG)
-    preflight(file)  # what would otherwise fail inside Ray, ~30 s later, with the cause in its logs
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    # what would otherwise fail inside Ray, ~30 s later, with the cause in its logs (attached:
+    # the HTTP port is the cluster's proxy's, which may already be listening)
+    preflight(file, check_port=address is None)
     if config is None:
         print(f"serving the demo config {DEMO_CONFIG}")
-    supervisor = _Supervisor()
+    supervisor = _Supervisor(attached=address is not None)
     # handlers before Ray starts and again right after (ray.init installs its own SIGTERM
     # handler, which would end the process without the graceful stop); a signal that arrives
     # while starting stops the server as soon as it is up
     supervisor.install()
-    running = start(file, after_ray_init=supervisor.install, server_id=supervisor.server_id)
+    running = start(file, after_ray_init=supervisor.install, server_id=supervisor.server_id, address=address)
     supervisor.install()
     print(f"ecoserve is serving at {running.url}  (Ctrl-C to stop)")
     for name in file.serving.ecosystems:

@@ -35,6 +35,7 @@ __all__ = [
     "ServeFile",
     "load_serve_file",
     "preflight",
+    "port_problem",
     "validation_message",
 ]
 
@@ -301,7 +302,8 @@ def load_serve_file(path: str | Path) -> ServeFile:
     raise ConfigError(f"{p}: applications: no application with import_path 'serving.app:build_app'")
 
 
-def _port_problem(host: str, port: int) -> str | None:
+def port_problem(host: str, port: int) -> str | None:
+    """What stops a server listening on host:port (None: it is free)."""
     import errno
     import socket
 
@@ -357,6 +359,6 @@ def preflight(file: ServeFile, *, check_port: bool = True) -> None:
             if not model.is_file():
                 raise ConfigError(f"ecosystems.{name}: member {member!r}: no model file {model}")
     if check_port:
-        problem = _port_problem(file.http_host, file.http_port)
+        problem = port_problem(file.http_host, file.http_port)
         if problem is not None:
             raise ConfigError(f"http_options.port: {problem}")

@@ -162,17 +162,19 @@ class Dataplane:
         return result, request_id
 
     def response(self, model: ResolvedModel, req: InferRequest, result: InferResult, request_id: str) -> dict[str, Any]:
+        """The inference response; each output's `data` is a flat numpy array, which the transport
+        writes as JSON or binary (`serving.binary.encode_response`) or as gRPC contents."""
         n = result.labels.shape[0]
         if model.runner.regression:  # a served value is never missing (else a fallback served)
-            outputs = {"value": {"name": "value", "datatype": "FP64", "shape": [n], "data": result.labels.tolist()}}
+            outputs = {"value": {"name": "value", "datatype": "FP64", "shape": [n], "data": result.labels}}
         else:
-            outputs = {"label": {"name": "label", "datatype": "INT64", "shape": [n], "data": result.labels.tolist()}}
+            outputs = {"label": {"name": "label", "datatype": "INT64", "shape": [n], "data": result.labels}}
         if result.probabilities is not None:
             outputs["probabilities"] = {
                 "name": "probabilities",
                 "datatype": "FP32",
                 "shape": list(result.probabilities.shape),
-                "data": result.probabilities.reshape(-1).tolist(),
+                "data": result.probabilities.reshape(-1),
             }
         wanted = [o.name for o in req.outputs] if req.outputs else list(outputs)
         unknown = [w for w in wanted if w not in outputs]

@@ -16,13 +16,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from serving.binary import HEADER_LENGTH, attach_binary_inputs, binary_outputs, encode_response, split_body
 from serving.dataplane import Dataplane
 from serving.errors import BadRequest, EcoserveError, NotFound, PayloadTooLarge, status_of
 from serving.feedback import check_bearer, parse_feedback
 from serving.protocol import parse_infer_request
 from telemetry.recorder import LabelItem
 
-__all__ = ["build_http_app", "read_json_body", "TelemetryBackend", "PROMETHEUS_CONTENT_TYPE"]
+__all__ = ["build_http_app", "read_body", "read_json_body", "TelemetryBackend", "PROMETHEUS_CONTENT_TYPE"]
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -37,15 +38,10 @@ class TelemetryBackend(Protocol):
 log = logging.getLogger(__name__)
 
 
-async def read_json_body(request: Request, max_bytes: int) -> Any:
+async def read_body(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"request body of {declared} bytes is over the limit of {max_bytes} bytes")
-    if request.headers.get("inference-header-content-length") is not None:
-        raise BadRequest(
-            "the binary tensor data extension is not supported; send JSON tensor data "
-            "(tritonclient: binary_data=False)"
-        )
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -53,10 +49,21 @@ async def read_json_body(request: Request, max_bytes: int) -> Any:
             raise PayloadTooLarge(f"request body is over the limit of {max_bytes} bytes")
     if not body:
         raise BadRequest("the request body is empty; expected a JSON object")
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> Any:
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from exc
+
+
+async def read_json_body(request: Request, max_bytes: int) -> Any:
+    """A JSON body (the feedback API: the binary extension is for tensors)."""
+    if request.headers.get(HEADER_LENGTH) is not None:
+        raise BadRequest("Inference-Header-Content-Length: binary data is only accepted by the inference routes")
+    return parse_json(await read_body(request, max_bytes))
 
 
 def build_http_app(
@@ -110,14 +117,21 @@ def build_http_app(
         eco = eco if eco in dataplane.runners else "unknown"  # bounded label values
         try:
             model = dataplane.resolve(name, version)
-            req = parse_infer_request(await read_json_body(request, max_bytes))
+            head, tail = split_body(await read_body(request, max_bytes), request.headers.get(HEADER_LENGTH))
+            req = parse_infer_request(parse_json(head))
+            attach_binary_inputs(req, tail)
             result, request_id = await dataplane.infer(model, req, request.headers.get("x-request-id"))
-            body = dataplane.response(model, req, result, request_id)
+            content, header_length = encode_response(dataplane.response(model, req, result, request_id),
+                                                     binary_outputs(req))
         except EcoserveError as exc:
             dataplane.stats.request(eco, status_of(exc))
             raise
         dataplane.stats.request(eco, 200)
-        return Response(json.dumps(body), media_type="application/json", headers={"x-request-id": request_id})
+        headers = {"x-request-id": request_id}
+        if header_length is None:
+            return Response(content, media_type="application/json", headers=headers)
+        headers["Inference-Header-Content-Length"] = str(header_length)
+        return Response(content, media_type="application/octet-stream", headers=headers)
 
     @app.post("/v2/models/{name}/infer")
     async def infer(request: Request, name: str) -> Response:

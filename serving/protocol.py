@@ -1,8 +1,7 @@
 """The Open Inference Protocol (KServe / Triton "v2" REST): request parsing and responses.
 
-JSON tensors only: the binary tensor extension (`Inference-Header-Content-Length`)
-is refused with a clear 400 (tritonclient: pass `binary_data=False`). A request may
-carry many rows along the batch axis; each row is one outcome.
+Tensors as JSON, or as raw bytes with the binary tensor data extension (`serving.binary`). A
+request may carry many rows along the batch axis; each row is one outcome.
 
 ecoserve extensions, all optional, in the request's `parameters`:
 - `request_ids`: one id per row (default: the request `id` for a single row,

@@ -52,6 +52,24 @@ def test_tritonclient_metadata_and_infer(server, serving_repo):
     assert res.get_response()["id"] == "triton-1"
 
 
+def test_tritonclient_defaults_binary_tensors_over_http(server, serving_repo):
+    """tritonclient.http with its defaults: binary input data, binary outputs (binary_data_output)."""
+    import tritonclient.http as tc
+
+    client = tc.InferenceServerClient(url=server.removeprefix("http://"))
+    x = load_heldout(serving_repo / "digits").X[:32]
+    inp = tc.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    res = client.infer("digits", [inp], request_id="triton-bin")
+    labels = res.as_numpy("label")
+    served = res.get_response()["parameters"]["served_members"]
+    assert res.get_response()["parameters"]["request_ids"] == [f"triton-bin/{i}" for i in range(32)]
+    for i, member in enumerate(served):
+        want = ort.InferenceSession(str(serving_repo / f"digits/{member}/1/model.onnx"),
+                                    providers=["CPUExecutionProvider"]).run(["label"], {"input": x[i : i + 1]})[0]
+        assert labels[i] == want[0], (i, member)
+
+
 def test_outputs_equal_onnxruntime_for_every_member(server, serving_repo):
     x = load_heldout(serving_repo / "credit").X[:16]
     for member in ("logreg", "forest", "gboost", "mlp", "knn"):
