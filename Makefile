@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 REPO   ?= model_repository
 PYTEST_ARGS ?=
 
-.PHONY: help setup tools demo lint test test-fast bench build-models clean
+.PHONY: help setup tools demo lint test test-fast bench build-models proto clean
 
 help:
 	@echo "make demo   - set up, build the demo models, run the demo (see README)"
@@ -40,6 +40,10 @@ tools:
 	  echo "WARNING: cannot install$$missing (no apt-get or no root)."; \
 	  echo "  Skipped: promtool checks and the real-Prometheus test (prometheus), k8s render tests (kubectl); bench falls back to a Python load generator (wrk)."; \
 	fi
+
+# the gRPC modules are committed; regenerate them after editing the .proto (a test checks they are current)
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. serving/proto/grpc_predict_v2.proto
 
 build-models: $(STAMP)
 	$(VENV)/bin/ecoserve build-models --repository $(REPO)

@@ -18,7 +18,7 @@ def _table(title: str, rows: Sequence[tuple[str, ...]], header: tuple[str, ...])
 
 
 def main(argv: list[str]) -> int:
-    sections = argv or ["core", "telemetry", "onoff", "serving"]
+    sections = argv or ["core", "telemetry", "onoff", "wire", "serving"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     if "core" in sections:
         from bench import core
@@ -44,6 +44,18 @@ def main(argv: list[str]) -> int:
              "paired on/off: IQR (range)",
              "p50 on/off", "server CPU ms/req on / off", "CPU off/on", "recorder process CPU us/req (share)", "stored after load: s (median / max)", "errors",
              "target >= 0.95x: 90% CI of the median"),
+        )
+    if "wire" in sections:
+        from pathlib import Path
+
+        from bench import wire
+
+        print("\nwire formats: the default config, digits (6 members per request), one Python closed-loop client "
+              "(httpx / grpc.aio) on the same 2 cores; medians over alternating rounds")
+        _table(
+            "wire formats (JSON over HTTP, binary tensors over HTTP, gRPC)",
+            wire.run(Path(os.environ.get("REPO", "model_repository"))),
+            ("format", "rows/req", "concurrency", "req/s", "vs JSON", "p50 ms", "p99 ms", "errors", "targets"),
         )
     if "serving" in sections:
         from pathlib import Path

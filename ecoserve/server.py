@@ -297,7 +297,9 @@ def start(
     if after_ray_init is not None:
         after_ray_init()  # e.g. take SIGTERM back from the handler Ray's core worker installs
     try:
-        serve.start(http_options={"host": file.http_host, "port": file.http_port})
+        grpc = file.raw.get("grpc_options")
+        serve.start(http_options={"host": file.http_host, "port": file.http_port},
+                    **({"grpc_options": grpc} if grpc else {}))
         serve.run(
             build_app(app_cfg.get("args") or {}),
             name=app_cfg.get("name", "ecoserve"),

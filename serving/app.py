@@ -30,6 +30,7 @@ from models.manifest import EcosystemManifest, MemberSpec, load_manifest
 from models.runtime import load_member
 from serving.config import ServingConfig, parse_serving
 from serving.dataplane import Dataplane
+from serving.grpc_adapter import GrpcService
 from serving.http import build_http_app
 from serving.members import BatchedLocalMember, LocalMember, MemberCall, Prediction, RemoteMember
 from serving.recording.deployment import HandleTelemetry, RecorderDeployment
@@ -180,12 +181,34 @@ class Gateway:
             )
         self.dataplane = Dataplane.build(cfg, member_factory(cfg, member_handles, providers),
                                          sink=self.shipper.put if self.shipper else None)
+        self.grpc = GrpcService(self.dataplane)
         if self.shipper is not None:
             self.shipper.start()
         if not member_handles:  # colocated: batch at the ecosystem level (members batch themselves otherwise)
             for runner in self.dataplane.runners.values():
                 runner.enable_batching(cfg.batching.max_batch_size, cfg.batching.batch_wait_timeout_s)
         tune_gc()
+
+    # ----------------------------------------- gRPC (inference.GRPCInferenceService)
+    # Ray Serve's gRPC ingress calls the ingress deployment's method named like the RPC;
+    # `grpc_context` (by that name) lets a method set the status code (serving.grpc_adapter)
+    async def ServerLive(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 - the protocol's names
+        return await self.grpc.ServerLive(request, grpc_context)
+
+    async def ServerReady(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await self.grpc.ServerReady(request, grpc_context)
+
+    async def ServerMetadata(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await self.grpc.ServerMetadata(request, grpc_context)
+
+    async def ModelReady(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await self.grpc.ModelReady(request, grpc_context)
+
+    async def ModelMetadata(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await self.grpc.ModelMetadata(request, grpc_context)
+
+    async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        return await self.grpc.ModelInfer(request, grpc_context)
 
     def _apply_rewards(self, reply: dict[str, Any]) -> None:
         """Policies learn from labels: the recorder's reward totals replace the observed counts."""

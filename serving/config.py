@@ -271,6 +271,12 @@ class ServeFile(BaseModel):
     def http_port(self) -> int:
         return int(self.raw.get("http_options", {}).get("port", 8000))
 
+    @property
+    def grpc_port(self) -> int | None:
+        """The gRPC port when the file turns Serve's gRPC ingress on (`grpc_options`), else None."""
+        grpc = self.raw.get("grpc_options") or {}
+        return int(grpc.get("port", 9000)) if grpc.get("grpc_servicer_functions") else None
+
 
 def validation_message(err: ValidationError, prefix: str = "") -> str:
     """One line per problem: `key.path: message (got VALUE)`."""
@@ -362,3 +368,7 @@ def preflight(file: ServeFile, *, check_port: bool = True) -> None:
         problem = port_problem(file.http_host, file.http_port)
         if problem is not None:
             raise ConfigError(f"http_options.port: {problem}")
+        if file.grpc_port is not None:
+            problem = port_problem("0.0.0.0", file.grpc_port)
+            if problem is not None:
+                raise ConfigError(f"grpc_options.port: {problem}")

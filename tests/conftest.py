@@ -126,12 +126,17 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield url
 
 
-def write_serve_file(path: Path, port: int, args: dict) -> Path:
-    """A Serve config file for the ecoserve app on 127.0.0.1:port (what `ecoserve serve` reads)."""
+GRPC_SERVICER = "serving.proto.grpc_predict_v2_pb2_grpc:add_GRPCInferenceServiceServicer_to_server"
+
+
+def write_serve_file(path: Path, port: int, args: dict, grpc_port: int | None = None) -> Path:
+    """A Serve config file for the ecoserve app on 127.0.0.1:port (what `ecoserve serve` reads),
+    with Serve's gRPC ingress on `grpc_port` when given."""
     import yaml
 
     cfg = {
         "proxy_location": "HeadOnly",
+        **({"grpc_options": {"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}} if grpc_port else {}),
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [
             {"name": "ecoserve", "route_prefix": "/", "import_path": "serving.app:build_app", "args": args}
@@ -158,7 +163,7 @@ def _no_ray_in_unit_tests(request: pytest.FixtureRequest, monkeypatch: pytest.Mo
 
 
 @contextmanager
-def served_app(args: dict, workdir: Path, env: dict[str, str] | None = None) -> Iterator[Any]:
+def served_app(args: dict, workdir: Path, env: dict[str, str] | None = None, grpc: bool = False) -> Iterator[Any]:
     """The real ecoserve app on Ray Serve (HAProxy ingress) on a free port, from ecoserve args:
     the one way the end-to-end tests start it. Yields the `Running` server (`.url`); stops
     everything it started, and restores the environment, when the block ends."""
@@ -169,8 +174,9 @@ def served_app(args: dict, workdir: Path, env: dict[str, str] | None = None) -> 
     for k, v in (env or {}).items():
         mp.setenv(k, v)
     try:
-        path = write_serve_file(workdir / "serve.yaml", free_port(), args)
+        path = write_serve_file(workdir / "serve.yaml", free_port(), args, grpc_port=free_port() if grpc else None)
         running = start(load_serve_file(path), num_cpus=2)
+        running.grpc_port = load_serve_file(path).grpc_port
         try:
             yield running
         finally:

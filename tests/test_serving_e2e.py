@@ -19,9 +19,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def server(serving_repo, tmp_path_factory):
-    with served_app(serving_args(serving_repo), tmp_path_factory.mktemp("cfg")) as running:
-        yield running.url
+def app(serving_repo, tmp_path_factory):
+    """The real app with HTTP and Serve's gRPC ingress."""
+    with served_app(serving_args(serving_repo), tmp_path_factory.mktemp("cfg"), grpc=True) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def server(app):
+    return app.url
 
 
 @pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
@@ -126,3 +132,61 @@ def test_concurrent_requests_are_batched_correctly(server, serving_repo):
         return [r.json()["outputs"][0]["data"][0] for r in rs]
 
     assert asyncio.run(go()) == want
+
+
+def _stub(app):
+    import grpc
+
+    from serving.proto import grpc_predict_v2_pb2_grpc as pbg
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{app.grpc_port}")
+    return channel, pbg.GRPCInferenceServiceStub(channel)
+
+
+def test_grpc_over_the_wire_equals_http_and_onnxruntime(app, serving_repo):
+    """The KServe v2 gRPC service through Ray Serve's gRPC ingress: health, metadata, and
+    inference whose outputs equal onnxruntime's and the HTTP path's for the same rows."""
+    from serving.proto import grpc_predict_v2_pb2 as pb
+
+    channel, stub = _stub(app)
+    with channel:
+        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=30).live
+        assert stub.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
+        assert stub.ModelReady(pb.ModelReadyRequest(name="credit"), timeout=30).ready
+        meta = stub.ModelMetadata(pb.ModelMetadataRequest(name="credit.knn"), timeout=30)
+        assert meta.platform == "onnxruntime_onnx" and meta.inputs[0].datatype == "FP32"
+        x = load_heldout(serving_repo / "credit").X[:16]
+        req = pb.ModelInferRequest(model_name="credit.knn", id="wire-1")
+        req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
+        req.raw_input_contents.append(np.ascontiguousarray(x, dtype="<f4").tobytes())
+        resp = stub.ModelInfer(req, timeout=30)
+    labels = np.frombuffer(resp.raw_output_contents[0], dtype="<i8")
+    sess = ort.InferenceSession(str(serving_repo / "credit/knn/1/model.onnx"), providers=["CPUExecutionProvider"])
+    assert np.array_equal(labels, sess.run(["label"], {"input": x})[0])
+    http = httpx.post(f"{app.url}/v2/models/credit.knn/infer", json=infer_body(x, id="wire-2"), timeout=30).json()
+    assert http["outputs"][0]["data"] == labels.tolist()
+    assert resp.parameters["request_ids"].string_param == '["wire-1/0", "wire-1/1", "wire-1/2", "wire-1/3", ' \
+        '"wire-1/4", "wire-1/5", "wire-1/6", "wire-1/7", "wire-1/8", "wire-1/9", "wire-1/10", "wire-1/11", ' \
+        '"wire-1/12", "wire-1/13", "wire-1/14", "wire-1/15"]'
+
+
+@pytest.mark.parametrize("model, rows, code, message", [
+    ("nope", 1, "NOT_FOUND", "unknown model 'nope'"),
+    ("credit", 300, "RESOURCE_EXHAUSTED", "300 rows in one request; the limit is 256"),
+    ("dead", 1, "UNAVAILABLE", "no member"),
+    ("credit", 0, "INVALID_ARGUMENT", "the batch is empty"),
+])
+def test_grpc_errors_are_status_codes(app, model, rows, code, message):
+    import grpc
+
+    from serving.proto import grpc_predict_v2_pb2 as pb
+
+    width = 64 if model == "dead" else 27
+    req = pb.ModelInferRequest(model_name=model)
+    req.inputs.add(name="input", datatype="FP32", shape=[rows, width])
+    req.raw_input_contents.append(np.zeros((rows, width), "<f4").tobytes())
+    channel, stub = _stub(app)
+    with channel, pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(req, timeout=30)
+    assert err.value.code() == getattr(grpc.StatusCode, code), (err.value.code(), err.value.details())
+    assert message in err.value.details()

@@ -82,6 +82,7 @@ def rayservice(serve_config: dict[str, Any]) -> dict[str, Any]:
         {"name": "dashboard", "containerPort": 8265},
         {"name": "client", "containerPort": 10001},
         {"name": "serve", "containerPort": 8000},
+        {"name": "grpc", "containerPort": 9000},
         {"name": "metrics", "containerPort": 8080},
     ]
     # ready when the Open Inference Protocol says so (Serve proxies run on the head: HeadOnly)
