@@ -11,7 +11,9 @@ Setups (env BENCH_SETUPS, comma-separated, selects):
 - per_member_fast: one deployment per member (handles), HAProxy + throughput-optimized;
 - colocated_fast_recorder_in_gateway: the same with the recorder in the gateway (the default with one
   gateway replica);
-- colocated_fast_notelemetry: the default with telemetry off (no recording).
+- colocated_fast_notelemetry: the default with telemetry off (no recording);
+- colocated_fast_2replicas: two gateway replicas (each with every member), the recorder as its own
+  deployment.
 
 `onoff()` measures the telemetry cost alone: the default (recorder in the gateway) with
 telemetry on and with it off run side by side (two Ray instances, one idle while the other is
@@ -52,11 +54,12 @@ from models.heldout import load_heldout
 
 ROOT = Path(__file__).resolve().parent.parent
 SETUPS = ["baseline", "colocated_fast", "colocated_fast_recorder_in_gateway", "colocated_fast_notelemetry",
-          "colocated_default", "per_member_fast"]
+          "colocated_fast_2replicas", "colocated_default", "per_member_fast"]
 
 
 def ecoserve_config(repo: Path, port: int, placement: str, telemetry: bool, tmp: Path,
-                    recorder_in_gateway: bool = False, recorder_process: bool = True) -> dict[str, Any]:
+                    recorder_in_gateway: bool = False, recorder_process: bool = True,
+                    gateway_replicas: int = 1) -> dict[str, Any]:
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
@@ -66,7 +69,7 @@ def ecoserve_config(repo: Path, port: int, placement: str, telemetry: bool, tmp:
                 "model_repository": str(repo.resolve()),
                 "provider": "cpu",
                 "placement": placement,
-                "gateway": {"num_cpus": 0.5},
+                "gateway": {"num_cpus": 0.5, "num_replicas": gateway_replicas},
                 "members": {"num_cpus": 0.2},
                 "batching": {"max_batch_size": 64, "batch_wait_timeout_s": 0.0},
                 "telemetry": {"enabled": telemetry, "store_url": f"sqlite:///{tmp}/outcomes-{port}.db",
@@ -97,7 +100,8 @@ def start_setup(setup: str, repo: Path, tmp: Path, telemetry: bool = True) -> tu
         cfg = tmp / f"{setup}-{int(telemetry)}.yaml"
         cfg.write_text(yaml.safe_dump(ecoserve_config(repo, port, placement, telemetry, tmp,
                                                       recorder_in_gateway=setup.endswith("recorder_in_gateway"),
-                                                      recorder_process=recorder_process)))
+                                                      recorder_process=recorder_process,
+                                                      gateway_replicas=2 if setup.endswith("2replicas") else 1)))
         # (colocated_fast pins the recorder to its own deployment; the default with one gateway
         # replica is the in-gateway recorder, measured by colocated_fast_recorder_in_gateway)
         cmd = [sys.executable, "-m", "ecoserve.cli", "serve", str(cfg)]

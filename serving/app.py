@@ -275,8 +275,11 @@ def build_app(args: dict[str, Any]) -> Application:
             num_replicas=1,  # one writer: the store and the counters live here
             ray_actor_options=_actor_options(t.recorder.num_cpus, 0),
         ).bind(recorder_specs(cfg), telemetry.model_dump(mode="json"))
+    auto = cfg.gateway.autoscaling
+    replicas: dict[str, Any] = {"num_replicas": cfg.gateway.num_replicas} if auto is None else {
+        "autoscaling_config": auto.model_dump()}
     return Gateway.options(  # type: ignore[attr-defined,no-any-return]
-        num_replicas=cfg.gateway.num_replicas,
+        **replicas,
         # in-flight requests are small and fast: do not hold a shutdown for Serve's default 20 s
         graceful_shutdown_timeout_s=5,
         graceful_shutdown_wait_loop_s=0.5,

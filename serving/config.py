@@ -21,6 +21,8 @@ from models.manifest import describe_validation_error
 __all__ = [
     "ConfigError",
     "ResourcesConfig",
+    "AutoscalingConfig",
+    "GatewayConfig",
     "BatchingConfig",
     "PrimaryPolicyConfig",
     "EpsilonGreedyPolicyConfig",
@@ -53,6 +55,35 @@ class ResourcesConfig(_Strict):
     num_cpus: float = Field(default=0.25, ge=0, le=256, description="CPUs reserved per replica")
     num_gpus: float = Field(default=0.0, ge=0, le=16, description="GPUs reserved per replica (fractions share one)")
     num_replicas: int = Field(default=1, ge=1, le=1024, description="replicas of this deployment")
+
+
+class AutoscalingConfig(_Strict):
+    """Ray Serve's autoscaling of the gateway: replicas follow the requests in flight per replica."""
+
+    min_replicas: int = Field(default=1, ge=1, le=1024, description="replicas kept however idle")
+    max_replicas: int = Field(default=4, ge=1, le=1024, description="replicas at most")
+    target_ongoing_requests: float = Field(
+        default=32.0, gt=0, le=100_000, description="requests in flight per replica that the autoscaler aims for")
+    upscale_delay_s: float = Field(default=30.0, ge=0, description="load must stay high this long to add a replica")
+    downscale_delay_s: float = Field(default=300.0, ge=0, description="load must stay low this long to remove one")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
+class GatewayConfig(ResourcesConfig):
+    """The ingress deployment: fixed `num_replicas`, or `autoscaling` between bounds."""
+
+    num_cpus: float = Field(default=1.0, ge=0, le=256, description="CPUs reserved per replica")
+    autoscaling: AutoscalingConfig | None = Field(
+        default=None, description="scale the gateway with load (then num_replicas is not used)")
+
+    @property
+    def max_replicas(self) -> int:
+        return self.autoscaling.max_replicas if self.autoscaling else self.num_replicas
 
 
 class BatchingConfig(_Strict):
@@ -226,7 +257,7 @@ class ServingConfig(_Strict):
         default="colocated",
         description="colocated: every member in the gateway replica; per_member: one deployment per member",
     )
-    gateway: ResourcesConfig = Field(default_factory=lambda: ResourcesConfig(num_cpus=1.0))
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     members: ResourcesConfig = Field(default_factory=ResourcesConfig, description="default per-member resources")
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
@@ -236,12 +267,13 @@ class ServingConfig(_Strict):
     def recorder_in_gateway(self) -> bool:
         """Where the recorder runs (one writer per store: in the gateway only with one replica)."""
         choice = self.telemetry.recorder_in_gateway
-        return self.gateway.num_replicas == 1 if choice is None else choice
+        return self.gateway.max_replicas == 1 if choice is None else choice
 
     @model_validator(mode="after")
     def _one_writer(self) -> ServingConfig:
-        if self.telemetry.recorder_in_gateway and self.gateway.num_replicas != 1:
-            raise ValueError("telemetry.recorder_in_gateway needs gateway.num_replicas: 1 (one writer per store)")
+        if self.telemetry.recorder_in_gateway and self.gateway.max_replicas != 1:
+            raise ValueError("telemetry.recorder_in_gateway needs one gateway replica (num_replicas: 1, no "
+                             "autoscaling above 1): one writer per store")
         return self
 
     @model_validator(mode="after")

@@ -134,3 +134,17 @@ def test_preflight_finds_a_missing_model_file_and_a_busy_port(serving_repo, tmp_
         with pytest.raises(ConfigError, match=f"http_options.port: port {port} on 127.0.0.1 is already in use"):
             preflight(_serve_file(tmp_path, args, port))
         preflight(_serve_file(tmp_path, args, port), check_port=False)
+
+
+def test_gateway_autoscaling():
+    auto = {"min_replicas": 1, "max_replicas": 3}
+    cfg = parse_serving(_with(["gateway"], {"autoscaling": auto}))
+    assert cfg.gateway.max_replicas == 3
+    assert not cfg.recorder_in_gateway()  # several gateways: the recorder is its own deployment
+    with pytest.raises(ConfigError, match="max_replicas \\(1\\) is below min_replicas \\(2\\)"):
+        parse_serving(_with(["gateway"], {"autoscaling": {"min_replicas": 2, "max_replicas": 1}}))
+    bad = _with(["gateway"], {"autoscaling": auto})
+    bad["telemetry"] = {"recorder_in_gateway": True}
+    with pytest.raises(ConfigError, match="recorder_in_gateway needs one gateway replica"):
+        parse_serving(bad)
+    assert parse_serving(BASE).recorder_in_gateway()
