@@ -57,6 +57,16 @@ def main(argv: list[str]) -> int:
             wire.run(Path(os.environ.get("REPO", "model_repository"))),
             ("format", "rows/req", "concurrency", "req/s", "vs JSON", "p50 ms", "p99 ms", "errors", "targets"),
         )
+    if "gpu" in sections:  # not in the default sections: it needs a GPU (or BENCH_GPU_PROVIDER=cpu)
+        from pathlib import Path
+
+        from bench import gpu
+
+        _table(
+            f"GPU path (digits_gpu: 4 wide MLPs; {gpu.ROWS} rows per request, concurrency {gpu.CONCURRENCY})",
+            gpu.run(Path(os.environ.get("REPO", "model_repository"))),
+            ("server", "members' provider", "req/s", "vs raw onnxruntime", "target"),
+        )
     if "serving" in sections:
         from pathlib import Path
 

@@ -82,7 +82,14 @@ async def _http(url: str, bodies: list[tuple[bytes, dict[str, str]]], concurrenc
         return await _closed_loop(send, concurrency, duration_s)
 
 
-async def _grpc(target: str, xs: list[np.ndarray], concurrency: int, duration_s: float) -> LoadResult:
+async def grpc_load(target: str, xs: list[np.ndarray], concurrency: int, duration_s: float,
+                    model: str) -> LoadResult:
+    """Closed-loop gRPC load (raw contents) of `model` with the given batches."""
+    return await _grpc(target, xs, concurrency, duration_s, model)
+
+
+async def _grpc(target: str, xs: list[np.ndarray], concurrency: int, duration_s: float,
+                model: str = "digits") -> LoadResult:
     import grpc
 
     from serving.proto import grpc_predict_v2_pb2 as pb
@@ -90,7 +97,7 @@ async def _grpc(target: str, xs: list[np.ndarray], concurrency: int, duration_s:
 
     requests = []
     for x in xs:
-        req = pb.ModelInferRequest(model_name="digits")
+        req = pb.ModelInferRequest(model_name=model)
         req.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
         req.raw_input_contents.append(np.ascontiguousarray(x, dtype="<f4").tobytes())
         requests.append(req)

@@ -173,6 +173,24 @@ def _digits_members() -> list[tuple[str, str, Any]]:
     ]
 
 
+def _digits_gpu_members() -> list[tuple[str, str, Any]]:
+    """Wide MLPs: ~2-4 MFLOP per row each, enough compute that a GPU matters (`python -m bench gpu`).
+    Few epochs: accuracy is not their point (the early-stopping warning is expected)."""
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def mlp(hidden: tuple[int, ...], seed: int) -> Any:
+        return make_pipeline(StandardScaler(), MLPClassifier(hidden, max_iter=12, random_state=seed))
+
+    return [
+        ("wide_a", "mlp", mlp((1024, 1024), 11)),
+        ("wide_b", "mlp", mlp((1024, 1024), 12)),
+        ("wide_c", "mlp", mlp((1536, 768), 13)),
+        ("deep", "mlp", mlp((768, 768, 768), 14)),
+    ]
+
+
 def _credit_members() -> list[tuple[str, str, Any]]:
     from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
@@ -309,6 +327,17 @@ ECOSYSTEMS: dict[str, dict[str, Any]] = {
         "subgroups": {"sex": ["female", "male"], "age_group": ["young", "adult"]},
         "intersections": [["sex", "age_group"]],
     },
+    # built only when asked for (`ecoserve build-models --ecosystem digits_gpu`): GPU-sized members
+    "digits_gpu": {
+        "description": "scikit-learn digits served by wide MLPs (~2-4 MFLOP per row each): the GPU benchmark's "
+        "ecosystem (python -m bench gpu)",
+        "data": _digits,
+        "members": _digits_gpu_members,
+        "quantize": {},
+        "subgroups": {},
+        "intersections": [],
+        "default": False,
+    },
     "diabetes": {
         "description": "scikit-learn diabetes (disease progression after one year, 25-346): a regression "
         "ecosystem; a member is correct within 40 of the true value; mlp_int8 is an INT8 copy of mlp",
@@ -336,11 +365,12 @@ def _up_to_date(target: Path, stamp: str) -> bool:
 
 
 def build_models(repository: str | Path, names: list[str] | None = None, force: bool = False) -> list[BuildResult]:
-    """Build the named demo ecosystems (all by default) into `repository`."""
+    """Build the named demo ecosystems into `repository` (by default every one but those marked
+    `default: False`, e.g. the GPU benchmark's `digits_gpu`)."""
     root = Path(repository)
     root.mkdir(parents=True, exist_ok=True)
     results = []
-    for name in names or list(ECOSYSTEMS):
+    for name in names or [n for n, spec in ECOSYSTEMS.items() if spec.get("default", True)]:
         if name not in ECOSYSTEMS:
             raise ValueError(f"unknown demo ecosystem {name!r}; choose from {sorted(ECOSYSTEMS)}")
         spec = ECOSYSTEMS[name]
