@@ -23,7 +23,7 @@ def build(repo: Path, ecosystem: str, primary: str) -> FastAPI:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     sessions = {
-        m.name: ort.InferenceSession(str(d / m.path), sess_options=opts, providers=["CPUExecutionProvider"])
+        m.name: ort.InferenceSession(str(d / m.onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
         for m in manifest.current_members()
     }
     app = FastAPI()

@@ -50,7 +50,7 @@ def raw_onnxruntime(repo: Path, provider: str, batches: list[np.ndarray], durati
     import onnxruntime as ort
 
     manifest = load_manifest(repo / ECOSYSTEM)
-    sessions = [ort.InferenceSession(str(repo / ECOSYSTEM / m.path), providers=[PROVIDERS[provider]])
+    sessions = [ort.InferenceSession(str(repo / ECOSYSTEM / m.onnx_path), providers=[PROVIDERS[provider]])
                 for m in manifest.current_members()]
     for s in sessions:
         if s.get_providers()[0] != PROVIDERS[provider]:

@@ -361,7 +361,8 @@ def _up_to_date(target: Path, stamp: str) -> bool:
         manifest = load_manifest(target)
     except Exception:
         return False
-    return all((target / m.path).is_file() for m in manifest.members) and (target / "heldout.npz").is_file()
+    return all((target / m.onnx_path).is_file() for m in manifest.members if m.kind == "onnx") and \
+        (target / "heldout.npz").is_file()
 
 
 def build_models(repository: str | Path, names: list[str] | None = None, force: bool = False) -> list[BuildResult]:

@@ -87,12 +87,36 @@ class TensorSpec(_Strict):
         return self.shape[1:]
 
 
+class RemoteSpec(_Strict):
+    """An Open Inference Protocol v2 endpoint serving a member (another platform, a vendor's API)."""
+
+    url: str = Field(description="base URL of the server, e.g. http://triton:8000")
+    model: str = Field(min_length=1, description="the model name on that server")
+    version: str | None = Field(default=None, description="the model version on that server (default: its choice)")
+    token_env: str | None = Field(default=None, description="environment variable holding a bearer token to send")
+    timeout_s: float = Field(default=2.0, gt=0, le=300, description="a slower answer is a missing output (timeout)")
+    max_concurrency: int = Field(default=16, ge=1, le=4096, description="calls in flight to this endpoint at most")
+    output: str = Field(default="label", description="the output holding class ids or names (regression: values)")
+    probability_output: str | None = Field(default=None, description="the output holding class scores, if any")
+    binary: bool = Field(default=False, description="send and ask for binary tensors instead of JSON")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {v!r}")
+        return v.rstrip("/")
+
+
 class MemberSpec(_Strict):
-    """One member version of an ecosystem."""
+    """One member version of an ecosystem: an ONNX file in the repository (`kind: onnx`), or a
+    model served elsewhere over the Open Inference Protocol (`kind: remote`)."""
 
     name: str = Field(description="member name, lower-case identifier")
     version: str = Field(min_length=1, max_length=32, description="version string")
-    path: str = Field(description="path of model.onnx relative to the ecosystem folder")
+    kind: Literal["onnx", "remote"] = Field(default="onnx", description="onnx: a local file; remote: an endpoint")
+    path: str | None = Field(default=None, description="kind onnx: path of model.onnx relative to the ecosystem folder")
+    remote: RemoteSpec | None = Field(default=None, description="kind remote: the endpoint")
     compressed: bool = Field(default=False, description="a compressed (e.g. quantized) variant")
     family: str = Field(default="", description="model family, for people reading the manifest")
     compressed_from: str | None = Field(default=None, description="member it was compressed from")
@@ -101,11 +125,28 @@ class MemberSpec(_Strict):
 
     @field_validator("path")
     @classmethod
-    def _path(cls, v: str) -> str:
+    def _path(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         p = Path(v)
         if p.is_absolute() or ".." in p.parts or p.name != "model.onnx":
             raise ValueError(f"must be a relative path ending in model.onnx, got {v!r}")
         return v
+
+    @property
+    def onnx_path(self) -> str:
+        """The model file's path in the ecosystem folder (kind onnx)."""
+        if self.path is None:
+            raise ValueError(f"member {self.name!r} is {self.kind}: it has no model file")
+        return self.path
+
+    @model_validator(mode="after")
+    def _kind(self) -> MemberSpec:
+        if self.kind == "onnx" and (self.path is None or self.remote is not None):
+            raise ValueError(f"member {self.name!r}: kind onnx needs a path and no remote")
+        if self.kind == "remote" and (self.remote is None or self.path is not None):
+            raise ValueError(f"member {self.name!r}: kind remote needs a remote endpoint and no path")
+        return self
 
 
 MAX_BINS = 256

@@ -169,7 +169,7 @@ def load_member(
     """Open one member's model.onnx with the chosen provider; report what it really got."""
     import onnxruntime as ort
 
-    path = Path(ecosystem_dir) / member.path
+    path = Path(ecosystem_dir) / member.onnx_path
     if not path.is_file():
         raise FileNotFoundError(f"{path}: model file missing (run `ecoserve build-models`?)")
     providers = resolve_providers(provider)

@@ -393,7 +393,13 @@ def preflight(file: ServeFile, *, check_port: bool = True) -> None:
             if member not in current:
                 raise ConfigError(f"ecosystems.{name}.members: {member!r} is not a member of {repo / name} "
                                   f"({', '.join(current)})")
-            model = repo / name / current[member].path
+            spec = current[member]
+            if spec.remote is not None:
+                if spec.remote.token_env and not os.environ.get(spec.remote.token_env):
+                    raise ConfigError(f"ecosystems.{name}: member {member!r}: environment variable "
+                                      f"{spec.remote.token_env!r} (its remote.token_env) is empty or unset")
+                continue
+            model = repo / name / spec.onnx_path
             if not model.is_file():
                 raise ConfigError(f"ecosystems.{name}: member {member!r}: no model file {model}")
     if check_port:

@@ -20,6 +20,7 @@ from serving.errors import BadRequest, NotFound, PayloadTooLarge
 from serving.members import MemberCall
 from serving.policies import make_policy
 from serving.protocol import InferRequest, datatype_of, row_groups, row_request_ids, tensor_from_input
+from serving.remote_member import HttpMember
 from telemetry.serving_stats import ServingStats
 
 __all__ = ["Dataplane", "MemberFactory", "ResolvedModel", "SERVER_NAME", "SERVER_VERSION"]
@@ -67,7 +68,9 @@ class Dataplane:
             unknown = [w for w in wanted if w not in current]
             if unknown:
                 raise ManifestError(f"ecosystems.{name}.members: {unknown[0]!r} is not a member of {repo / name}")
-            members = [factory(repo / name, manifest, current[w]) for w in wanted]
+            # a remote member is called over HTTP wherever the others run (serving.remote_member)
+            members = [HttpMember(manifest, current[w]) if current[w].kind == "remote"
+                       else factory(repo / name, manifest, current[w]) for w in wanted]
             for mem in members:
                 log.info("ecosystem %s: member %s v%s on %s", name, mem.name, mem.version, mem.provider)
             policy = make_policy([m.name for m in members], eco_cfg.policy)
