@@ -17,6 +17,16 @@ help:
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# tritonclient's gRPC client pins protobuf 6, Ray Serve's gRPC side needs protobuf 7: the tests run
+# that client from an environment of its own (docs/serving.md, "gRPC")
+GRPC_CLIENT := .venv-grpc-client
+GRPC_CLIENT_STAMP := $(GRPC_CLIENT)/.installed
+
+$(GRPC_CLIENT_STAMP):
+	$(PYTHON) -m venv $(GRPC_CLIENT)
+	$(GRPC_CLIENT)/bin/python -m pip install --quiet "tritonclient[grpc]>=2.50" numpy
+	@touch $(GRPC_CLIENT_STAMP)
+
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[build,test]"
@@ -55,14 +65,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: $(STAMP) tools lint
+test: $(STAMP) $(GRPC_CLIENT_STAMP) tools lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP) tools lint
+test-fast: $(STAMP) $(GRPC_CLIENT_STAMP) tools lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: build-models tools
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) $(REPO) .demo .pytest_cache .hypothesis
+	rm -rf $(VENV) $(GRPC_CLIENT) $(REPO) .demo .pytest_cache .hypothesis

@@ -6,6 +6,8 @@ on 2 CPUs with fractional resources, and talks to it with httpx and tritonclient
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import httpx
 import numpy as np
 import onnxruntime as ort
@@ -190,3 +192,49 @@ def test_grpc_errors_are_status_codes(app, model, rows, code, message):
         stub.ModelInfer(req, timeout=30)
     assert err.value.code() == getattr(grpc.StatusCode, code), (err.value.code(), err.value.details())
     assert message in err.value.details()
+
+
+TRITON_GRPC_CLIENT = """
+import sys
+import numpy as np
+import tritonclient.grpc as tg
+
+port, x_file, out_file = sys.argv[1:]
+client = tg.InferenceServerClient(url=f"127.0.0.1:{port}")
+assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("digits")
+meta = client.get_model_metadata("digits.logreg")
+assert meta.inputs[0].name == "input" and meta.inputs[0].datatype == "FP32", meta
+x = np.load(x_file)
+inp = tg.InferInput("input", list(x.shape), "FP32")
+inp.set_data_from_numpy(x)
+res = client.infer("digits.logreg", [inp], request_id="tg-1")
+np.save(out_file, np.stack([res.as_numpy("label").astype(np.float64), res.as_numpy("probabilities")[:, 0]]))
+try:
+    client.infer("nope", [inp])
+    raise SystemExit("no error for an unknown model")
+except tg.InferenceServerException as exc:
+    assert "StatusCode.NOT_FOUND" in str(exc.status()) and "unknown model 'nope'" in exc.message(), exc
+"""
+
+
+def test_tritonclient_grpc_from_its_own_environment(app, serving_repo, tmp_path):
+    """tritonclient.grpc (which pins protobuf 6) against the app, from the environment `make test`
+    gives it: health, metadata, inference equal to onnxruntime's, a status code for an error."""
+    import os
+    import subprocess
+
+    python = Path(__file__).resolve().parent.parent / ".venv-grpc-client" / "bin" / "python"
+    if not python.exists():
+        if os.environ.get("CI"):
+            pytest.fail(".venv-grpc-client is missing: `make test` creates it")
+        pytest.skip(".venv-grpc-client is missing: `make test` creates it")
+    x = load_heldout(serving_repo / "digits").X[:8].astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "client.py").write_text(TRITON_GRPC_CLIENT)
+    proc = subprocess.run([str(python), str(tmp_path / "client.py"), str(app.grpc_port), str(tmp_path / "x.npy"),
+                           str(tmp_path / "out.npy")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = np.load(tmp_path / "out.npy")
+    labels, probs = ort.InferenceSession(str(serving_repo / "digits/logreg/1/model.onnx"),
+                                         providers=["CPUExecutionProvider"]).run(["label", "probabilities"], {"input": x})
+    assert np.array_equal(got[0], labels) and np.array_equal(got[1], probs[:, 0].astype(np.float64))
