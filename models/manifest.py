@@ -114,7 +114,9 @@ class MemberSpec(_Strict):
 
     name: str = Field(description="member name, lower-case identifier")
     version: str = Field(min_length=1, max_length=32, description="version string")
-    kind: Literal["onnx", "remote"] = Field(default="onnx", description="onnx: a local file; remote: an endpoint")
+    kind: Literal["onnx", "remote", "external"] = Field(
+        default="onnx", description="onnx: a local file; remote: an endpoint; external: its outputs arrive from "
+        "outside (POST /v2/outcomes), it is never called")
     path: str | None = Field(default=None, description="kind onnx: path of model.onnx relative to the ecosystem folder")
     remote: RemoteSpec | None = Field(default=None, description="kind remote: the endpoint")
     compressed: bool = Field(default=False, description="a compressed (e.g. quantized) variant")
@@ -146,6 +148,8 @@ class MemberSpec(_Strict):
             raise ValueError(f"member {self.name!r}: kind onnx needs a path and no remote")
         if self.kind == "remote" and (self.remote is None or self.path is not None):
             raise ValueError(f"member {self.name!r}: kind remote needs a remote endpoint and no path")
+        if self.kind == "external" and (self.remote is not None or self.path is not None):
+            raise ValueError(f"member {self.name!r}: kind external has no path and no remote")
         return self
 
 

@@ -256,7 +256,7 @@ def build_app(args: dict[str, Any]) -> Application:
             manifest = load_manifest(repo / eco)
             current = {m.name: m for m in manifest.current_members()}
             for name in eco_cfg.members or list(current):
-                if current[name].kind == "remote":  # called over HTTP from the gateway
+                if current[name].kind != "onnx":  # remote: called over HTTP from the gateway; external: never called
                     continue
                 res = eco_cfg.member_resources.get(name, cfg.members)
                 handles[f"{eco}.{name}"] = MemberDeployment.options(  # type: ignore[attr-defined]

@@ -134,7 +134,8 @@ class FaultConfig(_Strict):
 
 
 class EcosystemServeConfig(_Strict):
-    policy: PolicyConfig
+    policy: PolicyConfig | None = Field(
+        default=None, description="how the served member is chosen; required unless every member is external")
     members: tuple[str, ...] | None = Field(default=None, description="members to run (default: all current)")
     shadow_fraction: float = Field(
         default=1.0, ge=0, le=1, description="share of requests on which the non-served members also run"
@@ -281,7 +282,7 @@ class ServingConfig(_Strict):
         for name, eco in self.ecosystems.items():
             members = set(eco.members or ())
             policy = eco.policy
-            if isinstance(policy, PrimaryPolicyConfig) and eco.members and policy.primary not in members:
+            if policy is not None and isinstance(policy, PrimaryPolicyConfig) and eco.members and policy.primary not in members:
                 raise ValueError(f"ecosystems.{name}.policy.primary: {policy.primary!r} is not in members")
         return self
 
@@ -389,11 +390,16 @@ def preflight(file: ServeFile, *, check_port: bool = True) -> None:
         except ManifestError as exc:
             raise ConfigError(f"ecosystems.{name}: {str(exc).splitlines()[0]}") from exc
         current = {m.name: m for m in manifest.current_members()}
+        served = [m for m in eco.members or list(current) if m in current and current[m].kind != "external"]
+        if served and eco.policy is None:
+            raise ConfigError(f"ecosystems.{name}.policy: required (members {', '.join(served)} are served here)")
         for member in eco.members or list(current):
             if member not in current:
                 raise ConfigError(f"ecosystems.{name}.members: {member!r} is not a member of {repo / name} "
                                   f"({', '.join(current)})")
             spec = current[member]
+            if spec.kind == "external":
+                continue
             if spec.remote is not None:
                 if spec.remote.token_env and not os.environ.get(spec.remote.token_env):
                     raise ConfigError(f"ecosystems.{name}: member {member!r}: environment variable "

@@ -48,16 +48,21 @@ class ResolvedModel:
 
 
 class Dataplane:
-    def __init__(self, runners: dict[str, EcosystemRunner], cfg: ServingConfig, stats: ServingStats) -> None:
+    def __init__(self, runners: dict[str, EcosystemRunner], cfg: ServingConfig, stats: ServingStats,
+                 manifests: dict[str, EcosystemManifest] | None = None) -> None:
         self.runners = runners
         self.cfg = cfg
         self.stats = stats
+        # every served ecosystem's manifest, those without an inference endpoint included (their
+        # members are all external: they take outcomes only, POST /v2/outcomes)
+        self.manifests = manifests if manifests is not None else {n: r.manifest for n, r in runners.items()}
 
     @classmethod
     def build(cls, cfg: ServingConfig, factory: MemberFactory, sink: OutcomeSink | None = None) -> Dataplane:
         repo = Path(cfg.model_repository)
         stats = ServingStats()
         runners = {}
+        manifests = {}
         for name, eco_cfg in cfg.ecosystems.items():
             try:
                 manifest = load_manifest(repo / name)
@@ -68,19 +73,27 @@ class Dataplane:
             unknown = [w for w in wanted if w not in current]
             if unknown:
                 raise ManifestError(f"ecosystems.{name}.members: {unknown[0]!r} is not a member of {repo / name}")
+            manifests[name] = manifest
+            served = [w for w in wanted if current[w].kind != "external"]  # external: outputs arrive from outside
+            if not served:
+                continue  # outcomes only: no inference endpoint
+            if eco_cfg.policy is None:
+                raise ManifestError(f"ecosystems.{name}.policy: required (members {', '.join(served)} are served here)")
             # a remote member is called over HTTP wherever the others run (serving.remote_member)
             members = [HttpMember(manifest, current[w]) if current[w].kind == "remote"
-                       else factory(repo / name, manifest, current[w]) for w in wanted]
+                       else factory(repo / name, manifest, current[w]) for w in served]
             for mem in members:
                 log.info("ecosystem %s: member %s v%s on %s", name, mem.name, mem.version, mem.provider)
             policy = make_policy([m.name for m in members], eco_cfg.policy)
             runners[name] = EcosystemRunner(manifest, members, policy, eco_cfg, sink, stats=stats)
-        return cls(runners, cfg, stats)
+        return cls(runners, cfg, stats, manifests)
 
     # ------------------------------------------------------------ lookup
     def resolve(self, name: str, version: str | None = None) -> ResolvedModel:
         eco, _, member = name.partition(".")
         runner = self.runners.get(eco)
+        if runner is None and eco in self.manifests:
+            raise NotFound(f"ecosystem {eco!r} takes outcomes only (POST /v2/outcomes): its members are external")
         if runner is None:
             raise NotFound(f"unknown model {name!r}; served models: {', '.join(self.model_names())}")
         resolved = ResolvedModel(runner, None)

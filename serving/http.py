@@ -20,8 +20,10 @@ from serving.binary import HEADER_LENGTH, attach_binary_inputs, binary_outputs, 
 from serving.dataplane import Dataplane
 from serving.errors import BadRequest, EcoserveError, NotFound, PayloadTooLarge, status_of
 from serving.feedback import check_bearer, parse_feedback
+from serving.outcomes_api import parse_outcomes
 from serving.protocol import parse_infer_request
 from telemetry.recorder import LabelItem
+from telemetry.records import outcome_fields
 
 __all__ = ["build_http_app", "read_body", "read_json_body", "TelemetryBackend", "PROMETHEUS_CONTENT_TYPE"]
 
@@ -32,6 +34,8 @@ class TelemetryBackend(Protocol):
     """Where feedback goes and /metrics comes from: the recorder (in-process or a deployment)."""
 
     async def feedback(self, items: list[LabelItem]) -> dict[str, Any]: ...
+
+    async def outcomes(self, items: list[tuple[Any, ...]]) -> dict[str, Any]: ...
 
     async def metrics(self) -> bytes: ...
 
@@ -149,6 +153,16 @@ def build_http_app(
         # feedback batches are bigger than inference bodies: allow 256 bytes per item on top
         items = parse_feedback(await read_json_body(request, max_bytes + 256 * max_items), max_items)
         return await telemetry.feedback(items)
+
+    @app.post("/v2/outcomes")
+    async def outcomes(request: Request) -> dict[str, Any]:
+        if telemetry is None:
+            raise NotFound("telemetry is disabled in this deployment: no outcomes API")
+        check_bearer(request.headers.get("authorization"), feedback_token)
+        # an outcome record is bigger than a label: allow 1 KiB per item on top
+        records = parse_outcomes(await read_json_body(request, max_bytes + 1024 * max_items), dataplane.manifests,
+                                 max_items)
+        return await telemetry.outcomes(list(map(outcome_fields, records)))
 
     @app.get("/metrics")
     async def metrics() -> Response:

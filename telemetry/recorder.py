@@ -320,6 +320,25 @@ class Recorder:
                         joined = sum(1 for r in results if r.status == "joined")
             return {"received": len(items), "inserted": len(inserted), "joined_pending": joined}
 
+    def record_outside(self, items: list[tuple[Any, ...]]) -> dict[str, int]:
+        """Outcomes recorded from outside (`POST /v2/outcomes`), as field tuples: an id stored
+        already with the same outputs is left as it is (a replay), with other outputs it is refused
+        (`FeedbackError`, nothing applied); the rest are recorded like any hand-over."""
+        with self._lock:
+            stored = self.store.get_outcomes([f[0] for f in items])
+        unchanged = 0
+        for idx, f in enumerate(items):
+            old = stored.get(f[0])
+            if old is None:
+                continue
+            if old.ecosystem != f[1] or tuple(old.members) != tuple(f[3]) or list(old.predictions) != list(f[5]):
+                raise FeedbackError(idx, "request_id", f"{f[0]!r} is stored already with other outputs")
+            unchanged += 1
+        fresh = [f for f in items if f[0] not in stored]
+        result = self.record_fields(fresh) if fresh else {"received": 0, "inserted": 0, "joined_pending": 0}
+        return {"received": len(items), "recorded": result["inserted"], "unchanged": unchanged,
+                "joined_pending": result["joined_pending"]}
+
     def _insert(
         self, items: list[tuple[Any, ...]], progress: tuple[str, dict[str, int]] | None, unlost: dict[str, int],
     ) -> tuple[set[str], list[tuple[Any, ...]]]:

@@ -27,6 +27,9 @@ class HandleTelemetry:
     async def feedback(self, items: list[LabelItem]) -> dict[str, Any]:
         return raise_for_reply(await self.handle.feedback.remote(items))
 
+    async def outcomes(self, items: list[tuple[Any, ...]]) -> dict[str, Any]:
+        return raise_for_reply(await self.handle.outcomes.remote(items))
+
     async def metrics(self) -> bytes:
         data: bytes = await self.handle.metrics.remote()
         return data

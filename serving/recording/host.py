@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,28 +60,42 @@ def recorder_specs(cfg: ServingConfig) -> dict[str, EcosystemSpec]:
     return specs
 
 
-def feedback_reply(recorder: Recorder, items: list[LabelItem]) -> dict[str, Any]:
-    """The recorder's answer to a feedback batch, as a value that crosses processes and handles:
-    errors as `{"error": message, "status": 422 or 503}` (`raise_for_reply` turns them back)."""
+def _error_reply(call: Callable[[], dict[str, Any]], what: str) -> dict[str, Any]:
+    """`call()`, or its error as a value that crosses processes and handles:
+    `{"error": message, "status": 422 or 503}` (`raise_for_reply` turns it back)."""
     try:
-        results = recorder.feedback(items)
+        return call()
     except FeedbackError as exc:
         return {"error": str(exc), "status": 422}
     except STORE_ERRORS as exc:  # the store unreachable or full: nothing was applied, the client retries
-        log.warning("feedback not applied, the outcome store failed: %s", exc)
+        log.warning("%s not applied, the outcome store failed: %s", what, exc)
         return {"error": f"the outcome store is unavailable, nothing was applied; retry later "
                          f"({str(exc).splitlines()[0]})", "status": 503}
-    counts: dict[str, int] = {}
-    for r in results:
-        counts[r.status] = counts.get(r.status, 0) + 1
-    return {
-        "accepted": len(results),
-        "counts": counts,
-        "results": [
-            {"request_id": r.request_id, "status": r.status, "unknown_request_id": r.unknown_request_id}
-            for r in results
-        ],
-    }
+
+
+def outcomes_reply(recorder: Recorder, items: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """The recorder's answer to `POST /v2/outcomes` (outcome field tuples)."""
+    return _error_reply(lambda: recorder.record_outside(items), "outcomes")
+
+
+def feedback_reply(recorder: Recorder, items: list[LabelItem]) -> dict[str, Any]:
+    """The recorder's answer to a feedback batch (errors as `_error_reply` says)."""
+
+    def apply() -> dict[str, Any]:
+        results = recorder.feedback(items)
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        return {
+            "accepted": len(results),
+            "counts": counts,
+            "results": [
+                {"request_id": r.request_id, "status": r.status, "unknown_request_id": r.unknown_request_id}
+                for r in results
+            ],
+        }
+
+    return _error_reply(apply, "feedback")
 
 
 def raise_for_reply(reply: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +107,7 @@ def raise_for_reply(reply: dict[str, Any]) -> dict[str, Any]:
 
 class TelemetryHost(Protocol):
     def feedback(self, items: list[LabelItem]) -> dict[str, Any]: ...
+    def outcomes(self, items: list[tuple[Any, ...]]) -> dict[str, Any]: ...
     def metrics(self) -> bytes: ...
 
 
@@ -104,6 +120,9 @@ class LocalTelemetry:
 
     async def feedback(self, items: list[LabelItem]) -> dict[str, Any]:
         return raise_for_reply(await asyncio.to_thread(self.host.feedback, items))
+
+    async def outcomes(self, items: list[tuple[Any, ...]]) -> dict[str, Any]:
+        return raise_for_reply(await asyncio.to_thread(self.host.outcomes, items))
 
     async def metrics(self) -> bytes:
         return await asyncio.to_thread(self.host.metrics)
@@ -147,6 +166,9 @@ class RecorderHost:
 
     def feedback(self, items: list[LabelItem]) -> dict[str, Any]:
         return feedback_reply(self.recorder, items)
+
+    def outcomes(self, items: list[tuple[Any, ...]]) -> dict[str, Any]:
+        return outcomes_reply(self.recorder, items)
 
     def reclaim(self, ledger: str, accepted: dict[str, int]) -> dict[str, int]:
         return self.recorder.reclaim(ledger, accepted)

@@ -185,6 +185,9 @@ class RecorderProcess:
     def reclaim(self, ledger: str, accepted: dict[str, int]) -> dict[str, int]:
         return self._call("reclaim", ledger, accepted)  # type: ignore[no-any-return]
 
+    def outcomes(self, items: list[tuple[Any, ...]]) -> dict[str, Any]:
+        return self._call("outcomes", items)  # type: ignore[no-any-return]
+
     def metrics(self) -> bytes:
         return self._call("metrics")  # type: ignore[no-any-return]
 
