@@ -176,6 +176,33 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_outcomes(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    import httpx
+
+    from ecoserve.importer import ImportError_, ImportResult, import_outcomes
+
+    token = os.environ.get(args.token_env) if args.token_env else None
+    members = [m for part in (args.members or ()) for m in part.split(",") if m] or None
+
+    async def go() -> ImportResult:
+        async with httpx.AsyncClient(base_url=args.url) as client:
+            return await import_outcomes(args.file, args.ecosystem, members, client, id_column=args.id_column,
+                                         label_column=args.label_column, group_columns=tuple(args.group_column or ()),
+                                         token=token)
+
+    try:
+        result = asyncio.run(go())
+    except ImportError_ as exc:
+        raise CliError(str(exc)) from exc
+    print(f"{args.file}: {result.outcomes} outcomes ({result.recorded} recorded, {result.unchanged} stored "
+          f"already) and {result.labels} labels posted to {args.url}")
+    print(f"metrics: {args.url}/metrics  (ecosystem=\"{args.ecosystem}\")")
+    return 0
+
+
 def _cmd_migrate_store(args: argparse.Namespace) -> int:
     import os
 
@@ -278,6 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url", nargs="?", help="sqlite:///PATH or postgresql://... (or use --url-env)")
     p.add_argument("--url-env", help="read the URL from this environment variable (e.g. a Kubernetes Secret)")
     p.set_defaults(func=_cmd_migrate_store)
+
+    p = sub.add_parser("import-outcomes", help="post a prediction log (the table analyze reads) and its labels "
+                       "to a running server: POST /v2/outcomes, then /v2/feedback")
+    p.add_argument("file", help="CSV: a request id column, a label column, one column per external member")
+    p.add_argument("--ecosystem", required=True)
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default: %(default)s)")
+    p.add_argument("--token-env", default="ECOSERVE_FEEDBACK_TOKEN",
+                   help="environment variable holding the bearer token (default: %(default)s)")
+    p.add_argument("--id-column", default="request_id", help="default: %(default)s (absent: FILE-STEM-ROW ids)")
+    p.add_argument("--label-column", default="label", help="default: %(default)s")
+    p.add_argument("--group-column", action="append", help="subgroup column (repeatable)")
+    p.add_argument("--members", action="append", help="member columns, comma-separated (default: all others)")
+    p.set_defaults(func=_cmd_import_outcomes)
 
     p = sub.add_parser("providers", help="report which ONNX Runtime execution provider 'auto' picks here")
     p.set_defaults(func=_cmd_providers)

@@ -180,3 +180,33 @@ def test_a_mixed_ecosystem_takes_outcomes_for_its_external_members_only(env, ser
     assert r.status_code == 200, r.text
     got = host.store.get_outcomes(["m-1", "m-2"])
     assert got["m-1"].predictions == [-1, -1, 3] and got["m-2"].members == ("logreg", "mlp_a")
+
+
+def test_import_outcomes_posts_a_log_and_its_labels(env, tmp_path):
+    from ecoserve.importer import ImportError_, import_outcomes
+
+    app, host, csv_path = env
+    rows = _rows(csv_path)[:50]
+    table = tmp_path / "log.csv"
+    with table.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["request_id", *rows[0]])
+        w.writeheader()
+        for i, row in enumerate(rows):
+            w.writerow({"request_id": f"imp-{i}", **row})
+
+    async def go(path=table, **kw):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            opts = {"group_columns": ("sex", "age_group"), **kw}
+            return await import_outcomes(path, "credit_log", None, client, **opts)
+
+    before = value(host.recorder, "ecoserve_labeled_outcomes_total", ecosystem="credit_log", source="observed",
+                   subgroup="all", subgroup_value="all") or 0
+    result = asyncio.run(go())
+    assert (result.outcomes, result.recorded, result.unchanged, result.labels) == (50, 50, 0, 50)
+    assert value(host.recorder, "ecoserve_labeled_outcomes_total", ecosystem="credit_log", source="observed",
+                 subgroup="all", subgroup_value="all") == before + 50
+    assert asyncio.run(go()).unchanged == 50  # again: nothing new
+    bad = tmp_path / "bad.csv"
+    bad.write_text("request_id,label,zz\nx-1,good,good\n")
+    with pytest.raises(ImportError_, match="HTTP 422: item 0: outputs.zz: not a member"):
+        asyncio.run(go(bad, group_columns=()))
