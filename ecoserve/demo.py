@@ -8,6 +8,12 @@
    config's `assume_label_after_s`;
 4. prints a one-screen summary read back from /metrics, and where to look.
 
+With the demo config it also shows members that are not hosted here: a second, plain Open
+Inference Protocol server (`ecoserve.vendor_server`, standing for a vendor's API) serving a kNN
+as the remote member `vendor` of `digits_plus` (digits plus that remote member), and
+`credit_log`, whose members are all external: the held-out credit predictions are imported as a
+prediction log (`ecoserve import-outcomes`) with their labels. Both live in `.demo/`.
+
 It keeps the system running until Ctrl-C (or exits at once with `--exit`).
 """
 
@@ -147,6 +153,60 @@ def summary(url: str, ecosystems: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _outside_members(file_path: Path, repo: Path, work: Path) -> tuple[Path, subprocess.Popen[bytes], str]:
+    """The demo's members hosted elsewhere: start the stand-in vendor server, write `digits_plus`
+    (digits plus the remote member `vendor`) and `credit_log` (credit's members, all external)
+    into the repository, and a config serving them beside the demo's ecosystems."""
+    import shutil
+
+    import yaml
+
+    from ecoserve.server import free_port
+
+    port = free_port()
+    vendor = subprocess.Popen([sys.executable, "-m", "ecoserve.vendor_server", "--port", str(port), "--model-file",
+                               str(repo / "digits/knn/1/model.onnx")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT)
+    vendor_url = f"http://127.0.0.1:{port}"
+    wait_ready(vendor_url, vendor, timeout_s=60)
+    for name, src in (("digits_plus", "digits"), ("credit_log", "credit")):
+        shutil.rmtree(repo / name, ignore_errors=True)
+        shutil.copytree(repo / src, repo / name)
+        m = yaml.safe_load((repo / name / "ecosystem.yaml").read_text())
+        m["name"] = name
+        if name == "digits_plus":
+            m["members"].append({"name": "vendor", "version": "1", "kind": "remote", "remote": {
+                "url": vendor_url, "model": "ok", "probability_output": "probabilities", "timeout_s": 1.0}})
+        else:
+            m["members"] = [{"name": x["name"], "version": x["version"], "kind": "external"} for x in m["members"]]
+        (repo / name / "ecosystem.yaml").write_text(yaml.safe_dump(m, sort_keys=False))
+    cfg = yaml.safe_load(file_path.read_text())
+    ecos = cfg["applications"][0]["args"]["ecosystems"]
+    ecos["digits_plus"] = {"policy": {"kind": "primary", "primary": "vendor"}, "shadow_fraction": 1.0}
+    ecos["credit_log"] = {}
+    out = work / "demo.yaml"
+    out.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return out, vendor, vendor_url
+
+
+def _import_log(url: str, token: str, repo: Path, work: Path) -> str:
+    import asyncio
+
+    from ecoserve.importer import import_outcomes
+    from models.heldout import write_predictions_csv
+
+    table = work / "credit_log.csv"
+    write_predictions_csv(repo / "credit", table)
+
+    async def go() -> str:
+        async with httpx.AsyncClient(base_url=url) as client:
+            r = await import_outcomes(table, "credit_log", None, client, group_columns=("sex", "age_group"),
+                                      token=token)
+        return f"imported {r.outcomes} logged outcomes of credit_log and {r.labels} labels from {table}"
+
+    return asyncio.run(go())
+
+
 def run_demo(exit_after: bool = False, config: str | None = None) -> int:
     cfg_path = Path(config) if config else DEMO_CONFIG
     file = load_serve_file(cfg_path)
@@ -154,6 +214,14 @@ def run_demo(exit_after: bool = False, config: str | None = None) -> int:
     url = f"http://127.0.0.1:{file.http_port}"
     token = os.environ.get("ECOSERVE_FEEDBACK_TOKEN") or secrets.token_urlsafe(16)
     env = {**os.environ, "ECOSERVE_FEEDBACK_TOKEN": token}
+    vendor = None
+    if config is None:  # the demo config: with members hosted elsewhere
+        work = Path(".demo")
+        work.mkdir(exist_ok=True)
+        cfg_path, vendor, vendor_url = _outside_members(cfg_path, repo, work)
+        print(f"a stand-in vendor (a plain Open Inference Protocol server) serves a kNN at {vendor_url}: "
+              "the remote member `vendor` of digits_plus")
+        file = load_serve_file(cfg_path)
     print(f"starting ecoserve ({cfg_path}) ... (Ray and the models take ~30 s)")
     proc = subprocess.Popen([sys.executable, "-m", "ecoserve.cli", "serve", str(cfg_path)], env=env)
     prom = None
@@ -168,14 +236,17 @@ def run_demo(exit_after: bool = False, config: str | None = None) -> int:
                   "the demo runs without it")
         rng = random.Random(0)
         ecos = list(file.serving.ecosystems)
+        served = [e for e in ecos if e != "credit_log"]
         sent = {}
-        for eco in ecos:
-            rows = 8 if eco == "digits" else 1
+        for eco in served:
+            rows = 8 if eco.startswith("digits") else 1
             sent[eco] = _replay(url, repo, eco, rows)
             print(f"replayed {len(sent[eco])} held-out rows of {eco} through {url}/v2/models/{eco}/infer")
-        for eco in ecos:
+        for eco in served:
             _post_labels(url, token, sent[eco], waves=3, rng=rng)
             print(f"posted labels for {eco} in 3 waves ({NEVER_LABELED:.0%} never arrive)")
+        if "credit_log" in ecos:
+            print(_import_log(url, token, repo, Path(".demo")))
         wait = max((e.assume_label_after_s or 0) for e in file.serving.ecosystems.values())
         if wait:
             print(f"waiting {wait + 6:.0f} s so unlabeled credit outcomes are assumed ({wait:.0f} s timeout)...")
@@ -184,7 +255,7 @@ def run_demo(exit_after: bool = False, config: str | None = None) -> int:
         print(summary(url, ecos))
         print()
         print(f"where to look:\n  metrics:     {url}/metrics\n  models:      "
-              + "  ".join(f"{url}/v2/models/{eco}" for eco in ecos) + f"\n  feedback:    POST {url}/v2/feedback  (Authorization: Bearer {token})\n"
+              + "  ".join(f"{url}/v2/models/{eco}" for eco in served) + f"\n  feedback:    POST {url}/v2/feedback  (Authorization: Bearer {token})\n"
               f"  outcomes:    {file.serving.telemetry.store_url}")
         if prom is not None:
             print(f"  Prometheus:  {prom.url}  (alerts: {prom.url}/alerts)\n"
@@ -202,6 +273,8 @@ def run_demo(exit_after: bool = False, config: str | None = None) -> int:
     finally:
         if prom is not None:
             prom.stop()
+        if vendor is not None:
+            vendor.terminate()
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             try:

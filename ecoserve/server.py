@@ -55,11 +55,28 @@ STOP_DEADLINE_S = 9.0  # from the signal: the graceful stop (flush, delete, shut
 KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL of the server's processes
 
 
+FREE_PORT_RANGE = (20000, 32000)
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for local servers, tests and benchmarks)."""
+    """A TCP port free on 127.0.0.1 right now (for local servers, tests and benchmarks).
+
+    Drawn from 20000-31999, below Linux's ephemeral range (32768+) and above Ray's worker ports
+    (10002-19999): a port the kernel hands out for port 0 is an ephemeral one, which any outgoing
+    connection (Ray starts many) may take before the server binds it."""
+    import random
     import socket
 
-    with socket.socket() as s:
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(*FREE_PORT_RANGE)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded range: fall back to the kernel's choice
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

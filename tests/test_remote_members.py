@@ -1,4 +1,4 @@
-"""Remote members (`kind: remote`) against a real second server process (tests/remote_oip_server.py):
+"""Remote members (`kind: remote`) against a real second server process (ecoserve.vendor_server):
 one that answers (JSON, binary, class names), one slow past its timeout, one answering 500, one
 with a malformed body, one with too few values, one that is down. The gateway is the real HTTP
 app in process; the served answers, the missing outputs with their reasons, and the recorded
@@ -46,7 +46,7 @@ REMOTES = {  # member -> (model name on the remote server, extra remote settings
 @pytest.fixture(scope="module")
 def remote_server(serving_repo):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "remote_oip_server.py"), "--port", str(port), "--model-file",
+    proc = subprocess.Popen([sys.executable, "-m", "ecoserve.vendor_server", "--port", str(port), "--model-file",
                              str(serving_repo / "digits/knn/1/model.onnx")], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     try:

@@ -1,6 +1,7 @@
-"""A plain Open Inference Protocol server of our own, standing for another platform or a vendor
-(the tests' second server process, not a mock): `python tests/remote_oip_server.py --port P
---model-file M`. Each model name behaves differently:
+"""A plain Open Inference Protocol server standing for another platform or a vendor's API: what
+`ecoserve demo` adds to an ecosystem as a remote member, and the tests' second server process.
+`python -m ecoserve.vendor_server --port P --model-file M` serves one ONNX classifier (outputs
+`label`, `probabilities`); each model name behaves differently:
 
 - `ok`: runs the ONNX model and answers JSON (class ids), or binary outputs when asked;
 - `names`: the same, with class names as strings;
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -24,6 +26,7 @@ from fastapi.responses import Response
 
 
 def build(model_file: str) -> FastAPI:
+    """The server's app (FastAPI, JSON and binary tensors)."""
     sess = ort.InferenceSession(model_file, providers=["CPUExecutionProvider"])
     app = FastAPI()
 
@@ -51,7 +54,8 @@ def build(model_file: str) -> FastAPI:
         if name == "short":
             labels = labels[:-1]
         wanted = {o["name"]: (o.get("parameters") or {}).get("binary_data", False) for o in head.get("outputs", [])}
-        outputs, chunks = [], []
+        outputs: list[dict[str, Any]] = []
+        chunks: list[bytes] = []
         for out_name, arr, dt in (("label", labels, "INT64"), ("probabilities", probs, "FP32")):
             if wanted and out_name not in wanted:
                 continue
@@ -75,9 +79,13 @@ def build(model_file: str) -> FastAPI:
     return app
 
 
-if __name__ == "__main__":
+def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--model-file", required=True)
     a = p.parse_args()
     uvicorn.run(build(a.model_file), host="127.0.0.1", port=a.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
