@@ -21,6 +21,7 @@ from test_recorder import SPEC, outcome
 from serving.recording.host import RecorderHost
 from serving.recording.process import RecorderLost, RecorderProcess
 from telemetry.recorder import LabelItem
+from telemetry.records import outcome_fields
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,6 +82,9 @@ def test_same_answers_as_an_in_process_recorder(store_url, tmp_path):
         bad = proc.feedback([LabelItem("r1", "maybe")])
         assert "item 0: label" in bad["error"]  # a bad batch: the error comes back, as in-process
         assert proc.reclaim("gw0", {"eco": 5}) == local.reclaim("gw0", {"eco": 5}) == {"eco": 5}
+        outside = [outcome_fields(o) for o in _outcomes(rng, 5, start=100)]  # POST /v2/outcomes' path
+        assert proc.outcomes(outside) == local.outcomes(outside)
+        assert proc.outcomes(outside)["unchanged"] == 5
         assert _counters(proc.metrics()) == _counters(local.metrics())
     finally:
         proc.close()

@@ -202,7 +202,7 @@ class RecorderProcess:
 
 
 # ------------------------------------------------------------------ the child
-_METHODS = ("record_fields", "feedback", "reclaim", "metrics", "sweep")
+_METHODS = ("record_fields", "feedback", "outcomes", "reclaim", "metrics", "sweep")
 
 
 def _die_with_parent(parent: int) -> None:
