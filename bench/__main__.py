@@ -18,7 +18,7 @@ def _table(title: str, rows: Sequence[tuple[str, ...]], header: tuple[str, ...])
 
 
 def main(argv: list[str]) -> int:
-    sections = argv or ["core", "telemetry", "onoff", "wire", "serving"]
+    sections = argv or ["core", "telemetry", "outside", "onoff", "wire", "serving"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     if "core" in sections:
         from bench import core
@@ -44,6 +44,16 @@ def main(argv: list[str]) -> int:
              "paired on/off: IQR (range)",
              "p50 on/off", "server CPU ms/req on / off", "CPU off/on", "recorder process CPU us/req (share)", "stored after load: s (median / max)", "errors",
              "target >= 0.95x: 90% CI of the median"),
+        )
+    if "outside" in sections:
+        from pathlib import Path
+
+        from bench import outside
+
+        _table(
+            "members not hosted here: outcome ingestion, and a remote member's cost",
+            outside.run(Path(os.environ.get("REPO", "model_repository"))),
+            ("measure", "ecoserve", "baseline (same run)", "ratio", "target"),
         )
     if "wire" in sections:
         from pathlib import Path
