@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,11 +22,10 @@ from typing import Any
 
 import httpx
 import numpy as np
-import yaml
 
-from bench.serving import stop_setup
+from bench.serving import serve_config, stop_setup
 from bench.wire import GRPC_SERVICER, grpc_load
-from ecoserve.server import free_port, wait_ready
+from ecoserve.server import free_port
 from models.build import build_models
 from models.heldout import load_heldout
 from models.manifest import load_manifest
@@ -95,18 +92,8 @@ def _serve(repo: Path, provider: str, replicas: int, tmp: Path) -> tuple[Any, st
             },
         }],
     }
-    path = tmp / f"gpu-{replicas}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    log = (tmp / f"gpu-{replicas}.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "ecoserve.cli", "serve", str(path)],
-                            cwd=Path(__file__).parent.parent, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-    except BaseException:
-        stop_setup(proc)
-        raise
-    return proc, url, f"127.0.0.1:{grpc_port}"
+    proc = serve_config(cfg, tmp / f"gpu-{replicas}.yaml")
+    return proc, f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
 
 
 def run(repo: Path) -> Sequence[tuple[str, ...]]:

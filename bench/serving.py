@@ -118,6 +118,21 @@ def start_setup(setup: str, repo: Path, tmp: Path, telemetry: bool = True) -> tu
     return proc, url
 
 
+def serve_config(cfg: dict[str, Any], path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """`ecoserve serve` of a config (written to `path`, its log beside it), once it answers ready."""
+    path.write_text(yaml.safe_dump(cfg))
+    port = cfg["http_options"]["port"]
+    with path.with_suffix(".log").open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "ecoserve.cli", "serve", str(path)], cwd=ROOT,
+                                env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc)
+    except BaseException:
+        stop_setup(proc)
+        raise
+    return proc
+
+
 def stop_setup(proc: subprocess.Popen[bytes]) -> None:
     proc.send_signal(signal.SIGTERM)
     try:

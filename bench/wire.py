@@ -25,11 +25,10 @@ from typing import Any
 
 import httpx
 import numpy as np
-import yaml
 
 from bench.load import LoadResult
-from bench.serving import ecoserve_config, start_setup, stop_setup
-from ecoserve.server import free_port, wait_ready
+from bench.serving import ecoserve_config, serve_config, start_setup, stop_setup
+from ecoserve.server import free_port
 from models.heldout import load_heldout
 
 FORMATS = ("json", "binary", "grpc")
@@ -124,25 +123,11 @@ def _cell(fmt: str, url: str, grpc_target: str, x: np.ndarray, rows: int, conc: 
 
 def _start_default(repo: Path, tmp: Path) -> tuple[Any, str, str]:
     """The default setup (recorder with the gateway) with Serve's gRPC ingress beside HTTP."""
-    import subprocess
-    import sys
-
     port, grpc_port = free_port(), free_port()
     cfg = ecoserve_config(repo, port, "colocated", True, tmp, recorder_in_gateway=True)
     cfg["grpc_options"] = {"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}
-    path = tmp / "wire.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1")
-    log = (tmp / "wire.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "ecoserve.cli", "serve", str(path)], cwd=Path(__file__).parent.parent,
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-    except BaseException:
-        stop_setup(proc)
-        raise
-    return proc, url, f"127.0.0.1:{grpc_port}"
+    proc = serve_config(cfg, tmp / "wire.yaml", {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})
+    return proc, f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
 
 
 def run(repo: Path) -> Sequence[tuple[str, ...]]:

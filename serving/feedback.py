@@ -23,7 +23,7 @@ from serving.errors import PayloadTooLarge, Unauthorized, UnprocessableEntity
 from telemetry.recorder import LabelItem
 from telemetry.text import MAX_TEXT_LENGTH, id_problem, text_problem
 
-__all__ = ["FeedbackItem", "parse_feedback", "check_bearer"]
+__all__ = ["FeedbackItem", "parse_feedback", "check_bearer", "unix_seconds"]
 
 
 class FeedbackItem(BaseModel):
@@ -66,16 +66,21 @@ class FeedbackItem(BaseModel):
     @field_validator("timestamp")
     @classmethod
     def _timestamp(cls, v: float | str | None) -> float | None:
-        if v is None:
-            return None
-        if isinstance(v, str):
-            try:
-                return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
-            except ValueError as exc:
-                raise ValueError(f"not an ISO 8601 time or unix seconds: {v!r}") from exc
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"must be non-negative unix seconds, got {v}")
-        return float(v)
+        return unix_seconds(v)
+
+
+def unix_seconds(v: float | str | None) -> float | None:
+    """A client's time: unix seconds, or ISO 8601 text (`Z` for UTC); None stays None."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        try:
+            return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
+        except ValueError as exc:
+            raise ValueError(f"not an ISO 8601 time or unix seconds: {v[:40]!r}") from exc
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"must be non-negative unix seconds, got {v}")
+    return float(v)
 
 
 def parse_feedback(body: Any, max_items: int) -> list[LabelItem]:

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import math
 import time
-from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from models.manifest import EcosystemManifest
 from serving.errors import PayloadTooLarge, UnprocessableEntity
+from serving.feedback import unix_seconds
 from telemetry.records import Outcome
 from telemetry.text import MAX_TEXT_LENGTH, id_problem, text_problem
 
@@ -67,16 +67,7 @@ class OutcomeRecord(BaseModel):
     @field_validator("timestamp")
     @classmethod
     def _timestamp(cls, v: float | str | None) -> float | None:
-        if v is None:
-            return None
-        if isinstance(v, str):
-            try:
-                return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
-            except ValueError as exc:
-                raise ValueError(f"not an ISO 8601 time or unix seconds: {v[:40]!r}") from exc
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"must be non-negative unix seconds, got {v}")
-        return float(v)
+        return unix_seconds(v)
 
 
 def _fail(i: int, field: str, message: str) -> UnprocessableEntity:

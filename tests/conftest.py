@@ -81,6 +81,22 @@ def serving_args(repo: Path) -> dict:
     }
 
 
+def inprocess_dataplane(repo: Path, sink: Any = None) -> Any:
+    """The data plane of `serving_args(repo)` without Ray: real ONNX Runtime sessions
+    (`LocalMember`, with the config's fault injection), recording into `sink`."""
+    from models.runtime import load_member
+    from serving.config import parse_serving
+    from serving.dataplane import Dataplane
+    from serving.members import LocalMember
+
+    cfg = parse_serving(serving_args(repo))
+
+    def factory(d: Path, manifest: Any, spec: Any) -> LocalMember:
+        return LocalMember(load_member(d, manifest, spec, "cpu"), cfg.ecosystems[manifest.name].faults.get(spec.name))
+
+    return Dataplane.build(cfg, factory, sink=sink)
+
+
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 

@@ -14,17 +14,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as tc
-from conftest import serving_args
+from conftest import inprocess_dataplane
 from serving_cases import infer_body
 
 from models.heldout import load_heldout
-from models.runtime import load_member
 from serving.binary import attach_binary_inputs, encode_response, split_body
-from serving.config import parse_serving
-from serving.dataplane import Dataplane
 from serving.errors import BadRequest
 from serving.http import build_http_app
-from serving.members import LocalMember
 from serving.protocol import parse_infer_request
 
 
@@ -35,12 +31,7 @@ def recorded():
 
 @pytest.fixture(scope="module")
 def app(serving_repo, recorded):
-    cfg = parse_serving(serving_args(serving_repo))
-
-    def factory(d, manifest, spec):
-        return LocalMember(load_member(d, manifest, spec, "cpu"), cfg.ecosystems[manifest.name].faults.get(spec.name))
-
-    return build_http_app(Dataplane.build(cfg, factory, sink=recorded.extend))
+    return build_http_app(inprocess_dataplane(serving_repo, recorded.extend))
 
 
 def post(app, path, content: bytes, headers=None) -> httpx.Response:

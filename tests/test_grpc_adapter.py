@@ -15,14 +15,10 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import serving_args
+from conftest import inprocess_dataplane
 
 from models.heldout import load_heldout
-from models.runtime import load_member
-from serving.config import parse_serving
-from serving.dataplane import Dataplane
 from serving.grpc_adapter import GrpcService
-from serving.members import LocalMember
 from serving.proto import grpc_predict_v2_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,12 +43,7 @@ def recorded():
 
 @pytest.fixture(scope="module")
 def service(serving_repo, recorded):
-    cfg = parse_serving(serving_args(serving_repo))
-
-    def factory(d, manifest, spec):
-        return LocalMember(load_member(d, manifest, spec, "cpu"), cfg.ecosystems[manifest.name].faults.get(spec.name))
-
-    return GrpcService(Dataplane.build(cfg, factory, sink=recorded.extend))
+    return GrpcService(inprocess_dataplane(serving_repo, recorded.extend))
 
 
 def call(service, method, request):

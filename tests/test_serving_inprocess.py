@@ -13,15 +13,11 @@ import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import serving_args
+from conftest import inprocess_dataplane
 from serving_cases import BAD_REQUESTS, encode, infer_body
 
 from models.heldout import load_heldout
-from models.runtime import load_member
-from serving.config import parse_serving
-from serving.dataplane import Dataplane
 from serving.http import build_http_app
-from serving.members import LocalMember
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +27,7 @@ def recorded():
 
 @pytest.fixture(scope="module")
 def app(serving_repo, recorded):
-    cfg = parse_serving(serving_args(serving_repo))
-
-    def factory(d, manifest, spec):
-        fault = cfg.ecosystems[manifest.name].faults.get(spec.name)
-        return LocalMember(load_member(d, manifest, spec, "cpu"), fault)
-
-    return build_http_app(Dataplane.build(cfg, factory, sink=recorded.extend))
+    return build_http_app(inprocess_dataplane(serving_repo, recorded.extend))
 
 
 def call(app, method, path, body=None, headers=None):
