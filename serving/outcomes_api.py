@@ -15,7 +15,9 @@ Body: `{"outcomes": [record, ...]}`, at most `telemetry.max_feedback_items` reco
 
 Every record is validated before anything is applied (422 naming the item and the field). A
 record whose id is stored already with the same outputs changes nothing (a replayed batch is
-harmless); with other outputs it is refused. The outcomes are stored with the policy `external`,
+harmless); one that adds outputs of members the stored outcome lacks completes it (an outcome a
+mixed ecosystem served, before its label: `Recorder.record_outside`); one that contradicts a
+stored output is refused. The outcomes are stored with the policy `external`,
 which marks their origin in the store (`ecoserve_outcomes_v.policy`).
 """
 

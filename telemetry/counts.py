@@ -271,6 +271,17 @@ class EcosystemCounts:
             out.groups[key] = merged
         return out
 
+    def __neg__(self) -> EcosystemCounts:
+        """Every count negated: `a + (-b)` takes b's outcomes out of a (an outcome re-counted)."""
+        out = EcosystemCounts(self.shape)
+        for name in ("n_labeled", "n_complete", "n_outcomes", "n_predicted", "unanimous", "cie"):
+            setattr(out, name, -getattr(self, name))
+        for name in ("member_n", "member_correct", "complete_correct", "k_hist", "agree", "class_counts"):
+            setattr(out, name, -getattr(self, name))
+        out.disagree_patterns = {k: -v for k, v in self.disagree_patterns.items()}
+        out.groups = {key: {value: -c for value, c in by.items()} for key, by in self.groups.items()}
+        return out
+
     def equals(self, other: EcosystemCounts) -> bool:
         """Exact equality of every count, nested groups included (zero-count patterns ignored)."""
         scalars = ("n_labeled", "n_complete", "n_outcomes", "n_predicted", "unanimous", "cie")

@@ -25,6 +25,7 @@ Streamed counts keep each outcome's first label; label sources (`observed`,
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -71,6 +72,11 @@ class FeedbackError(ValueError):
     def __init__(self, index: int | None, fieldname: str, message: str) -> None:
         super().__init__(f"item {index}: {fieldname}: {message}" if index is not None else f"{fieldname}: {message}")
         self.index, self.field = index, fieldname
+
+
+def _missing(p: Any) -> bool:
+    """A stored or given output that is missing: class id -1, or a value that is None or NaN."""
+    return p is None or (isinstance(p, float) and math.isnan(p)) or (isinstance(p, int) and p < 0)
 
 
 class LabelItem(NamedTuple):
@@ -321,23 +327,64 @@ class Recorder:
             return {"received": len(items), "inserted": len(inserted), "joined_pending": joined}
 
     def record_outside(self, items: list[tuple[Any, ...]]) -> dict[str, int]:
-        """Outcomes recorded from outside (`POST /v2/outcomes`), as field tuples: an id stored
-        already with the same outputs is left as it is (a replay), with other outputs it is refused
-        (`FeedbackError`, nothing applied); the rest are recorded like any hand-over."""
+        """Outcomes recorded from outside (`POST /v2/outcomes`), as field tuples. For an id stored
+        already: the same outputs change nothing (a replay); outputs of members the stored outcome
+        lacks (or has missing) complete it, if it has no label yet (an outcome served here, whose
+        external members answer later); any other difference is refused (`FeedbackError`, nothing
+        applied). The rest are recorded like any hand-over."""
         with self._lock:
             stored = self.store.get_outcomes([f[0] for f in items])
-        unchanged = 0
-        for idx, f in enumerate(items):
-            old = stored.get(f[0])
-            if old is None:
-                continue
-            if old.ecosystem != f[1] or tuple(old.members) != tuple(f[3]) or list(old.predictions) != list(f[5]):
-                raise FeedbackError(idx, "request_id", f"{f[0]!r} is stored already with other outputs")
-            unchanged += 1
+            unchanged, completions = 0, []
+            for idx, f in enumerate(items):
+                old = stored.get(f[0])
+                if old is None:
+                    continue
+                if old.ecosystem != f[1]:
+                    raise FeedbackError(idx, "ecosystem", f"{f[0]!r} is stored already as an outcome of {old.ecosystem!r}")
+                have = {m: p for m, p in zip(old.members, old.predictions) if not _missing(p)}
+                given = {m: p for m, p in zip(f[3], f[5]) if not _missing(p)}
+                if any(have[m] != p for m, p in given.items() if m in have):
+                    raise FeedbackError(idx, "request_id", f"{f[0]!r} is stored already with other outputs")
+                added = {m: p for m, p in given.items() if m not in have}
+                if not added:
+                    unchanged += 1
+                    continue
+                if old.label is not None:
+                    raise FeedbackError(idx, "request_id", f"{f[0]!r} is labeled already: outputs from outside must "
+                                        "arrive before the label")
+                if f[6] >= 0 and f[3][f[6]] not in have:
+                    raise FeedbackError(idx, "served", f"{f[0]!r} was served here: a completion names no served member")
+                versions = dict(zip(f[3], f[4]))
+                completions.append((old, {m: (versions[m], p) for m, p in added.items()}))
+            if completions:
+                self.store.complete_outcomes([(old.request_id, outs) for old, outs in completions])
+                for old, outs in completions:
+                    self._recount(old, {m: p for m, (_, p) in outs.items()})
         fresh = [f for f in items if f[0] not in stored]
         result = self.record_fields(fresh) if fresh else {"received": 0, "inserted": 0, "joined_pending": 0}
-        return {"received": len(items), "recorded": result["inserted"], "unchanged": unchanged,
-                "joined_pending": result["joined_pending"]}
+        return {"received": len(items), "recorded": result["inserted"], "completed": len(completions),
+                "unchanged": unchanged, "joined_pending": result["joined_pending"]}
+
+    def _recount(self, old: StoredOutcome, added: dict[str, Any]) -> None:
+        """Re-count one unlabeled outcome whose members' outputs were completed: its label-free
+        counts, missing outputs and completeness, in the cumulative counts and the window."""
+        st = self.state[old.ecosystem]
+        members = list(old.members) + [m for m in added if m not in old.members]
+        preds = [added.get(m, p) for m, p in zip(old.members, old.predictions)] + \
+            [added[m] for m in members[len(old.members):]]
+        before = st.spec.codes(st.spec.align([old.members], [old.predictions], [old.served], [old.intended],
+                                             [old.greedy], [old.propensities])[0])
+        props = list(old.propensities) + [0.0] * (len(members) - len(old.members))
+        after = st.spec.codes(st.spec.align([tuple(members)], [preds], [old.served], [old.intended], [old.greedy],
+                                            [props])[0])
+        groups = st.groups_of([old.groups])
+        delta = EcosystemCounts.from_arrays(st.shape, after, None, groups) + \
+            (-EcosystemCounts.from_arrays(st.shape, before, None, groups))
+        st.predictions = st.predictions + delta
+        st.missing += (before < 0).sum(axis=0) * -1 + (after < 0).sum(axis=0)
+        st.incomplete += int((after < 0).any()) - int((before < 0).any())
+        if old.created_at >= self.clock() - self.window_s:
+            st.window.add(delta)
 
     def _insert(
         self, items: list[tuple[Any, ...]], progress: tuple[str, dict[str, int]] | None, unlost: dict[str, int],

@@ -1,4 +1,5 @@
-"""`POST /v2/outcomes` through the real HTTP app with a real recorder (SQLite): an ecosystem whose
+"""`POST /v2/outcomes` through the real HTTP app with a real recorder (SQLite and the PostgreSQL
+server): an ecosystem whose
 members are all external takes a prediction log and its labels, and streams the same counts as
 `ecoserve analyze` computes offline on the same table; a replayed batch changes nothing; every
 kind of bad record gets a 422 naming it, with nothing half-applied."""
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from conftest import fresh_store
 from serving_cases import infer_body
 from test_recorder import value
 
@@ -40,16 +42,21 @@ def _external(src: Path, dst: Path, name: str, keep: list[str], external: list[s
     (dst / name / "ecosystem.yaml").write_text(yaml.safe_dump(m, sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def env(serving_repo, tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def env(request, serving_repo, tmp_path_factory):
     root = tmp_path_factory.mktemp("outside")
+    with fresh_store(request.param, root) as store_url:
+        yield from _env(serving_repo, root, store_url)
+
+
+def _env(serving_repo, root, store_url):
     repo = root / "repo"
     repo.mkdir()
     _external(serving_repo / "credit", repo, "credit_log", [], MEMBERS)  # every member external
     _external(serving_repo / "digits", repo, "mixed", ["mlp_a", "logreg"], ["vendor"])
     cfg = parse_serving({
         "model_repository": str(repo), "provider": "cpu",
-        "telemetry": {"store_url": f"sqlite:///{root / 'outcomes.db'}"},
+        "telemetry": {"store_url": store_url},
         "ecosystems": {"credit_log": {}, "mixed": {"policy": {"kind": "primary", "primary": "mlp_a"}}},
     })
     host = RecorderHost(recorder_specs(cfg), cfg.telemetry.model_dump(mode="json"))
@@ -210,3 +217,46 @@ def test_import_outcomes_posts_a_log_and_its_labels(env, tmp_path):
     bad.write_text("request_id,label,zz\nx-1,good,good\n")
     with pytest.raises(ImportError_, match="HTTP 422: item 0: outputs.zz: not a member"):
         asyncio.run(go(bad, group_columns=()))
+
+
+def test_a_served_outcome_is_completed_by_its_external_members_output(env, serving_repo):
+    """A mixed ecosystem serves a request; the external member's output arrives later under the
+    same request id: the record is completed (not duplicated) and re-counted as complete."""
+    import numpy as np
+
+    from models.heldout import load_heldout
+
+    app, host, _ = env
+    rec = host.recorder
+    x = load_heldout(serving_repo / "digits").X[:1]
+    r = post(app, "/v2/models/mixed/infer", infer_body(x, id="c-1"))
+    assert r.status_code == 200, r.text
+    served_label = r.json()["outputs"][0]["data"][0]
+    before = rec.snapshot().ecosystems["mixed"]
+    assert host.store.get_outcomes(["c-1"])["c-1"].members == ("logreg", "mlp_a")
+    r = post(app, "/v2/outcomes", {"outcomes": [{"request_id": "c-1", "ecosystem": "mixed",
+                                                  "outputs": {"vendor": str(served_label)}}]})
+    assert r.status_code == 200 and r.json()["completed"] == 1 and r.json()["recorded"] == 0, r.text
+    got = host.store.get_outcomes(["c-1"])["c-1"]
+    assert got.members == ("logreg", "mlp_a", "vendor") and got.predictions[2] == served_label
+    after = rec.snapshot().ecosystems["mixed"]
+    assert after.outcomes == before.outcomes  # completed, not duplicated
+    assert after.predictions.n_predicted == before.predictions.n_predicted + 1  # complete now
+    assert after.incomplete == before.incomplete - 1
+    assert after.missing[2] == before.missing[2] - 1
+    mlp_a_vendor = after.predictions.agree[1, 2] - before.predictions.agree[1, 2]
+    assert mlp_a_vendor == 1  # mlp_a served that label, and the vendor said the same
+    # the counts equal a recorder rebuilt from the store (restart safety)
+    from telemetry.recorder import Recorder
+
+    rebuilt = Recorder(rec.specs, host.store).snapshot().ecosystems["mixed"]
+    assert rebuilt.predictions.equals(after.predictions)
+    assert np.array_equal(rebuilt.missing, after.missing) and rebuilt.incomplete == after.incomplete
+    # a replay changes nothing; a labeled outcome can no longer be completed
+    r = post(app, "/v2/outcomes", {"outcomes": [{"request_id": "c-1", "ecosystem": "mixed",
+                                                  "outputs": {"vendor": str(served_label)}}]})
+    assert r.json()["unchanged"] == 1 and r.json()["completed"] == 0
+    r = post(app, "/v2/models/mixed/infer", infer_body(x, id="c-2"))
+    assert post(app, "/v2/feedback", {"request_id": "c-2", "label": "0"}).status_code == 200
+    r = post(app, "/v2/outcomes", {"outcomes": [{"request_id": "c-2", "ecosystem": "mixed", "outputs": {"vendor": "1"}}]})
+    assert r.status_code == 422 and "is labeled already" in r.json()["error"], r.text

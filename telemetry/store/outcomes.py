@@ -47,6 +47,32 @@ class OutcomeStore:
         """Create or upgrade the schema; returns the version now in place (`migrations`)."""
         return migrate(self)
 
+    def complete_outcomes(self, updates: Sequence[tuple[str, dict[str, tuple[str, Any]]]]) -> None:
+        """Give stored outcomes more members' outputs, in one transaction: (request_id,
+        {member: (version, output)}); a member the outcome has gets its output replaced, a new one
+        is appended to its member list (a new context)."""
+        ph = self._ph(1)
+        with self.engine.begin() as conn:
+            for rid, outputs in updates:
+                row = conn.exec_driver_sql(
+                    "SELECT o.payload, c.members, c.versions, c.policy, o.propensities FROM ecoserve_outcomes o "
+                    f"JOIN ecoserve_contexts c ON c.id = o.context WHERE o.request_id = {ph}", (rid,)).first()
+                if row is None:
+                    raise StoreError(f"no stored outcome {rid!r} to complete")
+                payload, members, versions = json.loads(row[0]), json.loads(row[1]), json.loads(row[2])
+                props = json.loads(row[4])
+                for name, (version, output) in outputs.items():
+                    if name in members:
+                        payload[0][members.index(name)] = output
+                    else:
+                        members.append(name)
+                        versions.append(version)
+                        payload[0].append(output)
+                        props.append(0.0)  # never the chosen one: it answered from outside
+                context = self._context_in(conn, json.dumps(members), json.dumps(versions), row[3])
+                conn.exec_driver_sql(f"UPDATE ecoserve_outcomes SET payload = {ph}, context = {ph}, propensities = {ph} "
+                                     f"WHERE request_id = {ph}", (json.dumps(payload), context, json.dumps(props), rid))
+
     def _context_in(self, conn: Any, members: str, versions: str, policy: str) -> int:
         """The id of a context, added if new (concurrent writers: the unique constraint decides)."""
         ph = self._ph(1)
