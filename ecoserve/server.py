@@ -355,6 +355,22 @@ def _haproxy_side_ports() -> dict[str, str]:
     return out
 
 
+def _check_address(address: str, timeout_s: float = 3.0) -> None:
+    """A `host:port` cluster address must answer (Ray would retry for minutes): one line if not."""
+    import socket
+
+    from serving.config import ConfigError
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", "ray://...": Ray's own forms, left to Ray
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return
+    except OSError as exc:
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from exc
+
+
 def _named_env(file: ServeFile) -> list[str]:
     """The environment variables the config names (a token, a store URL)."""
     s = file.serving
@@ -398,6 +414,8 @@ def serve_foreground(config: str | None, address: str | None = None) -> int:
     # what would otherwise fail inside Ray, ~30 s later, with the cause in its logs (attached:
     # the HTTP port is the cluster's proxy's, which may already be listening)
     preflight(file, check_port=address is None)
+    if address:
+        _check_address(address)
     if config is None:
         print(f"serving the demo config {DEMO_CONFIG}")
     supervisor = _Supervisor(attached=address is not None)

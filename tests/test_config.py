@@ -148,3 +148,20 @@ def test_gateway_autoscaling():
     with pytest.raises(ConfigError, match="recorder_in_gateway needs one gateway replica"):
         parse_serving(bad)
     assert parse_serving(BASE).recorder_in_gateway()
+
+
+def test_an_address_where_no_cluster_answers_fails_fast(serving_repo, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from conftest import write_serve_file
+    from ecoserve.server import free_port
+
+    path = write_serve_file(tmp_path / "s.yaml", free_port(), {
+        "model_repository": str(serving_repo), "ecosystems": {"digits": {"policy": {"kind": "primary", "primary": "mlp_a"}}}})
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "ecoserve.cli", "serve", str(path), "--address", f"127.0.0.1:{free_port()}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "no Ray cluster answers there" in proc.stderr, proc.stderr
+    assert time.monotonic() - t0 < 5
