@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -27,30 +28,38 @@ class LoadResult:
         return float(np.percentile(self.latencies_s, q)) if self.latencies_s else float("nan")
 
 
-async def _run(url: str, bodies: list[bytes], concurrency: int, duration_s: float) -> LoadResult:
+async def closed_loop(send: Callable[[int], Awaitable[bool]], concurrency: int, duration_s: float) -> LoadResult:
+    """`concurrency` workers, each calling `send(i)` (True: answered as hoped) again as soon as the
+    last call answered, for `duration_s`, after one warm-up call each (connections, batch queues,
+    lazy imports)."""
+    await asyncio.gather(*(send(i) for i in range(concurrency)))
     lat: list[float] = []
     errors = 0
+    stop_at = time.perf_counter() + duration_s
+    start = time.perf_counter()
+
+    async def worker(k: int) -> None:
+        nonlocal errors
+        i = k
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            ok = await send(i)
+            lat.append(time.perf_counter() - t0)
+            errors += not ok
+            i += concurrency
+
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    return LoadResult(len(lat), errors, time.perf_counter() - start, lat)
+
+
+async def _run(url: str, bodies: list[bytes], concurrency: int, duration_s: float) -> LoadResult:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=30) as client:
-        # warm up: connections, batch queues, lazy imports
-        await asyncio.gather(*(client.post(url, content=bodies[i % len(bodies)]) for i in range(concurrency)))
-        stop_at = time.perf_counter() + duration_s
-        start = time.perf_counter()
+        async def send(i: int) -> bool:
+            r = await client.post(url, content=bodies[i % len(bodies)], headers={"content-type": "application/json"})
+            return r.status_code == 200
 
-        async def worker(k: int) -> None:
-            nonlocal errors
-            i = k
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                r = await client.post(url, content=bodies[i % len(bodies)], headers={"content-type": "application/json"})
-                lat.append(time.perf_counter() - t0)
-                if r.status_code != 200:
-                    errors += 1
-                i += concurrency
-
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return LoadResult(len(lat), errors, elapsed, lat)
+        return await closed_loop(send, concurrency, duration_s)
 
 
 def run_load(url: str, x: np.ndarray, rows: int, concurrency: int, duration_s: float) -> LoadResult:

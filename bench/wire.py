@@ -18,15 +18,14 @@ import json
 import os
 import statistics
 import tempfile
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
-from bench.load import LoadResult
+from bench.load import LoadResult, closed_loop
 from bench.serving import ecoserve_config, serve_config, start_setup, stop_setup
 from ecoserve.server import free_port
 from models.heldout import load_heldout
@@ -49,27 +48,6 @@ def _binary_body(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
     return head + raw, {"inference-header-content-length": str(len(head)), "content-type": "application/octet-stream"}
 
 
-async def _closed_loop(send: Callable[[int], Awaitable[bool]], concurrency: int, duration_s: float) -> LoadResult:
-    await asyncio.gather(*(send(i) for i in range(concurrency)))  # warm up connections and queues
-    lat: list[float] = []
-    errors = 0
-    stop_at = time.perf_counter() + duration_s
-    start = time.perf_counter()
-
-    async def worker(k: int) -> None:
-        nonlocal errors
-        i = k
-        while time.perf_counter() < stop_at:
-            t0 = time.perf_counter()
-            ok = await send(i)
-            lat.append(time.perf_counter() - t0)
-            errors += not ok
-            i += concurrency
-
-    await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    return LoadResult(len(lat), errors, time.perf_counter() - start, lat)
-
-
 async def _http(url: str, bodies: list[tuple[bytes, dict[str, str]]], concurrency: int, duration_s: float) -> LoadResult:
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=30) as client:
@@ -78,7 +56,7 @@ async def _http(url: str, bodies: list[tuple[bytes, dict[str, str]]], concurrenc
             r = await client.post(url, content=body, headers=headers)
             return r.status_code == 200
 
-        return await _closed_loop(send, concurrency, duration_s)
+        return await closed_loop(send, concurrency, duration_s)
 
 
 async def grpc_load(target: str, xs: list[np.ndarray], concurrency: int, duration_s: float,
@@ -110,7 +88,7 @@ async def _grpc(target: str, xs: list[np.ndarray], concurrency: int, duration_s:
                 return False
             return True
 
-        return await _closed_loop(send, concurrency, duration_s)
+        return await closed_loop(send, concurrency, duration_s)
 
 
 def _cell(fmt: str, url: str, grpc_target: str, x: np.ndarray, rows: int, conc: int, duration_s: float) -> LoadResult:
