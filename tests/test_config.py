@@ -156,6 +156,7 @@ def test_an_address_where_no_cluster_answers_fails_fast(serving_repo, tmp_path):
     import time
 
     from conftest import write_serve_file
+
     from ecoserve.server import free_port
 
     path = write_serve_file(tmp_path / "s.yaml", free_port(), {
