@@ -16,8 +16,6 @@ import json
 import shutil
 import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -28,7 +26,7 @@ import httpx
 import numpy as np
 import yaml
 
-from ecoserve.server import free_port, wait_ready
+from ecoserve.vendor_server import start_vendor, stop_vendor
 from models.heldout import load_heldout
 
 N_REQUESTS, PER_REQUEST = 50, 1000
@@ -106,16 +104,12 @@ def remote_cost(repo: Path, tmp: Path, requests: int = 300) -> tuple[float, floa
     from serving.http import build_http_app
     from serving.members import LocalMember
 
-    port = free_port()
-    vendor = subprocess.Popen([sys.executable, "-m", "ecoserve.vendor_server", "--port", str(port), "--model-file",
-                               str(repo / "digits/knn/1/model.onnx")], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.STDOUT)
+    vendor, vendor_url = start_vendor(repo / "digits/knn/1/model.onnx")
     try:
-        wait_ready(f"http://127.0.0.1:{port}", vendor, timeout_s=60)
         _copy(repo, tmp, "digits", "digits_r", None)
         m = yaml.safe_load((tmp / "digits_r/ecosystem.yaml").read_text())
         m["members"].append({"name": "vendor", "version": "1", "kind": "remote",
-                             "remote": {"url": f"http://127.0.0.1:{port}", "model": "ok"}})
+                             "remote": {"url": vendor_url, "model": "ok"}})
         (tmp / "digits_r/ecosystem.yaml").write_text(yaml.safe_dump(m, sort_keys=False))
         x = load_heldout(repo / "digits").X[:1]
         body = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
@@ -141,8 +135,7 @@ def remote_cost(repo: Path, tmp: Path, requests: int = 300) -> tuple[float, floa
             p50.append(statistics.median(asyncio.run(go())))
         return p50[0], p50[1]
     finally:
-        vendor.terminate()
-        vendor.wait(timeout=30)
+        stop_vendor(vendor)
 
 
 def run(repo: Path) -> Sequence[tuple[str, ...]]:

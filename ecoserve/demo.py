@@ -161,14 +161,9 @@ def _outside_members(file_path: Path, repo: Path, work: Path) -> tuple[Path, sub
 
     import yaml
 
-    from ecoserve.server import free_port
+    from ecoserve.vendor_server import start_vendor
 
-    port = free_port()
-    vendor = subprocess.Popen([sys.executable, "-m", "ecoserve.vendor_server", "--port", str(port), "--model-file",
-                               str(repo / "digits/knn/1/model.onnx")], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.STDOUT)
-    vendor_url = f"http://127.0.0.1:{port}"
-    wait_ready(vendor_url, vendor, timeout_s=60)
+    vendor, vendor_url = start_vendor(repo / "digits/knn/1/model.onnx")
     for name, src in (("digits_plus", "digits"), ("credit_log", "credit")):
         shutil.rmtree(repo / name, ignore_errors=True)
         shutil.copytree(repo / src, repo / name)
@@ -274,7 +269,9 @@ def run_demo(exit_after: bool = False, config: str | None = None) -> int:
         if prom is not None:
             prom.stop()
         if vendor is not None:
-            vendor.terminate()
+            from ecoserve.vendor_server import stop_vendor
+
+            stop_vendor(vendor)
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             try:

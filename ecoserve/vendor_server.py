@@ -16,6 +16,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,6 +80,32 @@ def build(model_file: str) -> FastAPI:
         return Response(text, media_type="application/json")
 
     return app
+
+
+def start_vendor(model_file: str | Path, timeout_s: float = 60.0) -> tuple[subprocess.Popen[bytes], str]:
+    """This server in a child process on a free port, once it answers ready: (process, base URL).
+    Stop it with `stop_vendor`."""
+    from ecoserve.server import free_port, wait_ready
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ecoserve.vendor_server", "--port", str(port), "--model-file",
+                             str(model_file)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, timeout_s=timeout_s)
+    except BaseException:
+        stop_vendor(proc)
+        raise
+    return proc, url
+
+
+def stop_vendor(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from serving.errors import BadRequest
-from serving.protocol import DATATYPES, InferRequest
+from serving.protocol import DATATYPES, InferRequest, checked_datatype
 
 __all__ = ["split_body", "attach_binary_inputs", "binary_outputs", "encode_response", "HEADER_LENGTH"]
 
@@ -61,13 +61,7 @@ def attach_binary_inputs(req: InferRequest, tail: bytes) -> None:
             raise BadRequest(f"{where}: parameters.binary_data_size must be a non-negative integer, got {size!r}")
         if inp.data is not None:
             raise BadRequest(f"{where}: has both 'data' and parameters.binary_data_size; send one")
-        dt = inp.datatype.upper()
-        if dt == "BYTES":
-            raise BadRequest(f"{where}: datatype BYTES is not accepted")
-        if dt not in DATATYPES:
-            raise BadRequest(f"{where}: unknown datatype {inp.datatype!r}")
-        if not inp.shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in inp.shape):
-            raise BadRequest(f"{where}: shape must be a list of non-negative integers, got {inp.shape}")
+        dt = checked_datatype(inp)
         dtype = DATATYPES[dt].newbyteorder("<")
         want = math.prod(inp.shape) * dtype.itemsize
         if size != want:

@@ -23,7 +23,7 @@ from serving.errors import PayloadTooLarge, Unauthorized, UnprocessableEntity
 from telemetry.recorder import LabelItem
 from telemetry.text import MAX_TEXT_LENGTH, id_problem, text_problem
 
-__all__ = ["FeedbackItem", "parse_feedback", "check_bearer", "unix_seconds"]
+__all__ = ["FeedbackItem", "parse_feedback", "check_bearer", "checked_id", "item_error", "unix_seconds"]
 
 
 class FeedbackItem(BaseModel):
@@ -34,13 +34,7 @@ class FeedbackItem(BaseModel):
     timestamp: float | str | None = None
     source: str = ""
 
-    @field_validator("request_id", mode="before")
-    @classmethod
-    def _request_id(cls, v: object) -> object:
-        problem = id_problem(v)
-        if problem is not None:
-            raise ValueError(problem)
-        return v
+    _request_id = field_validator("request_id", mode="before")(classmethod(lambda cls, v: checked_id(v)))
 
     @field_validator("source", mode="before")
     @classmethod
@@ -67,6 +61,21 @@ class FeedbackItem(BaseModel):
     @classmethod
     def _timestamp(cls, v: float | str | None) -> float | None:
         return unix_seconds(v)
+
+
+def checked_id(v: object) -> object:
+    """A request id that passes `telemetry.text.id_problem`, else a ValueError saying why (the body
+    of the `request_id` validators of every API that takes ids)."""
+    problem = id_problem(v)
+    if problem is not None:
+        raise ValueError(problem)
+    return v
+
+
+def item_error(i: int, exc: ValidationError) -> UnprocessableEntity:
+    """The first problem pydantic found in item `i` of a batch, as a 422 naming the item and field."""
+    e = exc.errors()[0]
+    return UnprocessableEntity(f"item {i}: {'.'.join(str(p) for p in e['loc']) or 'item'}: {e['msg']}")
 
 
 def unix_seconds(v: float | str | None) -> float | None:
@@ -106,9 +115,7 @@ def parse_feedback(body: Any, max_items: int) -> list[LabelItem]:
         try:
             it = FeedbackItem.model_validate(entry)
         except ValidationError as exc:
-            e = exc.errors()[0]
-            field = ".".join(str(p) for p in e["loc"]) or "item"
-            raise UnprocessableEntity(f"item {i}: {field}: {e['msg']}") from exc
+            raise item_error(i, exc) from exc
         assert it.timestamp is None or isinstance(it.timestamp, float)
         items.append(LabelItem(it.request_id, it.label, it.timestamp, it.source))
     return items

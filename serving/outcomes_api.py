@@ -31,9 +31,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from models.manifest import EcosystemManifest
 from serving.errors import PayloadTooLarge, UnprocessableEntity
-from serving.feedback import unix_seconds
+from serving.feedback import checked_id, item_error, unix_seconds
 from telemetry.records import Outcome
-from telemetry.text import MAX_TEXT_LENGTH, id_problem, text_problem
+from telemetry.text import MAX_TEXT_LENGTH, text_problem
 
 __all__ = ["OutcomeRecord", "parse_outcomes", "EXTERNAL_POLICY"]
 
@@ -51,13 +51,7 @@ class OutcomeRecord(BaseModel):
     subgroups: dict[str, str | int | float] = {}
     timestamp: float | str | None = None
 
-    @field_validator("request_id", mode="before")
-    @classmethod
-    def _id(cls, v: object) -> object:
-        problem = id_problem(v)
-        if problem is not None:
-            raise ValueError(problem)
-        return v
+    _id = field_validator("request_id", mode="before")(classmethod(lambda cls, v: checked_id(v)))
 
     @field_validator("propensity")
     @classmethod
@@ -112,8 +106,7 @@ def parse_outcomes(body: Any, manifests: dict[str, EcosystemManifest], max_items
         try:
             rec = OutcomeRecord.model_validate(entry)
         except ValidationError as exc:
-            e = exc.errors()[0]
-            raise _fail(i, ".".join(str(p) for p in e["loc"]) or "item", e["msg"]) from exc
+            raise item_error(i, exc) from exc
         manifest = manifests.get(rec.ecosystem)
         if manifest is None:
             raise _fail(i, "ecosystem", f"{rec.ecosystem[:64]!r} is not served here ({', '.join(manifests)})")

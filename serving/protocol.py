@@ -33,6 +33,7 @@ __all__ = [
     "InferRequest",
     "parse_infer_request",
     "tensor_from_input",
+    "checked_datatype",
     "row_request_ids",
     "row_groups",
     "DATATYPES",
@@ -95,17 +96,26 @@ def parse_infer_request(body: Any) -> InferRequest:
         raise BadRequest(f"invalid inference request: {loc}: {e['msg']}") from exc
 
 
+def checked_datatype(inp: InferInput, expected: str | None = None) -> str:
+    """The input's datatype (upper case) once it and the shape are ones a tensor can have: a
+    numeric datatype, a list of non-negative integers. `expected` names the model's datatype in
+    the message refusing BYTES."""
+    where = f"input {inp.name!r}"
+    dt = inp.datatype.upper()
+    if dt == "BYTES":
+        raise BadRequest(f"{where}: datatype BYTES is not accepted" + (f"; expected {expected}" if expected else ""))
+    if dt not in DATATYPES:
+        raise BadRequest(f"{where}: unknown datatype {inp.datatype!r}")
+    if not inp.shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in inp.shape):
+        raise BadRequest(f"{where}: shape must be a list of non-negative integers, got {inp.shape}")
+    return dt
+
+
 def tensor_from_input(inp: InferInput, want_name: str, want_dtype: str, row_shape: tuple[int, ...]) -> np.ndarray:
     """The input tensor as numpy, with every protocol-level check (name, datatype, shape, data)."""
     if inp.name != want_name:
         raise BadRequest(f"unknown input tensor {inp.name!r}; the model's input is {want_name!r}")
-    dt = inp.datatype.upper()
-    if dt == "BYTES":
-        raise BadRequest(f"input {want_name!r}: datatype BYTES is not accepted; expected {datatype_of(want_dtype)}")
-    if dt not in DATATYPES:
-        raise BadRequest(f"input {want_name!r}: unknown datatype {inp.datatype!r}")
-    if any((not isinstance(d, int)) or d < 0 for d in inp.shape) or not inp.shape:
-        raise BadRequest(f"input {want_name!r}: shape must be a list of non-negative integers, got {inp.shape}")
+    dt = checked_datatype(inp, datatype_of(want_dtype))
     if want_dtype.startswith("int") and DATATYPES[dt].kind == "f":
         raise BadRequest(f"input {want_name!r}: datatype {dt} given, the model expects {datatype_of(want_dtype)}")
     if inp.data is None:

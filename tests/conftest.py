@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -95,6 +95,36 @@ def inprocess_dataplane(repo: Path, sink: Any = None) -> Any:
         return LocalMember(load_member(d, manifest, spec, "cpu"), cfg.ecosystems[manifest.name].faults.get(spec.name))
 
     return Dataplane.build(cfg, factory, sink=sink)
+
+
+class Proc(NamedTuple):
+    """One process as /proc shows it (the tests that check what a server left behind)."""
+
+    pid: int
+    ppid: int
+    sid: int
+    state: str  # "Z": a zombie, gone but not reaped
+    comm: str
+    cmdline: bytes
+    environ: bytes  # empty where it cannot be read
+
+
+def processes() -> list[Proc]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            comm, cmdline = (d / "comm").read_text().strip(), (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        try:
+            environ = (d / "environ").read_bytes()
+        except OSError:
+            environ = b""
+        out.append(Proc(int(d.name), int(fields[1]), int(fields[3]), fields[0], comm, cmdline, environ))
+    return out
 
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import write_serve_file
+from conftest import processes, write_serve_file
 from serving_cases import infer_body
 
 from ecoserve.server import free_port, wait_ready
@@ -30,21 +30,7 @@ TOKEN = "cluster-token"
 
 def _tagged(tag: str) -> dict[int, str]:
     """Live processes whose environment carries `tag`: pid -> comm."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            if tag.encode() in (d / "environ").read_bytes().split(b"\0") and \
-                    (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                out[int(d.name)] = (d / "comm").read_text().strip()
-        except OSError:
-            continue
-    return out
-
-
-def _parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return {p.pid: p.comm for p in processes() if tag.encode() in p.environ.split(b"\0") and p.state != "Z"}
 
 
 @pytest.fixture
@@ -114,7 +100,8 @@ def test_serve_attaches_to_a_two_node_cluster(cluster, serving_repo, tmp_path):
         raylets = {pid for pid, comm in procs.items() if comm == "raylet"}
         assert len(raylets) == 2
         replicas = [pid for pid, comm in procs.items() if comm.startswith("ray::ServeRepli")]
-        nodes = {_parent(pid) for pid in replicas}
+        parent = {p.pid: p.ppid for p in processes()}
+        nodes = {parent[pid] for pid in replicas}
         assert len(replicas) >= 2 and nodes == raylets, (procs, replicas, nodes)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -20,7 +18,8 @@ import pytest
 import yaml
 from serving_cases import infer_body
 
-from ecoserve.server import free_port, wait_ready
+from ecoserve.server import free_port
+from ecoserve.vendor_server import start_vendor, stop_vendor
 from models.heldout import load_heldout
 from models.manifest import ManifestError, load_manifest
 from models.runtime import load_member
@@ -45,16 +44,11 @@ REMOTES = {  # member -> (model name on the remote server, extra remote settings
 
 @pytest.fixture(scope="module")
 def remote_server(serving_repo):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ecoserve.vendor_server", "--port", str(port), "--model-file",
-                             str(serving_repo / "digits/knn/1/model.onnx")], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    proc, url = start_vendor(serving_repo / "digits/knn/1/model.onnx")
     try:
-        wait_ready(f"http://127.0.0.1:{port}", proc, timeout_s=60)
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_vendor(proc)
 
 
 @pytest.fixture(scope="module")

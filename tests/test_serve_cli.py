@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import write_serve_file
+from conftest import processes, write_serve_file
 from serving_cases import infer_body
 
 from ecoserve.server import free_port, wait_ready
@@ -23,18 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _pids(name: str, file: str = "comm") -> set[int]:
-    """Processes whose /proc/PID/`file` is `name` (comm: the executable's name) or, for
-    `file="cmdline"`, contains it."""
-    out = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                text = (d / file).read_bytes().decode(errors="replace")
-            except OSError:
-                continue
-            if (name in text) if file == "cmdline" else (text.strip() == name):
-                out.add(int(d.name))
-    return out
+    """Processes whose executable's name is `name` or, for `file="cmdline"`, whose command line
+    contains it."""
+    if file == "cmdline":
+        return {p.pid for p in processes() if name.encode() in p.cmdline}
+    return {p.pid for p in processes() if p.comm == name}
 
 
 def _recorder_children() -> set[int]:
@@ -96,16 +89,7 @@ def test_sigterm_flushes_every_record_and_stops_everything(serving_repo, tmp_pat
 
 def _session_alive(sid: int) -> set[int]:
     """Live (not zombie) processes of session `sid`: everything `ecoserve serve` started in it."""
-    out = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                out.add(int(d.name))
-    return out
+    return {p.pid for p in processes() if p.sid == sid and p.state != "Z"}
 
 
 def _port_free(port: int) -> bool:
