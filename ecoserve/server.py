@@ -374,7 +374,7 @@ def _check_address(address: str, timeout_s: float = 3.0) -> None:
 def _named_env(file: ServeFile) -> list[str]:
     """The environment variables the config names (a token, a store URL)."""
     s = file.serving
-    return [v for v in (s.auth.feedback_token_env, s.telemetry.store_url_env) if v]
+    return [*s.auth.token_envs(), *([s.telemetry.store_url_env] if s.telemetry.store_url_env else [])]
 
 
 def stop(haproxy_before: set[int] | None = None, only: list[str] | None = None) -> None:

@@ -164,7 +164,7 @@ class Gateway:
         self, config: dict[str, Any], member_handles: dict[str, Any] | None = None, recorder: Any = None
     ) -> None:
         cfg = ServingConfig.model_validate(config)
-        self.feedback_token = cfg.auth.feedback_token()
+        self.credentials = cfg.auth.credentials()
         providers = {key: await handle.provider.remote() for key, handle in (member_handles or {}).items()}
         link = link_recorder(cfg, recorder)
         self.telemetry = link.telemetry if link else None
@@ -181,7 +181,7 @@ class Gateway:
             )
         self.dataplane = Dataplane.build(cfg, member_factory(cfg, member_handles, providers),
                                          sink=self.shipper.put if self.shipper else None)
-        self.grpc = GrpcService(self.dataplane)
+        self.grpc = GrpcService(self.dataplane, self.credentials)
         if self.shipper is not None:
             self.shipper.start()
         if not member_handles:  # colocated: batch at the ecosystem level (members batch themselves otherwise)
@@ -229,7 +229,7 @@ class Gateway:
             self.host.close()
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_http_app(self.dataplane, self.telemetry, self.feedback_token)
+        return build_http_app(self.dataplane, self.telemetry, self.credentials)
 
 
 def _actor_options(num_cpus: float, num_gpus: float) -> dict[str, Any]:

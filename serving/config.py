@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.manifest import describe_validation_error
+from serving.auth import Credentials
 
 __all__ = [
     "ConfigError",
@@ -32,6 +33,7 @@ __all__ = [
     "EcosystemServeConfig",
     "LimitsConfig",
     "AuthConfig",
+    "ScopedTokenConfig",
     "TelemetryConfig",
     "ServingConfig",
     "ServeFile",
@@ -163,21 +165,57 @@ class LimitsConfig(_Strict):
     max_rows_per_request: int = Field(default=4096, ge=1, le=1_000_000, description="413 above this")
 
 
+class ScopedTokenConfig(_Strict):
+    """A bearer token that may post labels and outcomes for some ecosystems only."""
+
+    env: str = Field(description="environment variable holding the token")
+    ecosystems: list[str] = Field(min_length=1, description="the served ecosystems this token covers")
+
+
 class AuthConfig(_Strict):
+    """Bearer tokens (docs/security.md). Each is read from an environment variable once, when the
+    app is built; none is ever written to the app's args, a log or a metric."""
+
     feedback_token_env: str | None = Field(
-        default=None, description="environment variable holding the feedback API's bearer token"
+        default=None,
+        description="environment variable holding the token of the feedback and outcomes APIs (every ecosystem)",
+    )
+    ecosystem_tokens: list[ScopedTokenConfig] = Field(
+        default_factory=list, description="tokens covering some ecosystems only (labels, outcomes)"
+    )
+    inference_token_env: str | None = Field(
+        default=None, description="environment variable holding a token the inference routes require (default: open)"
     )
 
+    def token_envs(self) -> list[str]:
+        """Every environment variable this section names."""
+        envs = [self.feedback_token_env, self.inference_token_env, *(t.env for t in self.ecosystem_tokens)]
+        return [e for e in envs if e]
+
     def feedback_token(self) -> str | None:
-        """The token, read from the environment once when the app is built (None: no auth)."""
-        if self.feedback_token_env is None:
-            return None
-        token = os.environ.get(self.feedback_token_env, "")
-        if not token:
-            raise ConfigError(
-                f"auth.feedback_token_env: environment variable {self.feedback_token_env!r} is empty or unset"
-            )
-        return token
+        """The all-ecosystems token, read from the environment (None: none configured)."""
+        return None if self.feedback_token_env is None else _token(self.feedback_token_env, "feedback_token_env")
+
+    def credentials(self) -> Credentials:
+        """Every token, read from the environment once when the app is built."""
+        scoped = tuple(
+            (_token(t.env, f"ecosystem_tokens[{i}].env"), frozenset(t.ecosystems))
+            for i, t in enumerate(self.ecosystem_tokens)
+        )
+        inference = None if self.inference_token_env is None else _token(self.inference_token_env,
+                                                                         "inference_token_env")
+        creds = Credentials(self.feedback_token(), scoped, inference)
+        values = [v for v in (creds.feedback, *(t for t, _ in scoped)) if v is not None]
+        if len(set(values)) != len(values):
+            raise ConfigError("auth: two label tokens have the same value; each token needs its own secret")
+        return creds
+
+
+def _token(env: str, fieldname: str) -> str:
+    token = os.environ.get(env, "")
+    if not token:
+        raise ConfigError(f"auth.{fieldname}: environment variable {env!r} is empty or unset")
+    return token
 
 
 class TelemetryConfig(_Strict):
@@ -286,6 +324,14 @@ class ServingConfig(_Strict):
                 raise ValueError(f"ecosystems.{name}.policy.primary: {policy.primary!r} is not in members")
         return self
 
+    @model_validator(mode="after")
+    def _tokens_name_ecosystems(self) -> ServingConfig:
+        for i, t in enumerate(self.auth.ecosystem_tokens):
+            unknown = sorted(set(t.ecosystems) - set(self.ecosystems))
+            if unknown:
+                raise ValueError(f"auth.ecosystem_tokens[{i}].ecosystems: {unknown[0]!r} is not a served ecosystem")
+        return self
+
 
 class ServeFile(BaseModel):
     """A Ray Serve config file; only the ecoserve application's `args` are ecoserve's to validate."""
@@ -365,7 +411,7 @@ def preflight(file: ServeFile, *, check_port: bool = True) -> None:
     each ecosystem's manifest, members and model files, and the HTTP port. Raises `ConfigError`
     naming the first setting that cannot work."""
     s = file.serving
-    s.auth.feedback_token()  # the variable is set and non-empty
+    s.auth.credentials()  # every token variable is set, non-empty, and each token distinct
     if s.telemetry.enabled:
         url = s.telemetry.resolved_store_url()
         key = "telemetry.store_url_env" if s.telemetry.store_url_env else "telemetry.store_url"

@@ -3,6 +3,7 @@
     EcoserveError
     ├── BadRequest            400  malformed JSON, wrong tensor name/shape/dtype, bad data
     ├── Unauthorized          401  missing or wrong bearer token
+    ├── Forbidden             403  a token posting for an ecosystem it does not cover
     ├── NotFound              404  unknown model, version or route
     ├── PayloadTooLarge       413  body over `limits.max_body_bytes`, too many rows
     ├── UnprocessableEntity   422  well-formed but semantically invalid items
@@ -18,6 +19,7 @@ __all__ = [
     "EcoserveError",
     "BadRequest",
     "Unauthorized",
+    "Forbidden",
     "NotFound",
     "PayloadTooLarge",
     "UnprocessableEntity",
@@ -42,6 +44,10 @@ class BadRequest(EcoserveError):
 
 class Unauthorized(EcoserveError):
     status = 401
+
+
+class Forbidden(EcoserveError):
+    status = 403
 
 
 class NotFound(EcoserveError):

@@ -12,18 +12,17 @@ a bad item fails the whole request with 422 naming its index and field.
 
 from __future__ import annotations
 
-import hmac
 import math
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from serving.errors import PayloadTooLarge, Unauthorized, UnprocessableEntity
+from serving.errors import PayloadTooLarge, UnprocessableEntity
 from telemetry.recorder import LabelItem
 from telemetry.text import MAX_TEXT_LENGTH, id_problem, text_problem
 
-__all__ = ["FeedbackItem", "parse_feedback", "check_bearer", "checked_id", "item_error", "unix_seconds"]
+__all__ = ["FeedbackItem", "parse_feedback", "checked_id", "item_error", "unix_seconds"]
 
 
 class FeedbackItem(BaseModel):
@@ -119,13 +118,3 @@ def parse_feedback(body: Any, max_items: int) -> list[LabelItem]:
         assert it.timestamp is None or isinstance(it.timestamp, float)
         items.append(LabelItem(it.request_id, it.label, it.timestamp, it.source))
     return items
-
-
-def check_bearer(header: str | None, token: str | None) -> None:
-    """No token configured: open. Otherwise `Authorization: Bearer <token>`, compared in constant time."""
-    if token is None:
-        return
-    if not header or not header.startswith("Bearer "):
-        raise Unauthorized("feedback needs 'Authorization: Bearer <token>'")
-    if not hmac.compare_digest(header.removeprefix("Bearer ").encode(), token.encode()):
-        raise Unauthorized("the feedback token is wrong")

@@ -25,6 +25,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 import numpy as np
 
+from serving.auth import Credentials, authorize_inference
 from serving.binary import attach_binary_inputs
 from serving.dataplane import Dataplane
 from serving.errors import BadRequest, EcoserveError, status_of
@@ -40,6 +41,7 @@ SERVICER_FUNCTION = "serving.proto.grpc_predict_v2_pb2_grpc:add_GRPCInferenceSer
 STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     422: grpc.StatusCode.INVALID_ARGUMENT,
@@ -61,6 +63,18 @@ class Context(Protocol):
     def set_code(self, code: grpc.StatusCode) -> None: ...
 
     def set_details(self, details: str) -> None: ...
+
+    def invocation_metadata(self) -> Any: ...
+
+
+def _authorization(grpc_context: Context | None) -> str | None:
+    """The call's `authorization` metadata (gRPC's lower-case key), if any."""
+    if grpc_context is None:
+        return None
+    for key, value in grpc_context.invocation_metadata() or ():
+        if key == "authorization":
+            return str(value)
+    return None
 
 
 def _param_value(p: pb.InferParameter) -> Any:
@@ -143,8 +157,9 @@ class GrpcService:
     """`inference.GRPCInferenceService` over a data plane. Each method takes the request proto and
     a context, and answers the response proto (an empty one with the status set on error)."""
 
-    def __init__(self, dataplane: Dataplane) -> None:
+    def __init__(self, dataplane: Dataplane, credentials: Credentials | None = None) -> None:
         self.dataplane = dataplane
+        self.credentials = credentials or Credentials()
 
     async def ServerLive(self, request: pb.ServerLiveRequest, grpc_context: Context | None = None) -> pb.ServerLiveResponse:  # noqa: N802 - the protocol's names
         return pb.ServerLiveResponse(live=True)
@@ -176,6 +191,8 @@ class GrpcService:
         eco = request.model_name.partition(".")[0]
         eco = eco if eco in dp.runners else "unknown"  # bounded label values
         try:
+            if self.credentials.inference is not None:
+                authorize_inference(_authorization(grpc_context), self.credentials)
             model = dp.resolve(request.model_name, request.model_version or None)
             body, raw = request_body(request)
             req = parse_infer_request(body)

@@ -16,10 +16,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from serving.auth import Credentials, authorize_inference, authorize_labels
 from serving.binary import HEADER_LENGTH, attach_binary_inputs, binary_outputs, encode_response, split_body
 from serving.dataplane import Dataplane
 from serving.errors import BadRequest, EcoserveError, NotFound, PayloadTooLarge, status_of
-from serving.feedback import check_bearer, parse_feedback
+from serving.feedback import parse_feedback
 from serving.outcomes_api import parse_outcomes
 from serving.protocol import parse_infer_request
 from telemetry.recorder import LabelItem
@@ -33,7 +34,7 @@ PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class TelemetryBackend(Protocol):
     """Where feedback goes and /metrics comes from: the recorder (in-process or a deployment)."""
 
-    async def feedback(self, items: list[LabelItem]) -> dict[str, Any]: ...
+    async def feedback(self, items: list[LabelItem], scope: frozenset[str] | None = None) -> dict[str, Any]: ...
 
     async def outcomes(self, items: list[tuple[Any, ...]]) -> dict[str, Any]: ...
 
@@ -71,8 +72,9 @@ async def read_json_body(request: Request, max_bytes: int) -> Any:
 
 
 def build_http_app(
-    dataplane: Dataplane, telemetry: TelemetryBackend | None = None, feedback_token: str | None = None
+    dataplane: Dataplane, telemetry: TelemetryBackend | None = None, credentials: Credentials | None = None
 ) -> FastAPI:
+    creds = credentials or Credentials()
     app = FastAPI(title="ecoserve", version="0.1.0", docs_url=None, redoc_url=None)
     max_bytes = dataplane.cfg.limits.max_body_bytes
     max_items = dataplane.cfg.telemetry.max_feedback_items
@@ -120,6 +122,7 @@ def build_http_app(
         eco = name.partition(".")[0]
         eco = eco if eco in dataplane.runners else "unknown"  # bounded label values
         try:
+            authorize_inference(request.headers.get("authorization"), creds)
             model = dataplane.resolve(name, version)
             head, tail = split_body(await read_body(request, max_bytes), request.headers.get(HEADER_LENGTH))
             req = parse_infer_request(parse_json(head))
@@ -149,19 +152,19 @@ def build_http_app(
     async def feedback(request: Request) -> dict[str, Any]:
         if telemetry is None:
             raise NotFound("telemetry is disabled in this deployment: no feedback API")
-        check_bearer(request.headers.get("authorization"), feedback_token)
+        scope = authorize_labels(request.headers.get("authorization"), creds)
         # feedback batches are bigger than inference bodies: allow 256 bytes per item on top
         items = parse_feedback(await read_json_body(request, max_bytes + 256 * max_items), max_items)
-        return await telemetry.feedback(items)
+        return await telemetry.feedback(items, scope)
 
     @app.post("/v2/outcomes")
     async def outcomes(request: Request) -> dict[str, Any]:
         if telemetry is None:
             raise NotFound("telemetry is disabled in this deployment: no outcomes API")
-        check_bearer(request.headers.get("authorization"), feedback_token)
+        scope = authorize_labels(request.headers.get("authorization"), creds)
         # an outcome record is bigger than a label: allow 1 KiB per item on top
         records = parse_outcomes(await read_json_body(request, max_bytes + 1024 * max_items), dataplane.manifests,
-                                 max_items)
+                                 max_items, scope)
         return await telemetry.outcomes(list(map(outcome_fields, records)))
 
     @app.get("/metrics")

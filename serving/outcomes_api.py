@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from models.manifest import EcosystemManifest
+from serving.auth import ALL, Scope, check_scope
 from serving.errors import PayloadTooLarge, UnprocessableEntity
 from serving.feedback import checked_id, item_error, unix_seconds
 from telemetry.records import Outcome
@@ -89,8 +90,10 @@ def _output(manifest: EcosystemManifest, value: int | float | str | None, where:
     raise _fail(*where, f"class id {value!r} out of range for {len(manifest.classes)} classes")
 
 
-def parse_outcomes(body: Any, manifests: dict[str, EcosystemManifest], max_items: int) -> list[Outcome]:
-    """Validate every record (all or nothing) and build the outcome records."""
+def parse_outcomes(body: Any, manifests: dict[str, EcosystemManifest], max_items: int,
+                   scope: Scope = ALL) -> list[Outcome]:
+    """Validate every record (all or nothing) and build the outcome records; a record of an
+    ecosystem outside the caller's token `scope` is a 403 naming it."""
     if not isinstance(body, dict) or set(body) != {"outcomes"} or not isinstance(body["outcomes"], list):
         raise UnprocessableEntity('expected {"outcomes": [record, ...]}')
     raw = body["outcomes"]
@@ -110,6 +113,7 @@ def parse_outcomes(body: Any, manifests: dict[str, EcosystemManifest], max_items
         manifest = manifests.get(rec.ecosystem)
         if manifest is None:
             raise _fail(i, "ecosystem", f"{rec.ecosystem[:64]!r} is not served here ({', '.join(manifests)})")
+        check_scope(scope, rec.ecosystem, f"item {i}")
         if rec.request_id in seen:
             raise _fail(i, "request_id", f"{rec.request_id!r} appears twice in this request")
         seen.add(rec.request_id)

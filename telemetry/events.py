@@ -22,6 +22,7 @@ class Event(Enum):
     UNKNOWN_IDS = "unknown_ids"  # labels whose outcome was not stored yet (held as pending)
     EXPIRED = "expired"  # pending labels dropped after their TTL
     PENDING_REJECTED = "pending_rejected"  # held labels their outcome's ecosystem could not take
+    PENDING_OUT_OF_SCOPE = "pending_out_of_scope"  # held labels whose token did not cover their outcome's ecosystem
     DUPLICATE_OUTCOME_IDS = "duplicate_outcome_ids"  # outcome records whose id was already stored
     UNKNOWN_ECOSYSTEM = "unknown_ecosystem"  # outcome records of an ecosystem not served here
     INVALID_OUTCOMES = "invalid_outcomes"  # outcome records the store refused (a data error)

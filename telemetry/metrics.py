@@ -57,7 +57,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ecoserve_labels_duplicate_total": ("counter", ("ecosystem",), "Labels identical to the outcome's existing label (ignored)."),
     "ecoserve_feedback_unknown_id_total": ("counter", (), "Labels whose request id had no stored outcome on arrival (held as pending)."),
     "ecoserve_labels_expired_total": ("counter", (), "Pending labels dropped after their TTL without an outcome."),
-    "ecoserve_labels_rejected_total": ("counter", (), "Pending labels dropped when their outcome arrived because its ecosystem cannot take them (e.g. a class of another ecosystem)."),
+    "ecoserve_labels_rejected_total": ("counter", ("reason",), "Pending labels dropped when their outcome arrived: its ecosystem cannot take them (reason=label, e.g. a class of another ecosystem) or the token that posted them did not cover it (reason=scope)."),
     "ecoserve_labels_pending": ("gauge", (), "Labels waiting for their outcome."),
     "ecoserve_outcomes_unknown_ecosystem_total": ("counter", (), "Outcome records handed over for an ecosystem this recorder does not serve (not stored)."),
     "ecoserve_outcomes_dropped_total": ("counter", ("reason",), "Outcome records not stored, by reason: queue_full (a gateway's queue was full: the recorder down or slower than traffic), invalid (the store refused the record: a data error; the rest of its hand-over was stored)."),
@@ -135,7 +135,8 @@ class EcoserveCollector(Collector):
         events = snap.events
         fams["ecoserve_feedback_unknown_id_total"].add_metric([], events[Event.UNKNOWN_IDS])
         fams["ecoserve_labels_expired_total"].add_metric([], events[Event.EXPIRED])
-        fams["ecoserve_labels_rejected_total"].add_metric([], events[Event.PENDING_REJECTED])
+        fams["ecoserve_labels_rejected_total"].add_metric(["label"], events[Event.PENDING_REJECTED])
+        fams["ecoserve_labels_rejected_total"].add_metric(["scope"], events[Event.PENDING_OUT_OF_SCOPE])
         fams["ecoserve_outcomes_unknown_ecosystem_total"].add_metric([], events[Event.UNKNOWN_ECOSYSTEM])
         fams["ecoserve_labels_pending"].add_metric([], snap.pending)
         fams["ecoserve_outcomes_duplicate_id_total"].add_metric([], events[Event.DUPLICATE_OUTCOME_IDS])

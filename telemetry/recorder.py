@@ -69,9 +69,9 @@ COVERAGE_AGES_S = (60.0, 600.0, 3600.0, 86400.0, 7 * 86400.0)
 class FeedbackError(ValueError):
     """A feedback item is invalid; names the item index and the field. Nothing was applied."""
 
-    def __init__(self, index: int | None, fieldname: str, message: str) -> None:
+    def __init__(self, index: int | None, fieldname: str, message: str, status: int = 422) -> None:
         super().__init__(f"item {index}: {fieldname}: {message}" if index is not None else f"{fieldname}: {message}")
-        self.index, self.field = index, fieldname
+        self.index, self.field, self.status = index, fieldname, status
 
 
 def _missing(p: Any) -> bool:
@@ -310,16 +310,20 @@ class Recorder:
                     # ecosystem) is dropped and counted, one by one: it must not take the other
                     # waiting labels of this hand-over down with it
                     eco_of = {f[0]: f[1] for f in fresh}
-                    items_, rejected = [], 0
+                    items_, rejected, out_of_scope = [], 0, 0
                     for w in waiting:
+                        eco = eco_of[w["request_id"]]
+                        if w.get("scope") is not None and eco not in w["scope"]:
+                            out_of_scope += 1  # its token did not cover this ecosystem: never joined
+                            continue
                         try:
-                            self.specs[eco_of[w["request_id"]]].label_value(w["label"])
+                            self.specs[eco].label_value(w["label"])
                         except ValueError:
                             rejected += 1
                             continue
                         items_.append(LabelItem(w["request_id"], w["label"], w["label_time"], w["source"]))
-                    if rejected:
-                        self._count({Event.PENDING_REJECTED: rejected})
+                    if rejected or out_of_scope:
+                        self._count({Event.PENDING_REJECTED: rejected, Event.PENDING_OUT_OF_SCOPE: out_of_scope})
                     if items_:
                         received = {w["request_id"]: w["received_at"] for w in waiting}
                         results = self._feedback_locked(items_, received_at=received, allow_pending=False)
@@ -487,13 +491,17 @@ class Recorder:
         return ex
 
     # ---------------------------------------------------------- labels
-    def feedback(self, items: Sequence[LabelItem]) -> list[ItemResult]:
-        """Apply a batch of labels, all or nothing; see the module docstring for the statuses."""
+    def feedback(self, items: Sequence[LabelItem], scope: frozenset[str] | None = None) -> list[ItemResult]:
+        """Apply a batch of labels, all or nothing; see the module docstring for the statuses.
+        `scope`: the ecosystems the caller's token covers (None: all). A label for an outcome of
+        another ecosystem fails the batch (403); a held label keeps the scope and is dropped, and
+        counted, if its outcome turns out to be of an ecosystem outside it."""
         with self._lock, self._cpu("feedback"):
-            return self._feedback_locked(list(items), received_at=None, allow_pending=True)
+            return self._feedback_locked(list(items), received_at=None, allow_pending=True, scope=scope)
 
     def _feedback_locked(
-        self, items: list[LabelItem], *, received_at: dict[str, float] | None, allow_pending: bool
+        self, items: list[LabelItem], *, received_at: dict[str, float] | None, allow_pending: bool,
+        scope: frozenset[str] | None = None,
     ) -> list[ItemResult]:
         now = self.clock()
         found = self.store.get_outcomes(list({i.request_id for i in items}))
@@ -515,9 +523,11 @@ class Recorder:
             if o is None:
                 self._check_pending_label(idx, label)
                 pending.append({"request_id": rid, "label": label, "source": origin,
-                                "label_time": label_time, "received_at": arrived})
+                                "label_time": label_time, "received_at": arrived, "scope": scope})
                 results.append(ItemResult(rid, "pending"))
                 continue
+            if scope is not None and o.ecosystem not in scope:
+                raise FeedbackError(idx, "request_id", f"this token does not cover ecosystem {o.ecosystem!r}", 403)
             try:
                 value = specs[o.ecosystem].label_value(label)
             except ValueError as exc:

@@ -18,6 +18,7 @@ import pytest
 from conftest import inprocess_dataplane
 
 from models.heldout import load_heldout
+from serving.auth import Credentials
 from serving.grpc_adapter import GrpcService
 from serving.proto import grpc_predict_v2_pb2 as pb
 
@@ -25,9 +26,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Context:
-    def __init__(self) -> None:
+    def __init__(self, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self.code: grpc.StatusCode | None = None
         self.details = ""
+        self.metadata = list(metadata)
+
+    def invocation_metadata(self) -> list[tuple[str, str]]:
+        return self.metadata
 
     def set_code(self, code: grpc.StatusCode) -> None:
         self.code = code
@@ -176,6 +181,18 @@ def test_bad_requests_get_their_status_code_and_message(service, kind, code, mes
     assert ctx.code == code, (ctx.code, ctx.details)
     assert message in ctx.details, ctx.details
     assert not resp.outputs
+
+
+def test_an_inference_token_is_required_over_grpc_too(serving_repo):
+    secured = GrpcService(inprocess_dataplane(serving_repo, lambda _: None), Credentials(inference="s3cret-infer"))
+    x = load_heldout(serving_repo / "digits").X[:1]
+    for metadata, code in [((), grpc.StatusCode.UNAUTHENTICATED),
+                           ((("authorization", "Bearer wrong"),), grpc.StatusCode.UNAUTHENTICATED),
+                           ((("authorization", "Bearer s3cret-infer"),), None)]:
+        ctx = Context(metadata)
+        asyncio.run(secured.ModelInfer(infer_request("digits.forest", x), ctx))
+        assert ctx.code == code, (metadata, ctx.details)
+        assert "s3cret" not in ctx.details
 
 
 def test_the_generated_modules_are_current(tmp_path):

@@ -672,7 +672,7 @@ def test_held_labels_are_checked_counted_and_never_take_others_down(store_url):
     assert value(rec, "ecoserve_labels_pending") == 2
     stats = rec.record([outcome(1, (1, 1, 0), clock.t), outcome(2, (1, 0, 0), clock.t)])
     assert stats["joined_pending"] == 1
-    assert value(rec, "ecoserve_labels_rejected_total") == 1 and value(rec, "ecoserve_labels_pending") == 0
+    assert value(rec, "ecoserve_labels_rejected_total", reason="label") == 1 and value(rec, "ecoserve_labels_pending") == 0
     assert rec.store.get_outcomes(["r2"])["r2"].label == 1.0  # "yes", the newest
     assert rec.store.get_outcomes(["r1"])["r1"].label is None
     rec.record([Outcome("x1", "nope", clock.t, MEMBERS, ("1",) * 3, (0, 0, 0), 0, 0, (1.0, 0, 0), 0, "primary",

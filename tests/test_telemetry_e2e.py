@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -213,6 +214,24 @@ def test_feedback_auth_and_bad_items_change_nothing(server):
     for key in ("ecoserve_labels_pending", "ecoserve_feedback_unknown_id_total"):
         assert metric(after, key) == metric(before, key)
     assert metric(after, "ecoserve_labeled_outcomes_total", **ALL) == metric(before, "ecoserve_labeled_outcomes_total", **ALL)
+
+
+def test_no_token_reaches_ray_logs(server):
+    """Right and wrong tokens alike: nothing any process of the app logged contains one (Ray's
+    session logs: the proxy's access log, every replica's and the recorder's output)."""
+    import ray
+
+    guess = "guess-4c9e1d77"
+    for token in (TOKEN, guess):
+        httpx.post(f"{server}/v2/feedback", json={"request_id": "tok", "label": 1},
+                   headers={"authorization": f"Bearer {token}"}, timeout=30)
+    httpx.get(f"{server}/metrics", timeout=30)
+    time.sleep(2.0)  # log lines are flushed to files asynchronously
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    assert files
+    assert [p.name for p in files if TOKEN.encode() in p.read_bytes() or guess.encode() in p.read_bytes()] == []
+    assert TOKEN not in httpx.get(f"{server}/metrics", timeout=30).text
 
 
 HOSTILE_IDS = [

@@ -24,8 +24,8 @@ class HandleTelemetry:
     def __init__(self, handle: Any) -> None:
         self.handle = handle
 
-    async def feedback(self, items: list[LabelItem]) -> dict[str, Any]:
-        return raise_for_reply(await self.handle.feedback.remote(items))
+    async def feedback(self, items: list[LabelItem], scope: frozenset[str] | None = None) -> dict[str, Any]:
+        return raise_for_reply(await self.handle.feedback.remote(items, scope))
 
     async def outcomes(self, items: list[tuple[Any, ...]]) -> dict[str, Any]:
         return raise_for_reply(await self.handle.outcomes.remote(items))

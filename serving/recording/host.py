@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from models.manifest import load_manifest
 from serving.config import PrimaryPolicyConfig, ServingConfig, TelemetryConfig
-from serving.errors import Unavailable, UnprocessableEntity
+from serving.errors import Forbidden, Unavailable, UnprocessableEntity
 from telemetry.metrics import exposition
 from telemetry.recorder import FeedbackError, LabelItem, Recorder
 from telemetry.records import Outcome, outcome_fields
@@ -66,7 +66,7 @@ def _error_reply(call: Callable[[], dict[str, Any]], what: str) -> dict[str, Any
     try:
         return call()
     except FeedbackError as exc:
-        return {"error": str(exc), "status": 422}
+        return {"error": str(exc), "status": exc.status}
     except STORE_ERRORS as exc:  # the store unreachable or full: nothing was applied, the client retries
         log.warning("%s not applied, the outcome store failed: %s", what, exc)
         return {"error": f"the outcome store is unavailable, nothing was applied; retry later "
@@ -78,11 +78,11 @@ def outcomes_reply(recorder: Recorder, items: list[tuple[Any, ...]]) -> dict[str
     return _error_reply(lambda: recorder.record_outside(items), "outcomes")
 
 
-def feedback_reply(recorder: Recorder, items: list[LabelItem]) -> dict[str, Any]:
+def feedback_reply(recorder: Recorder, items: list[LabelItem], scope: frozenset[str] | None = None) -> dict[str, Any]:
     """The recorder's answer to a feedback batch (errors as `_error_reply` says)."""
 
     def apply() -> dict[str, Any]:
-        results = recorder.feedback(items)
+        results = recorder.feedback(items, scope)
         counts: dict[str, int] = {}
         for r in results:
             counts[r.status] = counts.get(r.status, 0) + 1
@@ -99,14 +99,15 @@ def feedback_reply(recorder: Recorder, items: list[LabelItem]) -> dict[str, Any]
 
 
 def raise_for_reply(reply: dict[str, Any]) -> dict[str, Any]:
-    """A feedback reply, or its error as the serving error of its status (422 or 503)."""
+    """A feedback reply, or its error as the serving error of its status (403, 422 or 503)."""
     if "error" in reply:
-        raise (Unavailable if reply.get("status") == 503 else UnprocessableEntity)(reply["error"])
+        status = reply.get("status")
+        raise (Unavailable if status == 503 else Forbidden if status == 403 else UnprocessableEntity)(reply["error"])
     return reply
 
 
 class TelemetryHost(Protocol):
-    def feedback(self, items: list[LabelItem]) -> dict[str, Any]: ...
+    def feedback(self, items: list[LabelItem], scope: frozenset[str] | None = None) -> dict[str, Any]: ...
     def outcomes(self, items: list[tuple[Any, ...]]) -> dict[str, Any]: ...
     def metrics(self) -> bytes: ...
 
@@ -118,8 +119,8 @@ class LocalTelemetry:
     def __init__(self, host: TelemetryHost) -> None:
         self.host = host
 
-    async def feedback(self, items: list[LabelItem]) -> dict[str, Any]:
-        return raise_for_reply(await asyncio.to_thread(self.host.feedback, items))
+    async def feedback(self, items: list[LabelItem], scope: frozenset[str] | None = None) -> dict[str, Any]:
+        return raise_for_reply(await asyncio.to_thread(self.host.feedback, items, scope))
 
     async def outcomes(self, items: list[tuple[Any, ...]]) -> dict[str, Any]:
         return raise_for_reply(await asyncio.to_thread(self.host.outcomes, items))
@@ -164,8 +165,8 @@ class RecorderHost:
         stats["rewards"] = {eco: self.recorder.reward_stats(eco) for eco in self.recorder.specs}
         return stats
 
-    def feedback(self, items: list[LabelItem]) -> dict[str, Any]:
-        return feedback_reply(self.recorder, items)
+    def feedback(self, items: list[LabelItem], scope: frozenset[str] | None = None) -> dict[str, Any]:
+        return feedback_reply(self.recorder, items, scope)
 
     def outcomes(self, items: list[tuple[Any, ...]]) -> dict[str, Any]:
         return outcomes_reply(self.recorder, items)

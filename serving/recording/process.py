@@ -179,8 +179,8 @@ class RecorderProcess:
     def record(self, outcomes: list[Outcome], reporter: str, report: dict[str, Any]) -> dict[str, Any]:
         return self._call("record_fields", list(map(outcome_fields, outcomes)), reporter, report)  # type: ignore[no-any-return]
 
-    def feedback(self, items: list[LabelItem]) -> dict[str, Any]:
-        return self._call("feedback", items)  # type: ignore[no-any-return]
+    def feedback(self, items: list[LabelItem], scope: frozenset[str] | None = None) -> dict[str, Any]:
+        return self._call("feedback", items, scope)  # type: ignore[no-any-return]
 
     def reclaim(self, ledger: str, accepted: dict[str, int]) -> dict[str, int]:
         return self._call("reclaim", ledger, accepted)  # type: ignore[no-any-return]

@@ -54,11 +54,25 @@ def migrate(store: OutcomeStore) -> int:
             if version < 3:  # 2 -> 3: contexts, payloads, the partial index of unlabeled outcomes
                 _rewrite_v2_outcomes(store, conn)
                 version = 3
+            if version < 4:  # 3 -> 4: held labels keep their token's scope and a 64-character source
+                _pending_v4(store, conn)
+                version = 4
             conn.execute(update(schema_table).values(version=version))
             conn.exec_driver_sql(view_sql(store.backend))
     except SQLAlchemyError as exc:
         raise StoreError(f"cannot prepare the outcome store ({store.backend}): {exc}") from exc
     return int(version)
+
+def _pending_v4(store: OutcomeStore, conn: Any) -> None:
+    if store.backend == "postgresql":
+        conn.exec_driver_sql("ALTER TABLE ecoserve_pending_labels ALTER COLUMN source TYPE VARCHAR(64)")
+        conn.exec_driver_sql("ALTER TABLE ecoserve_pending_labels ADD COLUMN IF NOT EXISTS scope TEXT")
+        return
+    # SQLite does not enforce VARCHAR lengths; only the column is new
+    names = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(ecoserve_pending_labels)")}
+    if "scope" not in names:
+        conn.exec_driver_sql("ALTER TABLE ecoserve_pending_labels ADD COLUMN scope TEXT")
+
 
 def _rewrite_v2_outcomes(store: OutcomeStore, conn: Any) -> None:
     """2 -> 3: copy every outcome into the v3 layout (context ids, one payload), in batches of

@@ -355,7 +355,9 @@ class OutcomeStore:
         latest = {r["request_id"]: r for r in rows}
         conn.execute(
             insert(pending_labels),
-            [{k: r[k] for k in ("request_id", "source", "label_time", "received_at")} | {"label": json.dumps(r["label"])}
+            [{k: r[k] for k in ("request_id", "source", "label_time", "received_at")}
+             | {"label": json.dumps(r["label"]),
+                "scope": None if r.get("scope") is None else json.dumps(sorted(r["scope"]))}
              for r in latest.values()],
         )
 
@@ -368,7 +370,8 @@ class OutcomeStore:
             for chunk in chunks(list(ids)):
                 rows = conn.execute(select(pending_labels).where(pending_labels.c.request_id.in_(chunk))).all()
                 if rows:
-                    found.extend({**r._mapping, "label": json.loads(r.label)} for r in rows)
+                    found.extend({**r._mapping, "label": json.loads(r.label),
+                                  "scope": None if r.scope is None else frozenset(json.loads(r.scope))} for r in rows)
                     conn.execute(delete(pending_labels).where(pending_labels.c.request_id.in_([r.request_id for r in rows])))
         return found
 

@@ -17,7 +17,7 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 metadata = MetaData()
 schema_table = Table("ecoserve_schema", metadata, Column("version", Integer, nullable=False))
@@ -76,9 +76,11 @@ pending_labels = Table(
     metadata,
     Column("request_id", String(128), primary_key=True),
     Column("label", Text, nullable=False),  # JSON: the raw label as sent
-    Column("source", String(16), nullable=False),
+    Column("source", String(64), nullable=False),  # the feedback item's free-text `source` (v4: was 16)
     Column("label_time", Float, nullable=False),
     Column("received_at", Float, nullable=False),
+    # v4: JSON list of the ecosystems the posting token covers; NULL: every ecosystem
+    Column("scope", Text, nullable=True),
 )
 
 event_counts = Table(
