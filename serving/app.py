@@ -229,7 +229,8 @@ class Gateway:
             self.host.close()
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_http_app(self.dataplane, self.telemetry, self.credentials)
+        return build_http_app(self.dataplane, self.telemetry, self.credentials,
+                              self.shipper.health if self.shipper else None)
 
 
 def _actor_options(num_cpus: float, num_gpus: float) -> dict[str, Any]:

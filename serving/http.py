@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
@@ -72,7 +73,8 @@ async def read_json_body(request: Request, max_bytes: int) -> Any:
 
 
 def build_http_app(
-    dataplane: Dataplane, telemetry: TelemetryBackend | None = None, credentials: Credentials | None = None
+    dataplane: Dataplane, telemetry: TelemetryBackend | None = None, credentials: Credentials | None = None,
+    recording_health: Callable[[], dict[str, Any]] | None = None,
 ) -> FastAPI:
     creds = credentials or Credentials()
     app = FastAPI(title="ecoserve", version="0.1.0", docs_url=None, redoc_url=None)
@@ -93,8 +95,22 @@ def build_http_app(
         return {"live": True}
 
     @app.get("/v2/health/ready")
-    async def ready() -> dict[str, bool]:
-        return {"ready": True}
+    async def ready() -> dict[str, Any]:
+        # ready while the members can answer, whatever the store does: taking replicas out of
+        # service would turn a telemetry outage into an inference outage (docs/reliability.md).
+        # `telemetry` says how recording fares; its own probe is /v2/health/telemetry
+        body: dict[str, Any] = {"ready": True}
+        if recording_health is not None:
+            body["telemetry"] = recording_health()
+        return body
+
+    @app.get("/v2/health/telemetry")
+    async def telemetry_health() -> Response:
+        """200 while outcomes are being stored, 503 while they wait (store or recorder away)."""
+        if recording_health is None:
+            raise NotFound("telemetry is disabled in this deployment")
+        health = recording_health()
+        return JSONResponse(health, status_code=200 if health["healthy"] else 503)
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:

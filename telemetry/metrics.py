@@ -62,6 +62,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ecoserve_outcomes_unknown_ecosystem_total": ("counter", (), "Outcome records handed over for an ecosystem this recorder does not serve (not stored)."),
     "ecoserve_outcomes_dropped_total": ("counter", ("reason",), "Outcome records not stored, by reason: queue_full (a gateway's queue was full: the recorder down or slower than traffic), invalid (the store refused the record: a data error; the rest of its hand-over was stored)."),
     "ecoserve_handover_failures_total": ("counter", (), "Hand-overs of outcome records the recorder could not store for a reason a retry may cure (the store unreachable, a full disk); their records stay queued at the gateway and are sent again."),
+    "ecoserve_store_up": ("gauge", (), "1 while the outcome store answers its periodic check and accepts writes, else 0 (records wait at the gateways; labels get 503)."),
+    "ecoserve_store_down_since_timestamp_seconds": ("gauge", (), "Unix time the outcome store started failing; 0 while it is up."),
     "ecoserve_handover_failing": ("gauge", (), "1 while the latest hand-over failed (records are waiting at the gateways), else 0."),
     "ecoserve_handover_failing_since_timestamp_seconds": ("gauge", (), "Unix time of the first failure of the current run of failed hand-overs; 0 while hand-overs succeed."),
     "ecoserve_outcomes_lost_total": ("counter", ("ecosystem",), "Outcome records a gateway replica accepted and never handed over because it crashed (counted from its ledger once it is found dead)."),
@@ -143,6 +145,9 @@ class EcoserveCollector(Collector):
         for reason in ("queue_full", "invalid"):
             fams["ecoserve_outcomes_dropped_total"].add_metric([reason], snap.dropped.get(reason, 0))
         fams["ecoserve_handover_failures_total"].add_metric([], snap.handover_failures)
+        down = snap.store_down_since
+        fams["ecoserve_store_up"].add_metric([], 1 if down is None else 0)
+        fams["ecoserve_store_down_since_timestamp_seconds"].add_metric([], down or 0.0)
         since = snap.handover_failing_since
         fams["ecoserve_handover_failing"].add_metric([], 0 if since is None else 1)
         fams["ecoserve_handover_failing_since_timestamp_seconds"].add_metric([], since or 0.0)

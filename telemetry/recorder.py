@@ -131,6 +131,7 @@ class RecorderSnapshot:
     dropped: dict[str, int]
     handover_failures: int
     handover_failing_since: float | None
+    store_down_since: float | None  # the store failed its latest check or write (None: up)
     window_s: float
     cpu_s: dict[str, float]
     serving: dict[str, Any]  # the gateways' serving reports, merged
@@ -205,6 +206,8 @@ class Recorder:
         # (None: the last one succeeded), and how many in all; `ecoserve_handover_*`
         self.handover_failing_since: float | None = None
         self.handover_failures = 0
+        # the store's latest health check (`check_store`) failed: since when (None: it answered)
+        self.check_failing_since: float | None = None
         self._logged_invalid: set[str] = set()
         self.reports: dict[str, dict[str, Any]] = {}
         # CPU seconds of the threads that did the recorder's work, per operation (since start):
@@ -280,7 +283,8 @@ class Recorder:
                 if self.handover_failing_since is None:
                     self.handover_failing_since = self.clock()
                 raise
-            self.handover_failing_since = None
+            if known:  # a write succeeded (an empty hand-over, a gateway's poll, writes nothing)
+                self.handover_failing_since = None
             for eco, n in unlost.items():  # a hand-over that landed after its gateway was counted lost
                 if eco in self.state:
                     self.events.lost[eco] -= n
@@ -692,6 +696,28 @@ class Recorder:
         self._coverage_cache = (now, fresh)
         return fresh
 
+    def check_store(self) -> bool:
+        """Ask the store a trivial question (the recorder's periodic health check): whether it
+        answered. A store that answers but cannot be written (a full disk) still shows as down
+        through the failing hand-overs, until one succeeds."""
+        try:
+            self.store.ping()
+        except Exception as exc:
+            if self.check_failing_since is None:
+                log.warning("the outcome store does not answer: %s", str(exc).splitlines()[0] if str(exc) else exc)
+                self.check_failing_since = self.clock()
+            return False
+        if self.check_failing_since is not None:
+            log.warning("the outcome store answers again")
+        self.check_failing_since = None
+        return True
+
+    @property
+    def store_down_since(self) -> float | None:
+        """Since when the store has been failing (its check or the hand-overs), or None: up."""
+        failing = [t for t in (self.handover_failing_since, self.check_failing_since) if t is not None]
+        return min(failing) if failing else None
+
     def snapshot(self) -> RecorderSnapshot:
         """The counts at this moment, copied (what the Prometheus collector reads)."""
         coverage = self.coverage()  # reads the store (cached for a few seconds): outside the lock
@@ -710,6 +736,7 @@ class Recorder:
             return RecorderSnapshot(
                 ecosystems=ecosystems, events=self.events.copy(), pending=self._pending, dropped=self.dropped(),
                 handover_failures=self.handover_failures, handover_failing_since=self.handover_failing_since,
+                store_down_since=self.store_down_since,
                 window_s=self.window_s, cpu_s=dict(self.cpu_s), serving=self.serving_report(), coverage=coverage,
                 coverage_ages_s=self.coverage_ages_s,
             )

@@ -173,7 +173,7 @@ def make_v2_store(url: str, rows: list[dict], version: int = 2) -> None:
         store.close()
 
 
-def test_a_version_2_store_is_migrated_to_3_in_place(store_url, monkeypatch):
+def test_a_version_2_store_is_migrated_in_place(store_url, monkeypatch):
     """A v2 store (a column per field, the (ecosystem, label_source) index) is rewritten in the v3
     layout: every outcome reads back the same, labels and counted labels carried over, contexts
     shared, the v2 columns still readable through the `ecoserve_outcomes_v` view."""
@@ -196,7 +196,7 @@ def test_a_version_2_store_is_migrated_to_3_in_place(store_url, monkeypatch):
     s3 = None
     try:
         with store.engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT version FROM ecoserve_schema").scalar() == SCHEMA_VERSION == 3
+            assert conn.exec_driver_sql("SELECT version FROM ecoserve_schema").scalar() == SCHEMA_VERSION == 4
             assert conn.exec_driver_sql("SELECT count(*) FROM ecoserve_contexts").scalar() == 4
             view = {r.request_id: r._mapping for r in conn.exec_driver_sql("SELECT * FROM ecoserve_outcomes_v")}
         idx = _indexes(store)
@@ -222,9 +222,9 @@ def test_a_version_2_store_is_migrated_to_3_in_place(store_url, monkeypatch):
         # new outcomes after the migration share the contexts already there
         store.insert_outcomes([outcome(99, (0, 1, 1), 4000.0)])
         assert store.get_outcomes(["r99"])["r99"].predictions == [0, 1, 1]
-        assert store.migrate() == 3  # idempotent
+        assert store.migrate() == SCHEMA_VERSION  # idempotent
         store.close()
-        s3 = open_store(store_url)  # and it opens again as v3
+        s3 = open_store(store_url)  # and it opens again
         assert s3.count_outcomes() == 13
     finally:
         store.close()
@@ -241,7 +241,7 @@ def test_migrate_store_command(store_url, monkeypatch, capsys):
     monkeypatch.setenv("ECOSERVE_TEST_STORE", store_url)
     assert main(["migrate-store", "--url-env", "ECOSERVE_TEST_STORE"]) == 0
     backend = "sqlite" if store_url.startswith("sqlite") else "postgresql"
-    assert capsys.readouterr().out.strip() == f"outcome store ({backend}): schema version 3, 0 outcomes"
+    assert capsys.readouterr().out.strip() == f"outcome store ({backend}): schema version {SCHEMA_VERSION}, 0 outcomes"
     store = open_store(store_url)
     try:
         assert "ix_ecoserve_outcomes_unlabeled" in _indexes(store)

@@ -152,6 +152,8 @@ class RecorderHost:
 
     def _sweep_loop(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
+            if not self.recorder.check_store():
+                continue  # no sweep against a store that does not answer
             try:
                 self.recorder.sweep()
             except Exception as exc:  # the sweep retries next period; never kill the thread
@@ -163,6 +165,7 @@ class RecorderHost:
     def record_fields(self, items: list[tuple[Any, ...]], reporter: str, report: dict[str, Any]) -> dict[str, Any]:
         stats: dict[str, Any] = self.recorder.record_fields(items, reporter, report)
         stats["rewards"] = {eco: self.recorder.reward_stats(eco) for eco in self.recorder.specs}
+        stats["store_up"] = self.recorder.store_down_since is None
         return stats
 
     def feedback(self, items: list[LabelItem], scope: frozenset[str] | None = None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -65,6 +66,8 @@ class OutcomeShipper:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._since_reply = 0.0
+        self.failing_since: float | None = None  # wall time of the first failed hand-over of a run of them
+        self.store_up: bool | None = None  # as the recorder said in its latest reply (None: no reply yet)
 
     def put(self, outcomes: list[Outcome]) -> None:
         """Queue one request's records (one ecosystem). Never blocks, never raises on a full queue."""
@@ -95,7 +98,9 @@ class OutcomeShipper:
             try:
                 await self.flush(poll=self._since_reply >= self.idle_poll_s)
             except Exception as exc:  # keep the loop alive whatever happens; records stay queued
-                log.warning("outcome hand-over failed, will retry: %s", exc)
+                if self.failing_since is None:
+                    self.failing_since = time.time()
+                    log.warning("outcome hand-over failed, will retry every %.2f s: %s", self.flush_interval_s, exc)
             if self._since_reclaim >= self.reclaim_interval_s:
                 self._since_reclaim = 0.0
                 await self._reclaim_dead()
@@ -138,6 +143,10 @@ class OutcomeShipper:
                 report = {"dropped": dict(self.dropped), "serving": self._report() if self._report else {},
                           "progress": through}
                 reply = await self._send(batch, self.reporter, report)
+                if self.failing_since is not None:
+                    log.warning("outcome hand-over works again after %.1f s", time.time() - self.failing_since)
+                self.failing_since = None
+                self.store_up = bool(reply.get("store_up", True))
                 for _ in batch:
                     self.queue.popleft()
                 self.handed = through
@@ -148,6 +157,13 @@ class OutcomeShipper:
                 poll = False
         self.sent += sent
         return sent
+
+    def health(self) -> dict[str, Any]:
+        """The recording path as this gateway sees it (`/v2/health/ready`'s `telemetry`): whether
+        hand-overs succeed, whether the recorder says its store is up, what waits and what was dropped."""
+        healthy = self.failing_since is None and self.store_up is not False
+        return {"healthy": healthy, "handover_failing_since": self.failing_since, "store_up": self.store_up,
+                "queued": len(self.queue), "max_queue": self.max_queue, "dropped": dict(self.dropped)}
 
     async def close(self, timeout_s: float = 3.0) -> None:
         """Flush what is queued, then stop the background task (graceful shutdown). Bounded: if

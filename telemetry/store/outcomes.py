@@ -472,6 +472,11 @@ class OutcomeStore:
             row = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").first()
         return (int(row[1]), int(row[2])) if row is not None and row[1] >= 0 else (0, 0)
 
+    def ping(self) -> None:
+        """A trivial query: raises when the database does not answer."""
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
     def close(self) -> None:
         if self._checkpointer is not None:
             self._checkpointer.stop()
@@ -500,7 +505,9 @@ def open_store(url: str) -> OutcomeStore:
                 cur.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
                 cur.close()
         else:
-            engine = create_engine(url, pool_pre_ping=True)
+            # a server that went away is noticed on checkout (pre-ping), and a host that does not
+            # answer at all fails a connection attempt after 5 s instead of hanging the recorder
+            engine = create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 5})
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise StoreError(f"cannot open the outcome store {url!r}: {exc}") from exc
     file_db = url.startswith("sqlite") and ":memory:" not in url and url.rstrip("/") not in ("sqlite:", "sqlite:/")
