@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
+from serving import openapi
 from serving.auth import Credentials, authorize_inference, authorize_labels
 from serving.binary import HEADER_LENGTH, attach_binary_inputs, binary_outputs, encode_response, split_body
 from serving.dataplane import Dataplane
@@ -104,7 +105,7 @@ def build_http_app(
             body["telemetry"] = recording_health()
         return body
 
-    @app.get("/v2/health/telemetry")
+    @app.get("/v2/health/telemetry", responses=openapi.errors(404, 503))
     async def telemetry_health() -> Response:
         """200 while outcomes are being stored, 503 while they wait (store or recorder away)."""
         if recording_health is None:
@@ -116,20 +117,20 @@ def build_http_app(
     async def server_metadata() -> dict[str, Any]:
         return dataplane.server_metadata()
 
-    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}", responses=openapi.errors(404))
     async def model_metadata(name: str) -> dict[str, Any]:
         return dataplane.model_metadata(dataplane.resolve(name))
 
-    @app.get("/v2/models/{name}/versions/{version}")
+    @app.get("/v2/models/{name}/versions/{version}", responses=openapi.errors(404))
     async def model_version_metadata(name: str, version: str) -> dict[str, Any]:
         return dataplane.model_metadata(dataplane.resolve(name, version))
 
-    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/ready", responses=openapi.errors(404))
     async def model_ready(name: str) -> dict[str, Any]:
         model = dataplane.resolve(name)
         return {"name": model.name, "ready": True}
 
-    @app.get("/v2/models/{name}/versions/{version}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready", responses=openapi.errors(404))
     async def model_version_ready(name: str, version: str) -> dict[str, Any]:
         model = dataplane.resolve(name, version)
         return {"name": model.name, "ready": True}
@@ -156,15 +157,18 @@ def build_http_app(
         headers["Inference-Header-Content-Length"] = str(header_length)
         return Response(content, media_type="application/octet-stream", headers=headers)
 
-    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/infer", responses=openapi.ERRORS | openapi.errors(401),
+              openapi_extra=openapi.infer_operation())
     async def infer(request: Request, name: str) -> Response:
         return await _infer(request, name, None)
 
-    @app.post("/v2/models/{name}/versions/{version}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer", responses=openapi.ERRORS | openapi.errors(401),
+              openapi_extra=openapi.infer_operation())
     async def infer_version(request: Request, name: str, version: str) -> Response:
         return await _infer(request, name, version)
 
-    @app.post("/v2/feedback")
+    @app.post("/v2/feedback", responses=openapi.errors(400, 401, 403, 404, 413, 422, 503),
+              openapi_extra=openapi.feedback_operation())
     async def feedback(request: Request) -> dict[str, Any]:
         if telemetry is None:
             raise NotFound("telemetry is disabled in this deployment: no feedback API")
@@ -173,7 +177,8 @@ def build_http_app(
         items = parse_feedback(await read_json_body(request, max_bytes + 256 * max_items), max_items)
         return await telemetry.feedback(items, scope)
 
-    @app.post("/v2/outcomes")
+    @app.post("/v2/outcomes", responses=openapi.errors(400, 401, 403, 404, 413, 422, 503),
+              openapi_extra=openapi.outcomes_operation())
     async def outcomes(request: Request) -> dict[str, Any]:
         if telemetry is None:
             raise NotFound("telemetry is disabled in this deployment: no outcomes API")
@@ -183,14 +188,15 @@ def build_http_app(
                                  max_items, scope)
         return await telemetry.outcomes(list(map(outcome_fields, records)))
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses=openapi.errors(404))
     async def metrics() -> Response:
         if telemetry is None:
             raise NotFound("telemetry is disabled in this deployment: no /metrics")
         return Response(await telemetry.metrics(), media_type=PROMETHEUS_CONTENT_TYPE)
 
-    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
     async def not_found(path: str) -> Response:
         raise NotFound(f"no route /{path}")
 
+    openapi.install(app, dataplane.model_names())
     return app
