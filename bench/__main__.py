@@ -18,6 +18,10 @@ def _table(title: str, rows: Sequence[tuple[str, ...]], header: tuple[str, ...])
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["reliability"]:  # its own command: faults and hostile input (docs/reliability.md)
+        from bench import reliability
+
+        return reliability.main(argv[1:])
     sections = argv or ["core", "telemetry", "outside", "onoff", "wire", "serving"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     if "core" in sections:

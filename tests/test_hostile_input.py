@@ -16,6 +16,7 @@ import httpx
 import pytest
 from conftest import serving_args
 
+from bench.hostile import mutated_bodies
 from models.heldout import load_heldout
 from models.runtime import load_member
 from serving.config import parse_serving
@@ -38,33 +39,6 @@ def app(serving_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     host.close()
 
 
-VALUES: list[Any] = [None, True, False, 0, -1, 1e308, -1e308, 5e-324, 1.5, float("nan"), float("inf"), "", "x",
-                     "\x00", "\ud800", [], {}, [[[[[]]]]], {"a": {"b": {"c": {}}}}, "9" * 400, 2**70, -(2**70),
-                     [1] * 3, {"name": "input"}, "good", "digits"]
-BASES = {
-    "/v2/models/digits/infer": {
-        "id": "f", "inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": [[0.0] * 64] * 2,
-                               "parameters": {}}],
-        "outputs": [{"name": "label", "parameters": {"binary_data": False}}],
-        "parameters": {"request_ids": ["a", "b"], "sex": "f"},
-    },
-    "/v2/feedback": {"labels": [{"request_id": "a", "label": 1, "timestamp": 1.0, "source": "s"}]},
-    "/v2/outcomes": {"outcomes": [{"request_id": "o", "ecosystem": "credit", "outputs": {"knn": 1}, "served": "knn",
-                                   "propensity": 0.5, "subgroups": {"sex": "female"}, "timestamp": 1.0}]},
-}
-
-
-def _mutate(obj: Any, rng: random.Random) -> Any:
-    """`obj` with one position (at any depth) replaced by a hostile value."""
-    if isinstance(obj, dict) and obj and rng.random() < 0.7:
-        key = rng.choice(list(obj))
-        return {**obj, key: _mutate(obj[key], rng) if rng.random() < 0.6 else rng.choice(VALUES)}
-    if isinstance(obj, list) and obj and rng.random() < 0.7:
-        i = rng.randrange(len(obj))
-        return obj[:i] + [_mutate(obj[i], rng) if rng.random() < 0.6 else rng.choice(VALUES)] + obj[i + 1:]
-    return rng.choice(VALUES)
-
-
 def test_mutated_bodies_never_get_a_server_error(app):
     rng = random.Random(20261202)
     failures: list[str] = []
@@ -72,16 +46,7 @@ def test_mutated_bodies_never_get_a_server_error(app):
     async def go() -> int:
         sent = 0
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
-            for _ in range(900):
-                path = rng.choice(list(BASES))
-                body = BASES[path]
-                for _ in range(1 + rng.randrange(3)):
-                    body = _mutate(body, rng)
-                raw = json.dumps(body, allow_nan=True).encode()
-                if rng.random() < 0.1:
-                    raw = raw[: rng.randrange(len(raw))]  # truncated
-                if rng.random() < 0.05:
-                    raw = raw.replace(b"a", b"\xff", 1)  # not UTF-8
+            for path, raw in mutated_bodies(rng, 900):
                 r = await client.post(path, content=raw)
                 sent += 1
                 if r.status_code >= 500 or (r.status_code >= 400 and not r.json().get("error")):
