@@ -217,7 +217,7 @@ class Traffic:
     label_every_s: float = 0.5
     probe_every_s: float = 0.0  # 0: no probing
     scrape_every_s: float = 0.0
-    requests: list[tuple[float, int, int]] = field(default_factory=list)  # (time, status, rows)
+    requests: list[tuple[float, int, int, float]] = field(default_factory=list)  # (sent, status, rows, answered)
     answered: list[str] = field(default_factory=list)  # row ids of 200 answers
     latencies: list[tuple[float, float]] = field(default_factory=list)  # (time, seconds) of 200 answers
     labels: list[tuple[float, int, list[str]]] = field(default_factory=list)  # (time, status, ids)
@@ -275,7 +275,7 @@ class Traffic:
             except httpx.HTTPError:
                 status = 0
                 await asyncio.sleep(0.05)
-            self.requests.append((t, status, rows))
+            self.requests.append((t, status, rows, time.time()))
             if status == 200:
                 p = r.json()["parameters"]
                 self.answered.extend(p.get("request_ids") or [p["request_id"]])
@@ -328,8 +328,9 @@ class Traffic:
             await asyncio.sleep(self.scrape_every_s)
 
     # summaries
-    def errors(self, since: float = 0.0, until: float = float("inf")) -> list[tuple[float, int, int]]:
-        return [r for r in self.requests if r[1] != 200 and since <= r[0] <= until]
+    def errors(self, since: float = 0.0, until: float = float("inf")) -> list[tuple[float, int, int, float]]:
+        """Failed requests whose answer (or failure) came between `since` and `until`."""
+        return [r for r in self.requests if r[1] != 200 and since <= r[3] <= until]
 
     def rows_answered(self) -> int:
         return len(self.answered)
@@ -357,15 +358,15 @@ def soak(repo: Path, tmp: Path, duration_s: float, quick: bool) -> list[Row]:
     server = start_server(config(repo, free_port(), store), tmp / "soak.yaml")
     samples: dict[str, list[tuple[float, float]]] = {}
     try:
-        roles = {r: find(server, r) for r in ("gateway", "recorder (process)", "proxy", "haproxy")}
         every = 2.0 if quick else 10.0
         with Traffic(server.url, _x(repo), [1, 4, 4, 4, 4, 8, 8, 8, 8], "soak", scrape_every_s=5.0) as t:
             end = time.time() + duration_s
             while time.time() < end:
-                for role, pids in roles.items():
-                    total = sum(v for v in (rss_mib(p) for p in pids) if v is not None)
-                    if pids:
-                        samples.setdefault(role, []).append((time.time() - t.t0, total))
+                for role in ("gateway", "recorder (process)", "proxy", "haproxy"):
+                    # found again each time: HAProxy, for one, reloads into a new process
+                    sizes = [v for v in (rss_mib(p) for p in find(server, role)) if v is not None]
+                    if sizes:
+                        samples.setdefault(role, []).append((time.time() - t.t0, sum(sizes)))
                 time.sleep(min(every, max(0.0, end - time.time())))
         answered = set(t.answered)
         stored = settle(lambda: len(stored_ids(store)))
@@ -469,10 +470,12 @@ def _outage_rows(name: str, t: Traffic, t_down: float, t_up: float, ids: set[str
         Row(f"{name}: health says so", f"during: /v2/health/ready telemetry.healthy=false and ecoserve_store_up=0 "
             f"seen: {seen_down}; after: healthy again and store_up=1: {back_up}", "both", seen_down and back_up),
         Row(f"{name}: labels", f"answers by status {dict(sorted(label_status.items()))}; refused labels applied: "
-            f"{len(refused & labeled)}; accepted labels missing: {len(accepted - labeled)}",
+            f"{len(refused & labeled)}; accepted labels of stored outcomes not applied: "
+            f"{len((accepted - labeled) & ids)} (accepted labels of dropped outcomes, held as pending: "
+            f"{len(accepted - ids)})",
             "only 200 and 503 (retryable); a 503 applies nothing; a 200 is kept",
             set(label_status) <= {200, 503} and 503 in label_status and not (refused & labeled)
-            and accepted <= labeled),
+            and not ((accepted - labeled) & ids)),
     ]
     if dropped_expected:
         rows.append(Row(f"{name}: records", f"{len(answered):,} rows answered = {len(ids & answered):,} stored + "
@@ -577,7 +580,8 @@ def disk_full(repo: Path, tmp: Path, full_s: float) -> list[Row]:
 
 
 def _kill(server: Server, role: str, t: Traffic, settle_s: float) -> tuple[str, bool]:
-    """SIGKILL every process of `role`; what the clients saw until the traffic recovered."""
+    """SIGKILL every process of `role`; what the clients saw until the traffic recovered (the
+    first success after the last failure, with `settle_s` of successes after it)."""
     pids = find(server, role)
     if not pids:
         return f"no {role} process found", False
@@ -588,11 +592,10 @@ def _kill(server: Server, role: str, t: Traffic, settle_s: float) -> tuple[str, 
     recovered = None
     while time.time() < deadline:
         time.sleep(0.5)
-        errs = t.errors(t_kill)
-        last_err = max((e[0] for e in errs), default=t_kill)
-        ok_after = [r for r in t.requests if r[0] > last_err and r[1] == 200]
+        last_err = max((e[3] for e in t.errors(t_kill)), default=t_kill)
+        ok_after = [r[3] for r in list(t.requests) if r[0] > last_err and r[1] == 200]
         if len(ok_after) >= 20 and time.time() - last_err > settle_s:
-            recovered = min(r[0] for r in ok_after)
+            recovered = min(ok_after)
             break
     errs = t.errors(t_kill, recovered or time.time())
     kinds: dict[int, int] = {}
@@ -600,13 +603,14 @@ def _kill(server: Server, role: str, t: Traffic, settle_s: float) -> tuple[str, 
         kinds[e[1]] = kinds.get(e[1], 0) + 1
     kinds_text = ", ".join(f"{'connection' if k == 0 else k}: {v}" for k, v in sorted(kinds.items())) or "none"
     took = f"{recovered - t_kill:.1f} s" if recovered else "did not recover within 90 s"
-    window = f"{max(e[0] for e in errs) - t_kill:.1f} s" if errs else "0 s"
-    return (f"{len(errs)} failed requests ({kinds_text}) over {window}; serving normally again after {took}",
+    window = f"{max(e[3] for e in errs) - t_kill:.1f} s" if errs else "0 s"
+    return (f"{len(errs)} failed requests ({kinds_text}) within {window} of the kill; serving normally after {took}",
             recovered is not None)
 
 
 def kills(repo: Path, tmp: Path, quick: bool) -> list[Row]:
     settle_s = 3.0 if quick else 8.0
+    observe_s = 8.0 if quick else 40.0
     rows: list[Row] = []
     # 1. the default config: a gateway replica with its recorder as a child process
     store = f"sqlite:///{tmp / 'kill-a.db'}"
@@ -646,8 +650,10 @@ def kills(repo: Path, tmp: Path, quick: bool) -> list[Row]:
             seen, ok = _kill(server, "recorder (deployment)", t, settle_s)
             rows.append(Row("kill recorder (deployment)", seen, "no failed inference request", ok and
                             "0 failed" in seen))
-            ids_mid = settle(lambda: stored_ids(store))
             answered_mid = set(t.answered)
+            deadline = time.time() + 60
+            while not answered_mid <= (ids_mid := stored_ids(store)) and time.time() < deadline:
+                time.sleep(1.0)
             rows.append(Row("kill recorder (deployment): accounting",
                             f"{len(answered_mid):,} rows answered so far, {len(answered_mid - ids_mid)} not stored",
                             "none lost (hand-overs are re-sent; a stored id is skipped)",
@@ -656,9 +662,17 @@ def kills(repo: Path, tmp: Path, quick: bool) -> list[Row]:
             t_kill = time.time()
             for pid in find(server, "raylet"):
                 os.kill(pid, signal.SIGKILL)
-            time.sleep(10)
-        exit_code = server.proc.poll()
-        errs_after = t.errors(t_kill)
+            time.sleep(observe_s)
+            exit_code = server.proc.poll()
+            errs_after = t.errors(t_kill)
+            first_err = min((e[3] for e in errs_after), default=None)
+            # the node is lost: every process of it dies at once (as when a pod or host goes)
+            server.proc.kill()
+            for pid in left:
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            server.proc.wait()
+            time.sleep(1)
     finally:
         stop_server(server, left)
     answered = set(t.answered)
@@ -670,11 +684,12 @@ def kills(repo: Path, tmp: Path, quick: bool) -> list[Row]:
     finally:
         stop_server(server)
     gap = len(ids) + lost - len(answered)
-    rows.append(Row("kill raylet (the only node)",
-                    f"every request after it failed ({len(errs_after)} in 10 s); `ecoserve serve` "
-                    f"{'exited with status ' + str(exit_code) if exit_code is not None else 'was still running'}; "
-                    f"after a restart on the same store: {len(ids):,} stored + {lost:,.0f} counted lost = "
-                    f"answered ({len(answered):,}) {gap:+,.0f}",
+    seen = (f"{len(errs_after)} failed requests in the {observe_s:.0f} s after it"
+            + (f" (the first after {first_err - t_kill:.1f} s)" if first_err else "")
+            + f"; `ecoserve serve` {'exited with status ' + str(exit_code) if exit_code is not None else 'still running'}")
+    rows.append(Row("kill raylet (the only node), then the node lost",
+                    f"{seen}; then every process of the node SIGKILLed; after a restart on the same store: "
+                    f"{len(ids):,} stored + {lost:,.0f} counted lost = answered ({len(answered):,}) {gap:+,.0f}",
                     f"the restart counts what was lost: stored + lost - answered in [0, {inflight}]",
                     0 <= gap <= inflight))
     return rows
@@ -690,9 +705,20 @@ def abuse(repo: Path, tmp: Path, quick: bool) -> list[Row]:
     try:
         procs = [p for r in ("proxy", "haproxy", "gateway") for p in find(server, r)]
         rss0 = sum(rss_mib(p) or 0 for p in procs)
-        m0 = scrape(server.url)
+        x = load_heldout(repo / "credit").X[:1].astype(np.float32).ravel().tolist()
+
+        def credit(c: httpx.Client, rid: str, groups: dict[str, str]) -> int:
+            body = {"id": rid, "inputs": [{"name": "input", "shape": [1, len(x)], "datatype": "FP32", "data": x}],
+                    "parameters": groups}
+            return c.post(f"{server.url}/v2/models/credit/infer", json=body).status_code
+
+        with httpx.Client(timeout=30) as c:  # the series a normal day has: declared values, and one `other`
+            for i, (sex, age) in enumerate([("female", "young"), ("male", "adult"), ("unknown", "unknown")] * 3):
+                credit(c, f"warm-{i}", {"sex": sex, "age_group": age})
         with Traffic(server.url, _x(repo), [1, 1], "calm", label_share=0.0) as base:
             time.sleep(phase_s)
+        time.sleep(1.0)
+        m0 = scrape(server.url)
         port = server.cfg["http_options"]["port"]
         for _ in range(n_idle):
             s = socket.create_connection(("127.0.0.1", port))
@@ -714,16 +740,12 @@ def abuse(repo: Path, tmp: Path, quick: bool) -> list[Row]:
 
         dripper = threading.Thread(target=trickle, daemon=True)
         dripper.start()
-        x = load_heldout(repo / "credit").X[:1].astype(np.float32).ravel().tolist()
         flood_status: dict[int, int] = {}
         with Traffic(server.url, _x(repo), [1, 1], "abused", label_share=0.0) as hit:
             with httpx.Client(timeout=30) as c:
                 for i in range(n_flood):
-                    body = {"id": ("z" * 120) + f"{i:08d}",
-                            "inputs": [{"name": "input", "shape": [1, len(x)], "datatype": "FP32", "data": x}],
-                            "parameters": {"sex": f"value-{i}", "age_group": f"age-{i}"}}
-                    r = c.post(f"{server.url}/v2/models/credit/infer", json=body)
-                    flood_status[r.status_code] = flood_status.get(r.status_code, 0) + 1
+                    code = credit(c, ("z" * 120) + f"{i:08d}", {"sex": f"value-{i}", "age_group": f"age-{i}"})
+                    flood_status[code] = flood_status.get(code, 0) + 1
             time.sleep(max(0.0, phase_s - (time.time() - hit.t0)))
         stop.set()
         cut = 0

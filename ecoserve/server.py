@@ -49,7 +49,10 @@ log = logging.getLogger(__name__)
 FAST_INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 # A local server has no load balancer to drain from: Serve's 30 s proxy drain would only delay
 # Ctrl-C (measured: `serve.delete` took 36 s with HAProxy ingress, 1 s with this at 1 s).
-LOCAL_ENV = {"RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+LOCAL_ENV = {"RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+             # a dead HAProxy is restarted after 3 failed proxy health checks: at Serve's 10 s period
+             # clients saw 29 s of failures (docs/reliability.md); at 2 s, about 6 s
+             "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "2"}
 SERVER_ID_ENV = "ECOSERVE_SERVER_ID"
 STOP_DEADLINE_S = 9.0  # from the signal: the graceful stop (flush, delete, shutdown) must end by then
 KILL_GRACE_S = 2.0  # between SIGTERM and SIGKILL of the server's processes
