@@ -146,6 +146,15 @@ def rule_groups(t: Thresholds = Thresholds()) -> list[dict[str, Any]]:
             "unreachable or full): records wait in the gateways' bounded queues and are dropped once those fill.",
         ),
         _rule(
+            "EcoserveStoreDown",
+            # also without traffic (no hand-over to fail): the recorder checks its store every sweep
+            f"(time() - (ecoserve_store_down_since_timestamp_seconds > 0)) > {t.handover_failing_s}",
+            "0m", "critical",
+            "The outcome store is down",
+            "The recorder's outcome store has failed its checks or writes for {{ $value | humanizeDuration }}: "
+            "outcomes wait in the gateways' queues, labels get 503, label coverage is not refreshed.",
+        ),
+        _rule(
             "EcoserveOutcomesLost",
             "sum by (ecosystem) (increase(ecoserve_outcomes_lost_total[15m])) > 0",
             "0m", "warning",
