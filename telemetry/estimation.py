@@ -86,7 +86,8 @@ class Calibrator:
         s = np.asarray(scores, dtype=float)
         if self.identity:
             return np.clip(s, 0.0, 1.0)
-        return np.asarray(self.values)[np.searchsorted(np.asarray(self.edges), s, side="right")]
+        out: np.ndarray = np.asarray(self.values)[np.searchsorted(np.asarray(self.edges), s, side="right")]
+        return out
 
     @staticmethod
     def _bins(scores: np.ndarray, correct: np.ndarray, n_bins: int) -> Calibrator:
@@ -225,7 +226,8 @@ class SystemicEstimator:
     def risk(self, preds: np.ndarray, scores: np.ndarray, served: np.ndarray) -> np.ndarray:
         """P(every member wrong) per outcome."""
         x = features(self.calibrated(scores), preds, served)
-        return 1.0 / (1.0 + np.exp(-np.clip(x @ self.coef, -30, 30)))
+        risk: np.ndarray = 1.0 / (1.0 + np.exp(-np.clip(x @ self.coef, -30, 30)))
+        return risk
 
     def estimate(self, preds: np.ndarray, scores: np.ndarray, served: np.ndarray) -> Estimate:
         """The estimated systemic failure rate over these outcomes, with its interval (module doc)."""
