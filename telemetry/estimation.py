@@ -85,7 +85,8 @@ class Calibrator:
     def __call__(self, scores: np.ndarray) -> np.ndarray:
         s = np.asarray(scores, dtype=float)
         if self.identity:
-            return np.clip(s, 0.0, 1.0)
+            clipped: np.ndarray = np.clip(s, 0.0, 1.0)
+            return clipped
         out: np.ndarray = np.asarray(self.values)[np.searchsorted(np.asarray(self.edges), s, side="right")]
         return out
 
