@@ -218,6 +218,18 @@ def _token(env: str, fieldname: str) -> str:
     return token
 
 
+class EstimationConfig(_Strict):
+    """Label-free estimates of failure for outcomes still waiting for labels (docs/design.md)."""
+
+    enabled: bool = Field(default=True, description="fit an estimator on labeled outcomes and stream its estimates")
+    interval_s: float = Field(default=30.0, gt=0, description="how often the estimates are refreshed")
+    refit_interval_s: float = Field(default=600.0, gt=0, description="how often the estimator is refitted")
+    reference_size: int = Field(default=20_000, ge=200, le=1_000_000,
+                                description="newest labeled outcomes it is fitted on")
+    max_estimated: int = Field(default=50_000, ge=1, le=1_000_000,
+                               description="newest outcomes of the window waiting for labels that are estimated")
+
+
 class TelemetryConfig(_Strict):
     """Outcome recording, the label join, and /metrics (docs/store.md, docs/configuration.md)."""
 
@@ -237,6 +249,7 @@ class TelemetryConfig(_Strict):
     max_pending: int = Field(default=100_000, ge=1, description="labels waiting for outcomes, at most")
     window_s: float = Field(default=3600.0, gt=0, description="rolling window of the ecoserve_window_* gauges")
     window_buckets: int = Field(default=12, ge=1, le=1440, description="buckets the window slides by")
+    estimation: EstimationConfig = Field(default_factory=EstimationConfig)
     sweep_interval_s: float = Field(default=5.0, gt=0, description="assumed-label and pending-expiry sweep period")
     coverage_ages_s: tuple[float, ...] = Field(
         default=(60.0, 600.0, 3600.0, 86400.0, 604800.0), min_length=1,

@@ -189,10 +189,21 @@ class EcosystemRunner:
                 probs[rows] = r[1][rows]
         now = time.time()
         fps = _fingerprints(x)
+        row_scores: list[tuple[float, ...]] = [()] * n
         if self.regression:  # None: a missing value (JSON null in the store)
             row_values = [tuple(None if v != v else v for v in row) for row in preds.tolist()]
         else:
             row_values = [tuple(row) for row in preds.tolist()]
+            # each member's score for the class it predicted (label-free estimates calibrate these)
+            scores = np.full((n, m), np.nan)
+            rows_ = np.arange(n)
+            for a, r in results.items():
+                if not isinstance(r, BaseException) and r[1] is not None and r[1].ndim == 2:
+                    got = preds[:, a] >= 0
+                    cls = np.clip(preds[:, a], 0, r[1].shape[1] - 1)
+                    scores[:, a] = np.where(got, r[1][rows_, cls], np.nan)
+            if np.isfinite(scores).any():
+                row_scores = [tuple(row) for row in scores.tolist()]
         outcomes = [
             Outcome(
                 request_id=request_ids[i],
@@ -209,6 +220,7 @@ class EcosystemRunner:
                 direct=direct_member is not None,
                 groups=groups[i],
                 input_fingerprint=fps[i],
+                scores=row_scores[i],
             )
             for i in range(n)
         ]

@@ -131,19 +131,18 @@ def features(cal: np.ndarray, preds: np.ndarray, served: np.ndarray) -> np.ndarr
     row_mean = np.nanmean(np.where(missing, np.nan, cal), axis=1) if m else np.zeros(n)
     row_mean = np.where(np.isfinite(row_mean), row_mean, 0.5)
     cal = np.where(missing, row_mean[:, None], cal)
-    majority_share = np.zeros(n)
-    distinct = np.zeros(n)
-    served_major = np.zeros(n)
-    for i in range(n):
-        vals = preds[i][preds[i] >= 0]
-        if len(vals) == 0:
-            continue
-        uniq, counts = np.unique(vals, return_counts=True)
-        top = uniq[np.argmax(counts)]
-        majority_share[i] = counts.max() / m
-        distinct[i] = len(uniq) / m
-        s = served[i]
-        served_major[i] = float(0 <= s < m and preds[i, s] == top)
+    # answers counted per row (one-hot over classes): the majority's share, distinct answers
+    valid = preds >= 0
+    width = int(preds.max()) + 1 if valid.any() else 1
+    counts = np.zeros((n, width))
+    rows, cols = np.nonzero(valid)
+    np.add.at(counts, (rows, preds[rows, cols]), 1.0)
+    top = counts.argmax(axis=1)  # ties: the smallest class
+    majority_share = counts.max(axis=1) / m if m else np.zeros(n)
+    distinct = (counts > 0).sum(axis=1) / m if m else np.zeros(n)
+    ok = (served >= 0) & (served < m) & valid.any(axis=1)
+    served_pred = preds[np.arange(n), np.clip(served, 0, max(m - 1, 0))]
+    served_major = (ok & (served_pred == top) & (served_pred >= 0)).astype(float)
     return np.column_stack([np.ones(n), cal, cal.mean(axis=1), cal.min(axis=1), cal.max(axis=1),
                             majority_share, distinct, served_major])
 

@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 
 from telemetry.counts import EcosystemCounts, group_keys
 from telemetry.events import Event, EventCounts
-from telemetry.recorder import DELAY_BUCKETS_S, SOURCES, EcosystemSnapshot, Recorder
+from telemetry.recorder import DELAY_BUCKETS_S, SOURCES, EcosystemEstimates, EcosystemSnapshot, Recorder
 from telemetry.serving_stats import LATENCY_BUCKETS_S
 from telemetry.summary import summarize
 
@@ -91,6 +91,19 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ecoserve_window_snips": ("gauge", ("ecosystem", "member"), "Self-normalized IPS estimate of serving this member."),
     "ecoserve_window_effective_sample_size": ("gauge", ("ecosystem", "member"), "Effective sample size of the IPS weights."),
     "ecoserve_window_min_propensity": ("gauge", ("ecosystem",), "Smallest logged propensity among labeled policy-routed rows (positivity)."),
+    "ecoserve_estimated_systemic_failure_ratio": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Estimated share of the window's outcomes still waiting for labels on which every member is wrong (label-free; docs/design.md)."),
+    "ecoserve_estimated_systemic_failure_ratio_lower": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Lower end of its 95% interval."),
+    "ecoserve_estimated_systemic_failure_ratio_upper": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Upper end of its 95% interval."),
+    "ecoserve_estimated_accuracy_ratio": ("gauge", ("ecosystem", "member"), "Estimated accuracy of a member on the outcomes still waiting for labels (its mean calibrated score)."),
+    "ecoserve_estimated_accuracy_ratio_lower": ("gauge", ("ecosystem", "member"), "Lower end of its 95% interval."),
+    "ecoserve_estimated_accuracy_ratio_upper": ("gauge", ("ecosystem", "member"), "Upper end of its 95% interval."),
+    "ecoserve_estimated_outcomes": ("gauge", ("ecosystem",), "Outcomes of the window still waiting for labels that the estimates cover."),
+    "ecoserve_estimator_version": ("gauge", ("ecosystem",), "Version of the fitted label-free estimator (kept in the store)."),
+    "ecoserve_estimator_fitted_timestamp_seconds": ("gauge", ("ecosystem",), "When the estimator was fitted."),
+    "ecoserve_estimator_reference_outcomes": ("gauge", ("ecosystem",), "Labeled outcomes it was fitted on."),
+    "ecoserve_estimator_reference_systemic_failure_ratio": ("gauge", ("ecosystem",), "The realized systemic failure rate of those reference outcomes."),
+    "ecoserve_estimator_error": ("gauge", ("ecosystem",), "|estimated - realized| systemic failure rate on outcomes it estimated whose labels arrived after it was fitted (how good it has been)."),
+    "ecoserve_estimator_checked_outcomes": ("gauge", ("ecosystem",), "Outcomes that error was measured on."),
     "ecoserve_window_served_output_entropy": ("gauge", ("ecosystem",), "Entropy (base 2) of the distribution of served outputs predicted in the window; a fall means fewer outputs reach callers (degenerate feedback loops)."),
 }
 
@@ -134,6 +147,8 @@ class EcoserveCollector(Collector):
         fams: dict[str, Any] = {name: _family(name) for name in METRICS}
         for eco, st in snap.ecosystems.items():
             self._ecosystem(fams, eco, st, snap.events)
+            if eco in snap.estimates:
+                self._estimates(fams, eco, st.spec.members, snap.estimates[eco])
         events = snap.events
         fams["ecoserve_feedback_unknown_id_total"].add_metric([], events[Event.UNKNOWN_IDS])
         fams["ecoserve_labels_expired_total"].add_metric([], events[Event.EXPIRED])
@@ -167,6 +182,24 @@ class EcoserveCollector(Collector):
                 if total:
                     fams["ecoserve_label_coverage_ratio"].add_metric([eco, f"{age:g}"], labeled / total)
         yield from fams.values()
+
+    @staticmethod
+    def _estimates(fams: dict[str, Any], eco: str, members: tuple[str, ...], e: EcosystemEstimates) -> None:
+        fams["ecoserve_estimated_outcomes"].add_metric([eco], e.n)
+        fams["ecoserve_estimator_version"].add_metric([eco], e.version)
+        fams["ecoserve_estimator_fitted_timestamp_seconds"].add_metric([eco], e.fitted_at)
+        fams["ecoserve_estimator_reference_outcomes"].add_metric([eco], e.n_fit)
+        fams["ecoserve_estimator_reference_systemic_failure_ratio"].add_metric([eco], e.base_rate)
+        if e.error is not None:
+            fams["ecoserve_estimator_error"].add_metric([eco], e.error)
+            fams["ecoserve_estimator_checked_outcomes"].add_metric([eco], e.checked)
+        for (sg, value), est in sorted(e.systemic.items()):
+            for suffix, v in (("", est.value), ("_lower", est.lower), ("_upper", est.upper)):
+                fams[f"ecoserve_estimated_systemic_failure_ratio{suffix}"].add_metric([eco, sg, value], v)
+        for member, est in zip(members, e.accuracy):
+            if est.n:
+                for suffix, v in (("", est.value), ("_lower", est.lower), ("_upper", est.upper)):
+                    fams[f"ecoserve_estimated_accuracy_ratio{suffix}"].add_metric([eco, member], v)
 
     def _ecosystem(self, fams: dict[str, Any], eco: str, st: EcosystemSnapshot, events: EventCounts) -> None:
         spec = st.spec

@@ -32,12 +32,13 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 from telemetry.counts import EcosystemCounts, correctness, value_correctness
+from telemetry.estimation import Estimate, SystemicEstimator
 from telemetry.events import Event, EventCounts
 from telemetry.exploration import ExplorationCounts
 from telemetry.records import Outcome, outcome_fields
@@ -137,6 +138,7 @@ class RecorderSnapshot:
     serving: dict[str, Any]  # the gateways' serving reports, merged
     coverage: dict[str, dict[float, tuple[int, int]]]  # ecosystem -> age -> (outcomes, labeled)
     coverage_ages_s: tuple[float, ...]
+    estimates: dict[str, EcosystemEstimates] = field(default_factory=dict)  # label-free, per ecosystem
 
 
 class _EcosystemState:
@@ -178,6 +180,21 @@ def _correct(spec: EcosystemSpec, raw: np.ndarray, preds: np.ndarray, served: np
     return correctness(preds, labels.astype(np.int64))
 
 
+@dataclass
+class EcosystemEstimates:
+    """The latest label-free estimates of one ecosystem (`Recorder.refresh_estimates`)."""
+
+    version: int
+    fitted_at: float
+    n_fit: int
+    base_rate: float  # the reference's realized systemic failure rate
+    n: int  # outcomes estimated (waiting for labels, in the window)
+    systemic: dict[tuple[str, str], Estimate] = field(default_factory=dict)  # (subgroup, value) -> estimate
+    accuracy: list[Estimate] = field(default_factory=list)  # per member
+    error: float | None = None  # |estimated - realized| on outcomes labeled since the fit
+    checked: int = 0
+
+
 class Recorder:
     def __init__(
         self,
@@ -190,7 +207,13 @@ class Recorder:
         window_buckets: int = 12,
         coverage_ages_s: Sequence[float] = COVERAGE_AGES_S,
         clock: Callable[[], float] = time.time,
+        estimate_refit_s: float = 600.0,
+        estimate_reference: int = 20_000,
+        estimate_max: int = 50_000,
     ) -> None:
+        # label-free estimates (telemetry.estimation): refit period, reference size, outcomes estimated
+        self.estimate_refit_s, self.estimate_reference, self.estimate_max = (
+            estimate_refit_s, estimate_reference, estimate_max)
         self.coverage_ages_s = tuple(coverage_ages_s)
         self.specs = specs
         self.store = store
@@ -215,6 +238,12 @@ class Recorder:
         self.cpu_s: dict[str, float] = {"record": 0.0, "feedback": 0.0, "sweep": 0.0}
         self._pending = store.count_pending()
         self._coverage_cache: tuple[float, dict[str, dict[float, tuple[int, int]]]] = (0.0, {})
+        self.estimators: dict[str, SystemicEstimator] = {}
+        self.estimates: dict[str, EcosystemEstimates] = {}
+        for eco, model in store.latest_estimators().items():
+            est = SystemicEstimator.from_json(model)
+            if eco in specs and est.members == specs[eco].members:  # a changed member list: refit
+                self.estimators[eco] = est
         self._rebuild()
 
     # ------------------------------------------------------ event counts
@@ -696,6 +725,80 @@ class Recorder:
         self._coverage_cache = (now, fresh)
         return fresh
 
+    # ---------------------------------------------------------- label-free estimates
+    def _arrays(self, spec: EcosystemSpec, items: Sequence[StoredOutcome]) -> tuple[np.ndarray, ...]:
+        """Predictions (codes), scores (NaN: none) and served index of stored outcomes, as the
+        current members see them."""
+        raw, served, _, _, _ = spec.align([o.members for o in items], [o.predictions for o in items],
+                                          [o.served for o in items], [o.intended for o in items],
+                                          [o.greedy for o in items], [o.propensities for o in items])
+        scores = np.full((len(items), len(spec.members)), np.nan)
+        position = {name: i for i, name in enumerate(spec.members)}
+        for i, o in enumerate(items):
+            if o.scores:
+                for name, v in zip(o.members, o.scores):
+                    j = position.get(name)
+                    if j is not None and v is not None:
+                        scores[i, j] = v
+        return raw, spec.codes(raw), scores, served
+
+    def refresh_estimates(self) -> dict[str, int]:
+        """Refit each classification ecosystem's estimator when due (from the newest
+        `estimate_reference` labeled outcomes; kept, versioned, in the store), then estimate the
+        outcomes of the window still waiting for labels, overall and per subgroup value, and check
+        the estimator on outcomes labeled since it was fitted. Reads the store; called from the
+        sweep thread. Returns the outcomes estimated per ecosystem."""
+        now = self.clock()
+        out: dict[str, int] = {}
+        for name, st in self.state.items():
+            spec = st.spec
+            if spec.regression or spec.label_mode == "bandit":
+                continue
+            est = self.estimators.get(name)
+            if est is None or now - est.fitted_at >= self.estimate_refit_s:
+                labeled = self.store.recent_outcomes(name, labeled=True, limit=self.estimate_reference)
+                if labeled:
+                    raw, preds, scores, served = self._arrays(spec, labeled)
+                    labels = np.array([o.label for o in labeled], dtype=float)
+                    correct = _correct(spec, raw, preds, served, labels)
+                    version = est.version + 1 if est is not None else 1
+                    fitted = SystemicEstimator.fit(spec.members, preds, scores, served, correct, now, version)
+                    if fitted is not None:
+                        self.store.save_estimator(name, version, now, fitted.n_fit, fitted.to_json())
+                        est = self.estimators[name] = fitted
+            if est is None:
+                out[name] = 0
+                continue
+            waiting = self.store.recent_outcomes(name, labeled=False, since=now - self.window_s, limit=self.estimate_max)
+            result = EcosystemEstimates(version=est.version, fitted_at=est.fitted_at, n_fit=est.n_fit,
+                                        base_rate=est.base_rate, n=len(waiting))
+            if waiting:
+                _, preds, scores, served = self._arrays(spec, waiting)
+                result.systemic[("all", "all")] = est.estimate(preds, scores, served)
+                result.accuracy = est.accuracy(preds, scores)
+                groups = st.groups_of([o.groups for o in waiting])
+                for attr, values in (groups or {}).items():
+                    arr = np.array(values)
+                    for value in spec.subgroups[attr]:
+                        sel = np.flatnonzero(arr == value)
+                        if len(sel):
+                            result.systemic[(attr, value)] = est.estimate(preds[sel], scores[sel], served[sel])
+            # how good it has been: outcomes it estimated (in the window, waiting) whose labels came later
+            checked = self.store.recent_outcomes(name, labeled=True, since=est.fitted_at - self.window_s,
+                                                 label_received_after=est.fitted_at, limit=self.estimate_max)
+            if checked:
+                raw, preds, scores, served = self._arrays(spec, checked)
+                correct = _correct(spec, raw, preds, served, np.array([o.label for o in checked], dtype=float))
+                known = (correct >= 0).all(axis=1)
+                if known.any():
+                    realized = float((correct[known] == 0).all(axis=1).mean())
+                    predicted = est.estimate(preds[known], scores[known], served[known]).value
+                    result.error, result.checked = abs(predicted - realized), int(known.sum())
+            with self._lock:
+                self.estimates[name] = result
+            out[name] = len(waiting)
+        return out
+
     def check_store(self) -> bool:
         """Ask the store a trivial question (the recorder's periodic health check): whether it
         answered. A store that answers but cannot be written (a full disk) still shows as down
@@ -738,7 +841,7 @@ class Recorder:
                 handover_failures=self.handover_failures, handover_failing_since=self.handover_failing_since,
                 store_down_since=self.store_down_since,
                 window_s=self.window_s, cpu_s=dict(self.cpu_s), serving=self.serving_report(), coverage=coverage,
-                coverage_ages_s=self.coverage_ages_s,
+                coverage_ages_s=self.coverage_ages_s, estimates=dict(self.estimates),
             )
 
     def window_totals(self, ecosystem: str) -> tuple[EcosystemCounts, ExplorationCounts]:

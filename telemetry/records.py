@@ -31,6 +31,9 @@ class Outcome:
     direct: bool  # the client addressed one member directly
     groups: dict[str, str] = field(default_factory=dict)
     input_fingerprint: str = ""
+    # per member: its score for the class it predicted (a probability; NaN: none, e.g. a missing
+    # output or a member without scores); empty for regression and for outcomes from outside
+    scores: tuple[float, ...] = ()
 
     @property
     def propensity(self) -> float:
@@ -49,7 +52,7 @@ ROW_COLUMNS = ("request_id", "ecosystem", "created_at", "context", "payload", "p
 # the payload: one JSON array of ints (and the fingerprint) per outcome, decoded in one call per
 # batch; propensity vectors and group objects keep their own columns, because their JSON (floats,
 # objects) repeats from row to row and is decoded once per distinct text (`telemetry.store`)
-PAYLOAD_FIELDS = ("predictions", "served", "intended", "greedy", "direct", "fingerprint")
+PAYLOAD_FIELDS = ("predictions", "served", "intended", "greedy", "direct", "fingerprint", "scores")  # scores: optional
 
 
 
@@ -103,7 +106,7 @@ class RowEncoder:
         jm = jv = jp = jg = mid = ""
         ctx = 0
         for rid, eco, t, members, versions, predictions, served, intended, propensities, greedy, policy, direct, \
-                grp, fingerprint in items:
+                grp, fingerprint, scores in items:
             if members is not last_m or versions is not last_v or policy is not last_pol:
                 if members is not last_m:
                     last_m, jm = members, names.get(members) or fill(names, members, _json_list)
@@ -120,10 +123,12 @@ class RowEncoder:
                 last_s, last_i, last_gr, last_d = served, intended, greedy, direct
                 mid = f",{int(served)},{int(intended)},{int(greedy)},{'true' if direct else 'false'},"
             jpred = preds.get(predictions) or fill(preds, predictions, _json_predictions)
+            tail = f",{_json_scores(scores)}]" if scores else "]"
             if fingerprint.isalnum():  # the gateway's: hex digests (any letter or digit is valid raw in JSON)
-                out.append((rid, eco, t, ctx, f'[{jpred}{mid}"{fingerprint}"]', jp, jg))
+                out.append((rid, eco, t, ctx, f'[{jpred}{mid}"{fingerprint}"{tail}', jp, jg))
             else:
-                out.append((rid, eco, t, ctx, payload_text(jpred, served, intended, greedy, direct, fingerprint), jp, jg))
+                text = payload_text(jpred, served, intended, greedy, direct, fingerprint)
+                out.append((rid, eco, t, ctx, text[:-1] + tail, jp, jg))
         return out
 
 
@@ -140,6 +145,12 @@ def _json_prediction(v: int | float | None) -> str:
     if isinstance(v, float):
         return repr(v) if math.isfinite(v) else "null"
     return "null" if v is None else str(int(v))
+
+
+def _json_scores(values: tuple[float, ...]) -> str:
+    """Scores to 4 significant digits (what calibration can use; 6 characters each); NaN or an
+    infinity (a model's odd output) as null."""
+    return "[" + ",".join(f"{v:.4g}" if math.isfinite(v) else "null" for v in values) + "]"
 
 
 def _json_floats(values: tuple[float, ...]) -> str:

@@ -12,8 +12,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_recorder import SPEC, Clock, outcome
 
+from telemetry.estimation import Estimate
 from telemetry.metrics import exposition
-from telemetry.recorder import LabelItem, Recorder
+from telemetry.recorder import EcosystemEstimates, LabelItem, Recorder
 from telemetry.serving_stats import ServingStats
 from telemetry.store import open_store
 
@@ -43,6 +44,12 @@ def _exported(tmp_path: Path) -> dict[str, tuple[str, set[str] | None]]:
         stats.observe("eco", "a", "cpu", 0.002)
         stats.error("eco", "b", "timeout")
         rec.record([], "gw", {"dropped": {"queue_full": 1}, "serving": stats.snapshot(), "progress": {}})
+        # label-free estimates need hundreds of labels to fit (tests/test_estimation_streaming.py):
+        # set a result here, to read the labels of their families
+        e = Estimate(0.1, 0.05, 0.15, 10)
+        rec.estimates["eco"] = EcosystemEstimates(version=1, fitted_at=1.0, n_fit=300, base_rate=0.1, n=10,
+                                                  systemic={("all", "all"): e}, accuracy=[e, e, e], error=0.01,
+                                                  checked=5)
         text = exposition(rec).decode()
     finally:
         rec.store.close()

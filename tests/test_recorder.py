@@ -196,7 +196,7 @@ def test_a_version_2_store_is_migrated_in_place(store_url, monkeypatch):
     s3 = None
     try:
         with store.engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT version FROM ecoserve_schema").scalar() == SCHEMA_VERSION == 4
+            assert conn.exec_driver_sql("SELECT version FROM ecoserve_schema").scalar() == SCHEMA_VERSION == 5
             assert conn.exec_driver_sql("SELECT count(*) FROM ecoserve_contexts").scalar() == 4
             view = {r.request_id: r._mapping for r in conn.exec_driver_sql("SELECT * FROM ecoserve_outcomes_v")}
         idx = _indexes(store)
@@ -429,6 +429,10 @@ def test_row_encoder_writes_what_json_dumps_would():
         Outcome("r3", "eco", 7.0, MEMBERS, ("1", "1", "1"), (0, 0, 0), 0, 0, (1.0, 0, 0), 0, "direct", True, {}, ""),
         Outcome("r4", "eco", 7.5, MEMBERS, ("1", "1", "1"), (0, 0, 0), 0, 0, (1.0, 0, 0), 0, "direct", True, {},
                 'a"b\\ü'),  # a client's fingerprint text that needs escaping
+        Outcome("r5", "eco", 8.0, MEMBERS, ("1", "1", "1"), (0, 1, -1), 0, 0, (1.0, 0, 0), 0, "primary", False, {},
+                "ab12", (0.91234567, 1e-5, float("nan"))),  # scores: 4 significant digits, NaN as null
+        Outcome("r6", "eco", 8.5, MEMBERS, ("1", "1", "1"), (0, 1, 2), 0, 0, (1.0, 0, 0), 0, "primary", False, {},
+                "x y", (0.5, float("inf"), 0.25)),
     ]
     contexts: list[tuple[str, str, str]] = []
 
@@ -450,10 +454,12 @@ def test_row_encoder_writes_what_json_dumps_would():
                 "predictions": [int(v) for v in o.predictions], "served": o.served, "intended": o.intended,
                 "greedy": o.greedy, "direct": o.direct, "fingerprint": o.input_fingerprint,
             }
+            if o.scores:
+                want["scores"] = [float(f"{v:.4g}") if np.isfinite(v) else None for v in o.scores]
             payload = json.loads(got["payload"])
             assert dict(zip(PAYLOAD_FIELDS, payload)) == want
-            assert [type(v) for v in payload] == [type(want[f]) for f in PAYLOAD_FIELDS]
-    assert len(contexts) == 3
+            assert [type(v) for v in payload] == [type(want[f]) for f in PAYLOAD_FIELDS[:len(payload)]]
+    assert len(contexts) == 4
 
 
 def test_outcome_ids_already_stored_are_skipped(store_url):

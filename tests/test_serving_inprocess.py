@@ -67,7 +67,10 @@ def test_outputs_equal_onnxruntime_directly(app, serving_repo, recorded):
     assert len(mine) == 20
     for a, name in enumerate(mine[0].members):
         s = ort.InferenceSession(str(serving_repo / f"digits/{name}/1/model.onnx"), providers=["CPUExecutionProvider"])
-        assert [o.predictions[a] for o in mine] == s.run(["label"], {"input": x})[0].tolist()
+        labels, probs = s.run(["label", "probabilities"], {"input": x})
+        assert [o.predictions[a] for o in mine] == labels.tolist()
+        # and its score for the class it predicted (what label-free estimates calibrate)
+        assert np.allclose([o.scores[a] for o in mine], probs[np.arange(20), labels], atol=1e-6), name
 
 
 def test_direct_member_request_and_header_id(app, serving_repo, recorded):

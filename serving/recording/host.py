@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -144,13 +145,18 @@ class RecorderHost:
             window_s=cfg.window_s,
             window_buckets=cfg.window_buckets,
             coverage_ages_s=cfg.coverage_ages_s,
+            estimate_refit_s=cfg.estimation.refit_interval_s,
+            estimate_reference=cfg.estimation.reference_size,
+            estimate_max=cfg.estimation.max_estimated,
         )
+        self._estimation = cfg.estimation
         log.info("recorder ready on %s store; %d outcomes stored", self.store.backend, self.store.count_outcomes())
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep_loop, args=(cfg.sweep_interval_s,), daemon=True)
         self._sweeper.start()
 
     def _sweep_loop(self, interval_s: float) -> None:
+        last_estimate = 0.0
         while not self._stop.wait(interval_s):
             if not self.recorder.check_store():
                 continue  # no sweep against a store that does not answer
@@ -158,6 +164,12 @@ class RecorderHost:
                 self.recorder.sweep()
             except Exception as exc:  # the sweep retries next period; never kill the thread
                 log.warning("recorder sweep failed: %s", exc)
+            if self._estimation.enabled and time.monotonic() - last_estimate >= self._estimation.interval_s:
+                last_estimate = time.monotonic()
+                try:
+                    self.recorder.refresh_estimates()
+                except Exception as exc:  # stale estimates until the next period
+                    log.warning("label-free estimates not refreshed: %s", exc)
 
     def record(self, outcomes: list[Outcome], reporter: str, report: dict[str, Any]) -> dict[str, Any]:
         return self.record_fields(list(map(outcome_fields, outcomes)), reporter, report)

@@ -19,6 +19,7 @@ from telemetry.store.schema import (
     V2_FIELDS,
     V2_INDEXES,
     contexts,
+    estimators,
     ledgers,
     metadata,
     outcomes,
@@ -57,6 +58,9 @@ def migrate(store: OutcomeStore) -> int:
             if version < 4:  # 3 -> 4: held labels keep their token's scope and a 64-character source
                 _pending_v4(store, conn)
                 version = 4
+            if version < 5:  # 4 -> 5: fitted label-free estimators
+                estimators.create(conn, checkfirst=True)
+                version = 5
             conn.execute(update(schema_table).values(version=version))
             conn.exec_driver_sql(view_sql(store.backend))
     except SQLAlchemyError as exc:

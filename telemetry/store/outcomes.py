@@ -20,6 +20,7 @@ from telemetry.store.errors import StoreError, as_invalid
 from telemetry.store.migrations import migrate
 from telemetry.store.rows import COLUMNS, FirstLabel, StoredOutcome, chunks, decode_rows, sized_chunks
 from telemetry.store.schema import (
+    estimators,
     event_counts,
     label_history,
     ledgers,
@@ -319,6 +320,35 @@ class OutcomeStore:
                f"AND label_source IS NULL AND created_at < {ph} LIMIT {int(limit)}")
         with self.engine.connect() as conn:
             return self._decode(conn, conn.exec_driver_sql(sql, (ecosystem, before)).fetchall())
+
+    def recent_outcomes(self, ecosystem: str, *, labeled: bool, since: float = 0.0, limit: int = 20_000,
+                        label_received_after: float | None = None) -> list[StoredOutcome]:
+        """The newest outcomes of an ecosystem predicted at or after `since`, newest first: labeled
+        ones (optionally only those whose label arrived after a time), or those still waiting."""
+        ph = self._ph(1)
+        where = f"ecosystem = {ph} AND created_at >= {ph} AND label_source IS {'NOT ' if labeled else ''}NULL"
+        params: tuple[Any, ...] = (ecosystem, since)
+        if label_received_after is not None:
+            where += f" AND label_received_at > {ph}"
+            params += (label_received_after,)
+        sql = (f"SELECT {', '.join(COLUMNS)} FROM ecoserve_outcomes{'' if labeled else self._unlabeled_hint} "
+               f"WHERE {where} ORDER BY created_at DESC LIMIT {int(limit)}")
+        with self.engine.connect() as conn:
+            return self._decode(conn, conn.exec_driver_sql(sql, params).fetchall())
+
+    def save_estimator(self, ecosystem: str, version: int, fitted_at: float, n_fit: int, model: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(insert(estimators).values(ecosystem=ecosystem, version=version, fitted_at=fitted_at,
+                                                   n_fit=n_fit, model=model))
+
+    def latest_estimators(self) -> dict[str, str]:
+        """Each ecosystem's newest fitted estimator (its JSON)."""
+        newest = select(estimators.c.ecosystem, func.max(estimators.c.version).label("v")).group_by(
+            estimators.c.ecosystem).subquery()
+        q = select(estimators.c.ecosystem, estimators.c.model).join(
+            newest, (estimators.c.ecosystem == newest.c.ecosystem) & (estimators.c.version == newest.c.v))
+        with self.engine.connect() as conn:
+            return {r.ecosystem: r.model for r in conn.execute(q)}
 
     def coverage(self, ecosystem: str, now: float, ages_s: Iterable[float]) -> dict[float, tuple[int, int]]:
         """For each age: (outcomes older than it, of which labeled). One statement per age (one

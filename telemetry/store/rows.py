@@ -33,6 +33,7 @@ class StoredOutcome(NamedTuple):
     counted_source: str | None
     counted_time: float | None
     members: tuple[str, ...] = ()  # the member list it was recorded with (its context); indices refer to it
+    scores: list[float | None] | None = None  # per member, its score for its predicted class (None: none)
 
 
 # a first label, as the recorder hands it to `apply_labels` (a plain tuple: one per label, thousands
@@ -61,7 +62,7 @@ def decode_rows(rows: Sequence[Sequence[Any]], members: dict[int, tuple[str, ...
     new, dec = tuple.__new__, _DECODED  # tuple.__new__ direct: the named tuple's own __new__ is a Python call
     return [
         new(StoredOutcome, (r[0], r[1], r[2], p[0], p[1], p[2], p[3], dec[r[4]], bool(p[4]), dec[r[5]],
-                            r[6], r[7], r[8], r[9], r[10], members[r[11]]))
+                            r[6], r[7], r[8], r[9], r[10], members[r[11]], p[6] if len(p) > 6 else None))
         for r, p in zip(rows, payloads)
     ]
 

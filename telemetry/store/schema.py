@@ -17,7 +17,7 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 metadata = MetaData()
 schema_table = Table("ecoserve_schema", metadata, Column("version", Integer, nullable=False))
@@ -98,6 +98,15 @@ ledgers = Table(
     Column("stored", BigInteger, nullable=False),  # records of this ledger stored (or accounted for)
     Column("reclaimed", Boolean, nullable=False, default=False),
     Column("updated_at", Float, nullable=False),
+)
+estimators = Table(
+    "ecoserve_estimators",  # v5: fitted label-free estimators, versioned (telemetry.estimation)
+    metadata,
+    Column("ecosystem", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("fitted_at", Float, nullable=False),
+    Column("n_fit", Integer, nullable=False),
+    Column("model", Text, nullable=False),  # SystemicEstimator.to_json()
 )
 V1_TABLES = [schema_table, outcomes, label_history, pending_labels, event_counts]  # as created by v1 (in today's layout)
 
