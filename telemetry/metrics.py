@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from telemetry.counts import EcosystemCounts, group_keys
+from telemetry.estimation import wilson
 from telemetry.events import Event, EventCounts
 from telemetry.recorder import DELAY_BUCKETS_S, SOURCES, EcosystemEstimates, EcosystemSnapshot, Recorder
 from telemetry.serving_stats import LATENCY_BUCKETS_S
@@ -78,6 +79,15 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ecoserve_window_systemic_failure_ratio": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Share of complete labeled outcomes every member got wrong."),
     "ecoserve_window_systemic_failure_baseline_ratio": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Systemic failure rate if members failed independently: product of their error rates."),
     "ecoserve_window_systemic_failure_excess_ratio": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Systemic failure rate minus its independence baseline."),
+    "ecoserve_window_systemic_failure_ratio_lower": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Lower end of the systemic failure rate's 95% Wilson interval."),
+    "ecoserve_window_systemic_failure_ratio_upper": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Upper end of the systemic failure rate's 95% Wilson interval."),
+    "ecoserve_window_systemic_failure_excess_ratio_lower": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Lower end of the excess: the systemic failure rate's Wilson lower bound minus its independence baseline (the alerts use this: a small group does not page on noise)."),
+    "ecoserve_window_consistent_success_ratio_lower": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Lower end of the consistent success rate's 95% Wilson interval."),
+    "ecoserve_window_consistent_success_ratio_upper": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Upper end of the consistent success rate's 95% Wilson interval."),
+    "ecoserve_window_unanimity_ratio_lower": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Lower end of the unanimity rate's 95% Wilson interval."),
+    "ecoserve_window_unanimity_ratio_upper": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Upper end of the unanimity rate's 95% Wilson interval."),
+    "ecoserve_window_member_accuracy_ratio_lower": ("gauge", ("ecosystem", "member"), "Lower end of the member accuracy's 95% Wilson interval."),
+    "ecoserve_window_member_accuracy_ratio_upper": ("gauge", ("ecosystem", "member"), "Upper end of the member accuracy's 95% Wilson interval."),
     "ecoserve_window_consistent_success_ratio": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Share of complete labeled outcomes every member got right."),
     "ecoserve_window_unanimity_ratio": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Share of outcomes where every member agreed (label-free)."),
     "ecoserve_window_failures_per_instance_ratio": ("gauge", ("ecosystem", "k", "kind"), "Distribution of failures per instance: observed, and independent (Poisson-binomial)."),
@@ -264,6 +274,18 @@ class EcoserveCollector(Collector):
             for name, v in pairs:
                 if _finite(v):
                     fams[name].add_metric(labels, v)
+            # 95% Wilson intervals: how sure each ratio is (a group of 30 outcomes is not one of 30,000)
+            for name, v, n in (("ecoserve_window_systemic_failure_ratio", s["systemic_failure_rate"], c.n_complete),
+                               ("ecoserve_window_consistent_success_ratio", s["consistent_success_rate"], c.n_complete),
+                               ("ecoserve_window_unanimity_ratio", s["unanimity_rate"], c.n_predicted)):
+                if _finite(v) and n:
+                    lo, hi = wilson(round(v * n), n)
+                    fams[f"{name}_lower"].add_metric(labels, float(lo))
+                    fams[f"{name}_upper"].add_metric(labels, float(hi))
+                    if name == "ecoserve_window_systemic_failure_ratio":
+                        base = s["independence_baseline"]["systemic_failure_rate"]
+                        if _finite(base):
+                            fams["ecoserve_window_systemic_failure_excess_ratio_lower"].add_metric(labels, float(lo) - base)
             if sg != "all":
                 continue
             fpi = s["failures_per_instance"]
@@ -271,9 +293,14 @@ class EcoserveCollector(Collector):
                 for kind in ("observed", "independent"):
                     for k, v in enumerate(fpi[kind]):
                         fams["ecoserve_window_failures_per_instance_ratio"].add_metric([eco, str(k), kind], v)
-            for m, v in s["accuracy"].items():
+            for a, (m, v) in enumerate(s["accuracy"].items()):
                 if _finite(v):
                     fams["ecoserve_window_member_accuracy_ratio"].add_metric([eco, m], v)
+                    n_a = int(c.member_n[a])
+                    if n_a:
+                        lo, hi = wilson(int(c.member_correct[a]), n_a)
+                        fams["ecoserve_window_member_accuracy_ratio_lower"].add_metric([eco, m], float(lo))
+                        fams["ecoserve_window_member_accuracy_ratio_upper"].add_metric([eco, m], float(hi))
             for a, ma in enumerate(members):
                 for b, mb in enumerate(members):
                     if a == b:

@@ -724,3 +724,29 @@ def test_a_member_added_removed_or_reordered_keeps_the_recorder_up(store_url):
     assert value(r2, "ecoserve_outcomes_total", ecosystem="eco") == 41
     assert value(r2, "ecoserve_served_total", ecosystem="eco", member="a") == len(range(0, 40, 3)) + 1
     r2.store.close()
+
+
+def test_window_ratios_carry_wilson_intervals(rec):
+    """Each windowed ratio's _lower/_upper gauges are the 95% Wilson interval of its own count."""
+    from telemetry.estimation import wilson
+
+    # 12 outcomes: 3 where every member is wrong, 6 where every member is right, 3 mixed
+    preds = [(1, 1, 1)] * 3 + [(0, 0, 0)] * 6 + [(0, 1, 0)] * 3
+    rec.record([outcome(i, p, rec.clock(), "female") for i, p in enumerate(preds)])
+    rec.feedback([LabelItem(f"r{i}", "no") for i in range(12)])
+    lo, hi = wilson(3, 12)
+    assert value(rec, "ecoserve_window_systemic_failure_ratio", ecosystem="eco", **ALL) == pytest.approx(3 / 12)
+    assert value(rec, "ecoserve_window_systemic_failure_ratio_lower", ecosystem="eco", **ALL) == pytest.approx(float(lo))
+    assert value(rec, "ecoserve_window_systemic_failure_ratio_upper", ecosystem="eco", **ALL) == pytest.approx(float(hi))
+    base = value(rec, "ecoserve_window_systemic_failure_baseline_ratio", ecosystem="eco", **ALL)
+    assert value(rec, "ecoserve_window_systemic_failure_excess_ratio_lower", ecosystem="eco", **ALL) == pytest.approx(
+        float(lo) - base)
+    lo, hi = wilson(9, 12)  # unanimity: 9 of 12 outcomes had one answer
+    assert value(rec, "ecoserve_window_unanimity_ratio_lower", ecosystem="eco", **ALL) == pytest.approx(float(lo))
+    lo, hi = wilson(6, 12)  # consistent success
+    assert value(rec, "ecoserve_window_consistent_success_ratio_upper", ecosystem="eco", **ALL) == pytest.approx(
+        float(hi))
+    acc_b = value(rec, "ecoserve_window_member_accuracy_ratio", ecosystem="eco", member="b")
+    lo, hi = wilson(round(acc_b * 12), 12)
+    assert value(rec, "ecoserve_window_member_accuracy_ratio_lower", ecosystem="eco", member="b") == pytest.approx(
+        float(lo))

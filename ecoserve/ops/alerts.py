@@ -54,22 +54,23 @@ def rule_groups(t: Thresholds = Thresholds()) -> list[dict[str, Any]]:
     rules = [
         _rule(
             "EcoserveSystemicFailureExcess",
-            f'ecoserve_window_systemic_failure_excess_ratio{{subgroup="all"}} > {t.systemic_failure_excess} '
+            # the lower end of the excess (Wilson): a small or noisy window does not page
+            f'ecoserve_window_systemic_failure_excess_ratio_lower{{subgroup="all"}} > {t.systemic_failure_excess} '
             f'and on (ecosystem) ecoserve_window_labeled_outcomes{{subgroup="all"}} >= {t.min_labeled_outcomes}',
             t.excess_for, "warning",
             "Members of {{ $labels.ecosystem }} fail together far more than independent models would",
-            "Systemic failure rate exceeds its independence baseline by {{ $value | humanizePercentage }} "
-            f"(threshold {t.systemic_failure_excess:.0%}) over the rolling window.",
+            "Systemic failure rate exceeds its independence baseline by at least {{ $value | humanizePercentage }} "
+            f"(95% lower bound; threshold {t.systemic_failure_excess:.0%}) over the rolling window.",
         ),
         _rule(
             "EcoserveSubgroupSystemicFailureExcess",
-            f'ecoserve_window_systemic_failure_excess_ratio{{subgroup!="all"}} > {t.systemic_failure_excess} '
+            f'ecoserve_window_systemic_failure_excess_ratio_lower{{subgroup!="all"}} > {t.systemic_failure_excess} '
             f'and on (ecosystem, subgroup, subgroup_value) ecoserve_window_labeled_outcomes{{subgroup!="all"}} '
             f'>= {t.min_labeled_outcomes}',
             t.excess_for, "warning",
             "{{ $labels.subgroup }}={{ $labels.subgroup_value }} in {{ $labels.ecosystem }}: systemic failure excess",
-            "In this subgroup all members fail together {{ $value | humanizePercentage }} more often than "
-            "independent members would.",
+            "In this subgroup all members fail together at least {{ $value | humanizePercentage }} more often than "
+            "independent members would (95% lower bound).",
         ),
         _rule(
             "EcoserveUnanimityDrop",
