@@ -20,6 +20,7 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.dashboard import (
     DataSourceRef,
     DataTransformerConfig,
+    DynamicConfigValue,
     VariableOption,
     VariableRefresh,
 )
@@ -65,8 +66,28 @@ OVERVIEW = [
               ((SFR, "{{ecosystem}} observed"), (BASELINE, "{{ecosystem}} independent"))),
     PanelSpec("timeseries", "Homogeneity excess (systemic failure minus baseline)",
               "How much more often all members fail together than independent members would, over the recorder's "
-              "rolling window. Bad: clearly above 0 and growing; alerts fire above the configured threshold.",
-              ((f"ecoserve_window_systemic_failure_excess_ratio{{{E},{ALL}}}", "{{ecosystem}}"),)),
+              "rolling window, with the 95% lower bound of the excess (dashed). Bad: clearly above 0 and growing; "
+              "alerts fire when the lower bound is above the configured threshold.",
+              ((f"ecoserve_window_systemic_failure_excess_ratio{{{E},{ALL}}}", "{{ecosystem}}"),
+               (f"ecoserve_window_systemic_failure_excess_ratio_lower{{{E},{ALL}}}", "{{ecosystem}} lower")),
+              extra={"interval": True}),
+    PanelSpec("timeseries", "Systemic failure rate (rolling window) with its 95% interval",
+              "The recorder's rolling-window systemic failure rate and its Wilson interval (dashed): a window with "
+              "few labeled outcomes has a wide interval. Bad: the lower line rising.",
+              ((f"ecoserve_window_systemic_failure_ratio{{{E},{ALL}}}", "{{ecosystem}}"),
+               (f"ecoserve_window_systemic_failure_ratio_lower{{{E},{ALL}}}", "{{ecosystem}} lower"),
+               (f"ecoserve_window_systemic_failure_ratio_upper{{{E},{ALL}}}", "{{ecosystem}} upper")),
+              extra={"interval": True}),
+    PanelSpec("timeseries", "Estimated systemic failure, before the labels (label-free)",
+              "For the window's outcomes still waiting for labels: the estimated share every member gets wrong, "
+              "with its 95% interval (dashed), from an estimator fitted on labeled outcomes; and how far its "
+              "estimates were from the realized rate once those labels came (error). Bad: the estimate rising, "
+              "or a large error (the estimator no longer fits: concept shift).",
+              ((f"ecoserve_estimated_systemic_failure_ratio{{{E},{ALL}}}", "{{ecosystem}} estimated"),
+               (f"ecoserve_estimated_systemic_failure_ratio_lower{{{E},{ALL}}}", "{{ecosystem}} lower"),
+               (f"ecoserve_estimated_systemic_failure_ratio_upper{{{E},{ALL}}}", "{{ecosystem}} upper"),
+               (f"ecoserve_estimator_error{{{E}}}", "{{ecosystem}} estimator error")),
+              extra={"interval": True}),
     PanelSpec("timeseries", "Consistent success rate",
               "Share of labeled outcomes every member got right. Bad: falling while accuracy holds (errors are "
               "spreading across members).",
@@ -282,6 +303,11 @@ def _panel(spec: PanelSpec) -> Any:
         ))
     if spec.kind == "heatmap":
         p = p.calculate(False)
+    if spec.extra.get("interval"):  # interval ends: thin dashed lines beside the value
+        p = p.override_by_regexp(".* (lower|upper)$", [
+            DynamicConfigValue(id_val="custom.lineStyle", value={"fill": "dash", "dash": [6, 4]}),
+            DynamicConfigValue(id_val="custom.lineWidth", value=1),
+        ])
     return p
 
 
