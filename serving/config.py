@@ -226,7 +226,7 @@ class EstimationConfig(_Strict):
     refit_interval_s: float = Field(default=600.0, gt=0, description="how often the estimator is refitted")
     reference_size: int = Field(default=20_000, ge=200, le=1_000_000,
                                 description="newest labeled outcomes it is fitted on")
-    max_estimated: int = Field(default=50_000, ge=1, le=1_000_000,
+    max_estimated: int = Field(default=20_000, ge=1, le=1_000_000,
                                description="newest outcomes of the window waiting for labels that are estimated")
 
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["wilson", "ece", "Calibrator", "SystemicEstimator", "Estimate", "features", "MIN_FIT"]
+__all__ = ["wilson", "ece", "Calibrator", "SystemicEstimator", "Estimate", "EstimateSums", "features", "MIN_FIT"]
 
 Z95 = 1.959963984540054
 MIN_FIT = 200  # labeled outcomes (with every member's correctness known) needed to fit
@@ -166,6 +166,28 @@ def _logistic(x: np.ndarray, y: np.ndarray, ridge: float = 1e-2, iters: int = 50
 
 
 @dataclass
+class EstimateSums:
+    """Additive sums of an estimate over a set of outcomes: read in chunks, add, then finish."""
+
+    n: int
+    p: float
+    pq: float
+    grad: np.ndarray
+    bins: np.ndarray
+    member_n: np.ndarray
+    member_q: np.ndarray
+    member_qq: np.ndarray
+
+    @classmethod
+    def zero(cls, k: int, n_bins: int, m: int) -> EstimateSums:
+        return cls(0, 0.0, 0.0, np.zeros(k), np.zeros(n_bins), np.zeros(m), np.zeros(m), np.zeros(m))
+
+    def __add__(self, o: EstimateSums) -> EstimateSums:
+        return EstimateSums(self.n + o.n, self.p + o.p, self.pq + o.pq, self.grad + o.grad, self.bins + o.bins,
+                            self.member_n + o.member_n, self.member_q + o.member_q, self.member_qq + o.member_qq)
+
+
+@dataclass
 class Estimate:
     value: float
     lower: float
@@ -229,39 +251,60 @@ class SystemicEstimator:
         risk: np.ndarray = 1.0 / (1.0 + np.exp(-np.clip(x @ self.coef, -30, 30)))
         return risk
 
-    def estimate(self, preds: np.ndarray, scores: np.ndarray, served: np.ndarray) -> Estimate:
-        """The estimated systemic failure rate over these outcomes, with its interval (module doc)."""
-        n = len(preds)
+    def sums(self, preds: np.ndarray, scores: np.ndarray, served: np.ndarray) -> EstimateSums:
+        """The additive sums an estimate over these outcomes is made of (chunks add up)."""
+        n, m = preds.shape
+        out = EstimateSums.zero(len(self.coef), len(self.residual), m)
         if n == 0:
-            return Estimate(float("nan"), 0.0, 1.0, 0)
-        x = features(self.calibrated(scores), preds, served)
+            return out
+        cal = self.calibrated(scores)
+        x = features(cal, preds, served)
         p = 1.0 / (1.0 + np.exp(-np.clip(x @ self.coef, -30, 30)))
-        grad = ((p * (1 - p))[:, None] * x).mean(axis=0)  # d mean(p) / d coef
-        var = float((p * (1 - p)).sum()) / (n * n) + float(grad @ self.cov @ grad)
-        bias = 0.0
+        out.n = n
+        out.p = float(p.sum())
+        out.pq = float((p * (1 - p)).sum())
+        out.grad = ((p * (1 - p))[:, None] * x).sum(axis=0)
         if self.residual:
-            share = np.bincount(np.searchsorted(np.asarray(self.risk_edges), p, side="right"),
-                                minlength=len(self.residual)) / n
-            bias = float(share @ np.asarray(self.residual))
-        half = Z95 * math.sqrt(max(var, 0.0)) + bias
-        mean = float(p.mean())
-        return Estimate(mean, max(0.0, mean - half), min(1.0, mean + half), n)
+            out.bins = np.bincount(np.searchsorted(np.asarray(self.risk_edges), p, side="right"),
+                                   minlength=len(self.residual)).astype(float)
+        answered = (preds >= 0) & np.isfinite(cal)
+        q = np.where(answered, cal, 0.0)
+        out.member_n = answered.sum(axis=0).astype(float)
+        out.member_q = q.sum(axis=0)
+        out.member_qq = (q * (1 - q)).sum(axis=0)
+        return out
 
-    def accuracy(self, preds: np.ndarray, scores: np.ndarray) -> list[Estimate]:
+    def finish(self, t: EstimateSums) -> Estimate:
+        """The estimated systemic failure rate and its interval (module doc), from its sums."""
+        if t.n == 0:
+            return Estimate(float("nan"), 0.0, 1.0, 0)
+        grad = t.grad / t.n  # d mean(p) / d coef
+        var = t.pq / (t.n * t.n) + float(grad @ self.cov @ grad)
+        bias = float((t.bins / t.n) @ np.asarray(self.residual)) if self.residual else 0.0
+        half = Z95 * math.sqrt(max(var, 0.0)) + bias
+        mean = t.p / t.n
+        return Estimate(mean, max(0.0, mean - half), min(1.0, mean + half), t.n)
+
+    def finish_accuracy(self, t: EstimateSums) -> list[Estimate]:
         """Per member: estimated accuracy (the mean calibrated score of its predicted class) over
         the outcomes where it answered, with the Poisson-binomial interval."""
-        cal = self.calibrated(scores)
         out = []
         for a in range(len(self.members)):
-            sel = (preds[:, a] >= 0) & np.isfinite(cal[:, a])
-            q = cal[sel, a]
-            n = int(sel.sum())
+            n = int(t.member_n[a]) if len(t.member_n) else 0
             if n == 0:
                 out.append(Estimate(float("nan"), 0.0, 1.0, 0))
                 continue
-            half = Z95 * math.sqrt(float((q * (1 - q)).sum())) / n
-            out.append(Estimate(float(q.mean()), max(0.0, float(q.mean()) - half), min(1.0, float(q.mean()) + half), n))
+            mean = float(t.member_q[a]) / n
+            half = Z95 * math.sqrt(float(t.member_qq[a])) / n
+            out.append(Estimate(mean, max(0.0, mean - half), min(1.0, mean + half), n))
         return out
+
+    def estimate(self, preds: np.ndarray, scores: np.ndarray, served: np.ndarray) -> Estimate:
+        """The estimated systemic failure rate over these outcomes, with its interval (module doc)."""
+        return self.finish(self.sums(preds, scores, served))
+
+    def accuracy(self, preds: np.ndarray, scores: np.ndarray) -> list[Estimate]:
+        return self.finish_accuracy(self.sums(preds, scores, np.zeros(len(preds), dtype=np.int64)))
 
     # ------------------------------------------------------------ persistence
     def to_json(self) -> str:

@@ -38,7 +38,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from telemetry.counts import EcosystemCounts, correctness, value_correctness
-from telemetry.estimation import Estimate, SystemicEstimator
+from telemetry.estimation import Estimate, EstimateSums, SystemicEstimator
 from telemetry.events import Event, EventCounts
 from telemetry.exploration import ExplorationCounts
 from telemetry.records import Outcome, outcome_fields
@@ -180,6 +180,9 @@ def _correct(spec: EcosystemSpec, raw: np.ndarray, preds: np.ndarray, served: np
     return correctness(preds, labels.astype(np.int64))
 
 
+ESTIMATE_PAGE = 5000  # outcomes read from the store at a time for the label-free estimates
+
+
 @dataclass
 class EcosystemEstimates:
     """The latest label-free estimates of one ecosystem (`Recorder.refresh_estimates`)."""
@@ -209,7 +212,7 @@ class Recorder:
         clock: Callable[[], float] = time.time,
         estimate_refit_s: float = 600.0,
         estimate_reference: int = 20_000,
-        estimate_max: int = 50_000,
+        estimate_max: int = 20_000,
     ) -> None:
         # label-free estimates (telemetry.estimation): refit period, reference size, outcomes estimated
         self.estimate_refit_s, self.estimate_reference, self.estimate_max = (
@@ -742,12 +745,27 @@ class Recorder:
                         scores[i, j] = v
         return raw, spec.codes(raw), scores, served
 
+    def _pages(self, name: str, limit: int, **query: Any) -> Iterator[list[StoredOutcome]]:
+        """`store.recent_outcomes` in pages of ESTIMATE_PAGE, up to `limit` (bounded memory)."""
+        got = 0
+        until = self.clock() + 1.0
+        while got < limit:
+            page = self.store.recent_outcomes(name, until=until, limit=min(ESTIMATE_PAGE, limit - got), offset=got,
+                                              **query)
+            if not page:
+                return
+            yield page
+            got += len(page)
+            if len(page) < ESTIMATE_PAGE:
+                return
+
     def refresh_estimates(self) -> dict[str, int]:
         """Refit each classification ecosystem's estimator when due (from the newest
         `estimate_reference` labeled outcomes; kept, versioned, in the store), then estimate the
         outcomes of the window still waiting for labels, overall and per subgroup value, and check
-        the estimator on outcomes labeled since it was fitted. Reads the store; called from the
-        sweep thread. Returns the outcomes estimated per ecosystem."""
+        the estimator on outcomes it estimated whose labels came later. Reads the store page by page
+        (only arrays and sums are kept); called from the sweep thread. Returns the outcomes
+        estimated per ecosystem."""
         now = self.clock()
         out: dict[str, int] = {}
         for name, st in self.state.items():
@@ -756,12 +774,14 @@ class Recorder:
                 continue
             est = self.estimators.get(name)
             if est is None or now - est.fitted_at >= self.estimate_refit_s:
-                labeled = self.store.recent_outcomes(name, labeled=True, limit=self.estimate_reference)
-                if labeled:
-                    raw, preds, scores, served = self._arrays(spec, labeled)
-                    labels = np.array([o.label for o in labeled], dtype=float)
-                    correct = _correct(spec, raw, preds, served, labels)
+                parts = []
+                for page in self._pages(name, self.estimate_reference, labeled=True):
+                    raw, preds, scores, served = self._arrays(spec, page)
+                    labels = np.array([o.label for o in page], dtype=float)
+                    parts.append((preds, scores, served, _correct(spec, raw, preds, served, labels)))
+                if parts:
                     version = est.version + 1 if est is not None else 1
+                    preds, scores, served, correct = (np.concatenate([part[k] for part in parts]) for k in range(4))
                     fitted = SystemicEstimator.fit(spec.members, preds, scores, served, correct, now, version)
                     if fitted is not None:
                         self.store.save_estimator(name, version, now, fitted.n_fit, fitted.to_json())
@@ -769,34 +789,42 @@ class Recorder:
             if est is None:
                 out[name] = 0
                 continue
-            waiting = self.store.recent_outcomes(name, labeled=False, since=now - self.window_s, limit=self.estimate_max)
             result = EcosystemEstimates(version=est.version, fitted_at=est.fitted_at, n_fit=est.n_fit,
-                                        base_rate=est.base_rate, n=len(waiting))
-            if waiting:
-                _, preds, scores, served = self._arrays(spec, waiting)
-                result.systemic[("all", "all")] = est.estimate(preds, scores, served)
-                result.accuracy = est.accuracy(preds, scores)
-                groups = st.groups_of([o.groups for o in waiting])
+                                        base_rate=est.base_rate, n=0)
+            sums: dict[tuple[str, str], EstimateSums] = {}
+            for page in self._pages(name, self.estimate_max, labeled=False, since=now - self.window_s):
+                _, preds, scores, served = self._arrays(spec, page)
+                part = est.sums(preds, scores, served)
+                sums[("all", "all")] = sums[("all", "all")] + part if ("all", "all") in sums else part
+                groups = st.groups_of([o.groups for o in page])
                 for attr, values in (groups or {}).items():
                     arr = np.array(values)
                     for value in spec.subgroups[attr]:
                         sel = np.flatnonzero(arr == value)
                         if len(sel):
-                            result.systemic[(attr, value)] = est.estimate(preds[sel], scores[sel], served[sel])
+                            sub = est.sums(preds[sel], scores[sel], served[sel])
+                            sums[(attr, value)] = sums[(attr, value)] + sub if (attr, value) in sums else sub
+            if ("all", "all") in sums:
+                result.n = sums[("all", "all")].n
+                result.systemic = {key: est.finish(t) for key, t in sums.items()}
+                result.accuracy = est.finish_accuracy(sums[("all", "all")])
             # how good it has been: outcomes it estimated (in the window, waiting) whose labels came later
-            checked = self.store.recent_outcomes(name, labeled=True, since=est.fitted_at - self.window_s,
-                                                 label_received_after=est.fitted_at, limit=self.estimate_max)
-            if checked:
-                raw, preds, scores, served = self._arrays(spec, checked)
-                correct = _correct(spec, raw, preds, served, np.array([o.label for o in checked], dtype=float))
+            checked: EstimateSums | None = None
+            realized = 0
+            for page in self._pages(name, self.estimate_max, labeled=True, since=est.fitted_at - self.window_s,
+                                    label_received_after=est.fitted_at):
+                raw, preds, scores, served = self._arrays(spec, page)
+                correct = _correct(spec, raw, preds, served, np.array([o.label for o in page], dtype=float))
                 known = (correct >= 0).all(axis=1)
                 if known.any():
-                    realized = float((correct[known] == 0).all(axis=1).mean())
-                    predicted = est.estimate(preds[known], scores[known], served[known]).value
-                    result.error, result.checked = abs(predicted - realized), int(known.sum())
+                    realized += int((correct[known] == 0).all(axis=1).sum())
+                    part = est.sums(preds[known], scores[known], served[known])
+                    checked = part if checked is None else checked + part
+            if checked is not None and checked.n:
+                result.error, result.checked = abs(est.finish(checked).value - realized / checked.n), checked.n
             with self._lock:
                 self.estimates[name] = result
-            out[name] = len(waiting)
+            out[name] = result.n
         return out
 
     def check_store(self) -> bool:
