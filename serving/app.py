@@ -176,7 +176,7 @@ class Gateway:
             ledger = Ledger(t.resolved_ledger_dir(), uuid.uuid4().hex[:16], list(cfg.ecosystems), t.store_key())
             self.shipper = OutcomeShipper(
                 link.send, max_queue=t.max_queue, max_batch=t.max_batch, flush_interval_s=t.flush_interval_s,
-                on_reply=self._apply_rewards, report=lambda: self.dataplane.stats.snapshot(),
+                on_reply=self._apply_rewards, report=self._report,
                 ledger=ledger, reclaim=link.reclaim,
             )
         self.dataplane = Dataplane.build(cfg, member_factory(cfg, member_handles, providers),
@@ -210,12 +210,19 @@ class Gateway:
     async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         return await self.grpc.ModelInfer(request, grpc_context)
 
+    def _report(self) -> dict[str, Any]:
+        """What each hand-over tells the recorder: serving stats, and the estimator versions held."""
+        versions = {eco: r.estimator.version for eco, r in self.dataplane.runners.items() if r.estimator is not None}
+        return {**self.dataplane.stats.snapshot(), "estimator_versions": versions}
+
     def _apply_rewards(self, reply: dict[str, Any]) -> None:
-        """Policies learn from labels: the recorder's reward totals replace the observed counts."""
+        """Policies learn from labels: the recorder's reward totals replace the observed counts; a
+        newly fitted estimator replaces the runner's (per-row systemic failure risk)."""
         for eco, (successes, failures) in reply.get("rewards", {}).items():
             runner = self.dataplane.runners.get(eco)
             if runner is not None:
                 runner.policy.set_stats(successes, failures)
+        self.dataplane.apply_estimators(reply.get("estimators") or {})
 
     async def flush(self) -> int:
         """Hand every queued outcome to the recorder now (called before a planned shutdown)."""

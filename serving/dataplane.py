@@ -21,6 +21,7 @@ from serving.members import MemberCall
 from serving.policies import make_policy
 from serving.protocol import InferRequest, datatype_of, row_groups, row_request_ids, tensor_from_input
 from serving.remote_member import HttpMember
+from telemetry.estimation import SystemicEstimator
 from telemetry.serving_stats import ServingStats
 
 __all__ = ["Dataplane", "MemberFactory", "ResolvedModel", "SERVER_NAME", "SERVER_VERSION"]
@@ -104,6 +105,22 @@ class Dataplane:
         if version is not None and version != resolved.version:
             raise NotFound(f"model {name!r} has no served version {version!r} (served: {resolved.version})")
         return resolved
+
+    def apply_estimators(self, fitted: dict[str, str]) -> None:
+        """Install the fitted label-free estimators (JSON, from a recorder's reply) on their
+        runners, for the per-row `systemic_failure_risk`; one fitted for another member list is
+        ignored (the recorder refits it)."""
+        for eco, text in fitted.items():
+            runner = self.runners.get(eco)
+            if runner is None:
+                continue
+            try:
+                est = SystemicEstimator.from_json(text)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("ignored an estimator for %s that could not be read: %s", eco, exc)
+                continue
+            if est.members == runner.names:
+                runner.estimator = est
 
     def model_names(self) -> list[str]:
         names = []
@@ -205,8 +222,12 @@ class Dataplane:
             "fallback": [o.fallback for o in oc],
             "policy": oc[0].policy,
         }
+        if result.risks is not None:  # for recourse: send high-risk rows to a person (docs/serving.md)
+            params["systemic_failure_risks"] = [round(float(r), 4) for r in result.risks]
         if n == 1:
             params.update(request_id=oc[0].request_id, served_member=names[oc[0].served], propensity=oc[0].propensity)
+            if result.risks is not None:
+                params["systemic_failure_risk"] = params["systemic_failure_risks"][0]
         return {
             "model_name": model.name,
             "model_version": model.version,

@@ -29,6 +29,7 @@ from serving.config import EcosystemServeConfig
 from serving.errors import Unavailable
 from serving.members import MemberCall, Prediction
 from serving.policies import Decision, Policy
+from telemetry.estimation import SystemicEstimator
 from telemetry.records import Outcome
 from telemetry.serving_stats import ServingStats
 
@@ -42,6 +43,8 @@ class InferResult:
     labels: np.ndarray  # served class ids (n,); served values (float64) for a regression ecosystem
     probabilities: np.ndarray | None  # served class scores (n, C)
     outcomes: list[Outcome]
+    # per row: P(every member wrong) from the latest fitted label-free estimator; None before one
+    risks: np.ndarray | None = None
 
 
 OutcomeSink = Callable[[list[Outcome]], None]
@@ -67,6 +70,8 @@ class EcosystemRunner:
         self.names = tuple(m.name for m in members)
         self.versions = tuple(m.version for m in members)
         self.policy = policy
+        # the recorder's latest fitted estimator (handed over with its replies): per-row risk
+        self.estimator: SystemicEstimator | None = None
         self.cfg = cfg
         self.sink = sink
         self.stats = stats or ServingStats()
@@ -190,6 +195,7 @@ class EcosystemRunner:
         now = time.time()
         fps = _fingerprints(x)
         row_scores: list[tuple[float, ...]] = [()] * n
+        risks = None
         if self.regression:  # None: a missing value (JSON null in the store)
             row_values = [tuple(None if v != v else v for v in row) for row in preds.tolist()]
         else:
@@ -204,6 +210,9 @@ class EcosystemRunner:
                     scores[:, a] = np.where(got, r[1][rows_, cls], np.nan)
             if np.isfinite(scores).any():
                 row_scores = [tuple(row) for row in scores.tolist()]
+            est = self.estimator
+            if est is not None and est.members == self.names:
+                risks = est.risk(preds, scores, served)
         outcomes = [
             Outcome(
                 request_id=request_ids[i],
@@ -229,7 +238,7 @@ class EcosystemRunner:
                 log.warning("member %s.%s missing on %d rows: %s", self.manifest.name, self.names[a], n, r)
         if self.sink is not None:
             self.sink(outcomes)
-        return InferResult(labels=labels, probabilities=probs, outcomes=outcomes)
+        return InferResult(labels=labels, probabilities=probs, outcomes=outcomes, risks=risks)
 
     def _answered(self, preds: np.ndarray) -> np.ndarray:
         """Where each member gave an output: not -1 (a class id), not NaN (a regression value)."""

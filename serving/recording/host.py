@@ -178,6 +178,10 @@ class RecorderHost:
         stats: dict[str, Any] = self.recorder.record_fields(items, reporter, report)
         stats["rewards"] = {eco: self.recorder.reward_stats(eco) for eco in self.recorder.specs}
         stats["store_up"] = self.recorder.store_down_since is None
+        # fitted label-free estimators the gateway lacks (it says which versions it holds): per-row risk
+        known = (report.get("serving") or {}).get("estimator_versions") or {}
+        stats["estimators"] = {eco: est.to_json() for eco, est in self.recorder.estimators.items()
+                               if known.get(eco) != est.version}
         return stats
 
     def feedback(self, items: list[LabelItem], scope: frozenset[str] | None = None) -> dict[str, Any]:
