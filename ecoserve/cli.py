@@ -76,6 +76,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         value_range=args.range,
         bin_width=args.bin_width,
+        reference_data=args.reference_data,
     )
     try:
         result = analyze_csv(args.file, opts)
@@ -259,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, help="a regression table: correct = |value - label| <= this")
     p.add_argument("--range", type=_value_range, help="regression: LOW,HIGH covered by the agreement bins")
     p.add_argument("--bin-width", type=float, help="regression: agreement bin width (default: the tolerance)")
+    p.add_argument("--reference-data", metavar="LABELED.csv",
+                   help="a labeled table with the same members and <member>__score columns: estimate the systemic "
+                        "failure rate and each member's accuracy on this table's rows without a label")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--compact", action="store_true", help="with --json: on one line")
     p.set_defaults(func=_cmd_analyze)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from telemetry.counts import EcosystemCounts, EcosystemShape, correctness, value_bins, value_correctness
+from telemetry.estimation import MIN_FIT, SystemicEstimator, wilson
 from telemetry.exploration import ExplorationCounts
 from telemetry.summary import DEFAULT_RASHOMON_EPSILON, summarize
 
@@ -46,6 +47,12 @@ class AnalysisOptions:
     tolerance: float | None = None
     value_range: tuple[float, float] | None = None
     bin_width: float | None = None
+    # a labeled table with the same member columns and `<member>__score` columns: the label-free
+    # estimator is fitted on it and estimates the rows of this table that have no label
+    reference_data: str | None = None
+
+
+SCORE_SUFFIX = "__score"  # `<member>__score`: the member's score for the class it predicted
 
 
 def _read(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -135,6 +142,7 @@ def analyze_csv(path: str | Path, opts: AnalysisOptions) -> dict[str, Any]:
     header, body = _read(p)
     named = {opts.label_column, *opts.group_columns}
     named |= {c for c in (opts.served_column, opts.propensity_column, opts.reward_column) if c}
+    named |= {h for h in header if h.endswith(SCORE_SUFFIX)}
     members = list(opts.members) or [h for h in header if h not in named]
     if len(members) < 2:
         raise AnalysisError(f"{p}: need at least 2 member columns, found {members}")
@@ -158,6 +166,9 @@ def analyze_csv(path: str | Path, opts: AnalysisOptions) -> dict[str, Any]:
         values = {v for col in member_cols for v in col if v != ""}
         if label_col is not None:
             values |= {v for v in label_col if v != ""}
+        ref_table = _reference_table(opts, members) if opts.reference_data else None
+        if ref_table is not None:
+            values |= {v for col in (*ref_table[0], ref_table[1]) for v in col if v != ""}
         classes = _class_order(values)
         if not classes:
             raise AnalysisError(f"{p}: every member cell is empty")
@@ -225,6 +236,31 @@ def analyze_csv(path: str | Path, opts: AnalysisOptions) -> dict[str, Any]:
     result = summarize(counts, opts.epsilon)
     result["classes"] = classes
     result["mode"] = opts.mode
+    result["intervals"] = _intervals(result, counts, members)
+    if opts.reference_data:
+        if regression is not None or bandit or ref_table is None:
+            raise AnalysisError(f"{p}: --reference-data needs a classification table with a label column")
+        assert label_col is not None
+        index = {c: i for i, c in enumerate(classes)}
+        scores = _scores(p, header, body, members, required=False)
+        ref_cols, ref_labels, ref_scores = ref_table
+        ref_preds = np.array([[index[v] if v != "" else -1 for v in col] for col in ref_cols], dtype=np.int64).T
+        ref_correct = correctness(ref_preds, np.array([index[v] if v != "" else -1 for v in ref_labels], dtype=np.int64))
+        ref_served = np.full(len(ref_labels), reference, dtype=np.int64)
+        est = SystemicEstimator.fit(tuple(members), ref_preds, ref_scores, ref_served, ref_correct)
+        if est is None:
+            raise AnalysisError(f"{opts.reference_data}: too few labeled rows to fit on (at least {MIN_FIT} with "
+                                "every member's output and a label, some of them failed by every member)")
+        waiting = np.array([v == "" for v in label_col])
+        served_now = served if served is not None else np.full(n, reference, dtype=np.int64)
+        sums = est.sums(preds[waiting], scores[waiting], served_now[waiting])
+        sfr = est.finish(sums)
+        result["estimated"] = {
+            "n": int(waiting.sum()), "reference_n": est.n_fit, "reference_systemic_failure_rate": est.base_rate,
+            "systemic_failure_rate": {"value": sfr.value if sfr.n else None, "lower": sfr.lower, "upper": sfr.upper},
+            "accuracy": {m: {"value": a.value if a.n else None, "lower": a.lower, "upper": a.upper}
+                         for m, a in zip(members, est.finish_accuracy(sums))},
+        }
     if served is not None and propensity is not None and rewards is not None:
         ok = ~np.isnan(rewards)
         exp = ExplorationCounts.from_arrays(
@@ -244,6 +280,52 @@ def _fmt(v: Any) -> str:
 
 def _row(cells: Sequence[str], widths: Sequence[int]) -> str:
     return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+
+def _scores(path: Path, header: list[str], body: list[list[str]], members: Sequence[str],
+            required: bool) -> np.ndarray:
+    """`<member>__score` columns as an (n, M) array (NaN: empty cell or no such column)."""
+    out = np.full((len(body), len(members)), np.nan)
+    for a, m in enumerate(members):
+        name = m + SCORE_SUFFIX
+        if name not in header:
+            if required:
+                raise AnalysisError(f"{path}: no column {name!r} (each member's score for the class it predicted)")
+            continue
+        col = _column(path, header, body, name, "score")
+        vals = _numbers(path, ["nan" if v == "" else v for v in col], name)
+        bad = np.flatnonzero(~np.isnan(vals) & ~((vals >= 0) & (vals <= 1)))
+        if bad.size:
+            raise AnalysisError(f"{path}: line {int(bad[0]) + 2}: column {name!r} must be in [0, 1], got {vals[bad[0]]}")
+        out[:, a] = vals
+    return out
+
+
+def _reference_table(opts: AnalysisOptions, members: Sequence[str]) -> tuple[list[list[str]], list[str], np.ndarray]:
+    """The reference table's member columns, labels and scores."""
+    assert opts.reference_data is not None
+    rp = Path(opts.reference_data)
+    header, body = _read(rp)
+    cols = [_column(rp, header, body, m, "member") for m in members]
+    labels = _column(rp, header, body, opts.label_column, "label")
+    return cols, labels, _scores(rp, header, body, members, required=True)
+
+
+def _intervals(result: dict[str, Any], counts: EcosystemCounts, members: Sequence[str]) -> dict[str, Any]:
+    """95% Wilson intervals of the ratios the analysis reports."""
+    def band(rate: float | None, n: int) -> dict[str, float] | None:
+        if rate is None or n == 0:
+            return None
+        lo, hi = wilson(round(rate * n), n)
+        return {"lower": float(lo), "upper": float(hi)}
+
+    n_c = int(counts.n_complete)
+    return {
+        "systemic_failure_rate": band(result.get("systemic_failure_rate"), n_c),
+        "consistent_success_rate": band(result.get("consistent_success_rate"), n_c),
+        "unanimity_rate": band(result.get("unanimity_rate"), int(counts.n_predicted)),
+        "accuracy": {m: band(result.get("accuracy", {}).get(m), int(counts.member_n[a])) for a, m in enumerate(members)},
+    }
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -297,6 +379,17 @@ def format_table(result: dict[str, Any]) -> str:
             ])
         widths = [max(len(r[i]) for r in gt) for i in range(6)]
         lines += ["  " + _row(r, widths) for r in gt]
+    sfr_band = result.get("intervals", {}).get("systemic_failure_rate")
+    if sfr_band:
+        lines += ["", f"systemic failure rate, 95% interval: {_fmt(sfr_band['lower'])} - {_fmt(sfr_band['upper'])}"]
+    if "estimated" in result:
+        est = result["estimated"]
+        e = est["systemic_failure_rate"]
+        lines += ["", f"estimated for the {est['n']} rows without a label (fitted on {est['reference_n']} labeled "
+                      f"reference rows, whose own rate is {_fmt(est['reference_systemic_failure_rate'])}):",
+                  f"  systemic failure rate {_fmt(e['value'])} (95% interval {_fmt(e['lower'])} - {_fmt(e['upper'])})"]
+        for m, a in est["accuracy"].items():
+            lines.append(f"  accuracy of {m}: {_fmt(a['value'])} ({_fmt(a['lower'])} - {_fmt(a['upper'])})")
     if "exploration" in result:
         ex = result["exploration"]
         lines += ["", f"exploration: min propensity {_fmt(ex['min_propensity'])}"]

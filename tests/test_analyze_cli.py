@@ -180,3 +180,74 @@ def test_pure_parts_import_without_ray_or_web_frameworks():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def _write(path: Path, preds, scores, labels, members) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*members, *(f"{m}__score" for m in members), "label"])
+        for p, s, y in zip(preds, scores, labels):
+            w.writerow([*(str(int(v)) for v in p), *(f"{v:.6f}" for v in s), "" if y is None else str(int(y))])
+
+
+def test_label_free_estimates_from_a_reference_table(tmp_path):
+    """`--reference-data LABELED.csv`: the rows without a label are estimated by the estimator fitted
+    on the reference (the same numbers as `telemetry.estimation` run on the same rows), and every
+    ratio has its Wilson interval."""
+    from test_estimation import simulate
+
+    from telemetry.estimation import SystemicEstimator, wilson
+
+    members = ("a", "b", "c", "d")
+    rng = np.random.default_rng(20261202)
+    preds, scores, served, correct = simulate(3000, 0.15, rng, classes=5)
+    scores = np.round(scores, 6)
+    truth = [next(int(v) for v, ok in zip(p, c) if ok) if c.any() else
+             next(k for k in range(5) if k not in set(p.tolist())) for p, c in zip(preds, correct)]
+    ref = tmp_path / "ref.csv"
+    _write(ref, preds, scores, truth, members)
+    now = simulate(2000, 0.5, rng, classes=5)
+    now_scores = np.round(now[1], 6)
+    now_truth = [next(int(v) for v, ok in zip(p, c) if ok) if c.any() else
+                 next(k for k in range(5) if k not in set(p.tolist())) for p, c in zip(now[0], now[3])]
+    labels = [y if i < 500 else None for i, y in enumerate(now_truth)]  # 500 labeled, 1,500 waiting
+    table = tmp_path / "now.csv"
+    _write(table, now[0], now_scores, labels, members)
+    out = subprocess.run([sys.executable, "-m", "ecoserve.cli", "analyze", str(table), "--reference-data", str(ref),
+                          "--json"], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["members"] == list(members)  # score columns are not members
+    # the classes are the union of both tables' values, in the same order (ids "0".."4")
+    est = SystemicEstimator.fit(members, preds, scores, np.zeros(3000, dtype=np.int64), correct)
+    want = est.estimate(now[0][500:], now_scores[500:], np.zeros(1500, dtype=np.int64))
+    got = result["estimated"]
+    assert got["n"] == 1500 and got["reference_n"] == 3000
+    assert got["systemic_failure_rate"]["value"] == pytest.approx(want.value, abs=1e-9)
+    assert got["systemic_failure_rate"]["lower"] == pytest.approx(want.lower, abs=1e-9)
+    realized = float((now[3][500:] == 0).all(axis=1).mean())
+    assert abs(got["systemic_failure_rate"]["value"] - realized) < abs(got["reference_systemic_failure_rate"] - realized)
+    k = round(result["systemic_failure_rate"] * result["n_complete"])
+    lo, hi = wilson(k, result["n_complete"])
+    assert result["intervals"]["systemic_failure_rate"] == {"lower": pytest.approx(float(lo)), "upper": pytest.approx(float(hi))}
+    assert set(result["intervals"]["accuracy"]) == set(members)
+    text = subprocess.run([sys.executable, "-m", "ecoserve.cli", "analyze", str(table), "--reference-data", str(ref)],
+                          capture_output=True, text=True, check=True).stdout
+    assert "estimated for the 1500 rows without a label" in text
+
+
+def test_reference_data_problems_are_one_line(tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text("a,b,label\n1,1,1\n0,1,\n")
+    ref = tmp_path / "r.csv"
+    ref.write_text("a,b,label\n1,1,1\n")  # no score columns
+    r = subprocess.run([sys.executable, "-m", "ecoserve.cli", "analyze", str(table), "--reference-data", str(ref)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no column 'a__score'" in r.stderr
+    ref.write_text("a,b,a__score,b__score,label\n1,1,0.9,0.8,1\n")
+    r = subprocess.run([sys.executable, "-m", "ecoserve.cli", "analyze", str(table), "--reference-data", str(ref)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "too few labeled rows" in r.stderr
+    ref.write_text("a,b,a__score,b__score,label\n1,1,1.5,0.8,1\n")
+    r = subprocess.run([sys.executable, "-m", "ecoserve.cli", "analyze", str(table), "--reference-data", str(ref)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "must be in [0, 1]" in r.stderr
