@@ -148,3 +148,41 @@ def test_features_of_missing_outputs():
     assert x.shape == (2, 1 + 3 + 3 + 3)
     assert x[0, 3] == pytest.approx(0.8)  # a missing member's score: the mean of the others
     assert x[0, 7] == pytest.approx(2 / 3) and x[1, 8] == pytest.approx(1.0)  # majority share, distinct
+
+
+def test_covariate_shift_on_the_credit_ecosystems_real_members(model_repo):
+    """Real members (ONNX Runtime, the credit ecosystem's held-out split): fit on 200 random rows,
+    then estimate on the other 100 resampled (1,000 draws) six times as often where the members
+    disagree: a shift chosen by the inputs alone, which moves the systemic failure rate far from
+    the reference's (about 0.03 against 0.12). In each of 5 seeds the estimate is nearer the
+    realized rate than the reference rate is, and its interval covers it."""
+    from models.heldout import load_heldout
+    from models.manifest import load_manifest
+    from models.runtime import load_member
+
+    d = model_repo / "credit"
+    man = load_manifest(d)
+    held = load_heldout(d, man)
+    x = held.X.astype(np.float32)
+    preds, scores = [], []
+    for spec in man.current_members():
+        labels, probs = load_member(d, man, spec, "cpu").predict(x)
+        preds.append(labels)
+        scores.append(probs[np.arange(len(labels)), labels])
+    p, s, y = np.column_stack(preds), np.column_stack(scores), held.y.astype(int)
+    correct = (p == y[:, None]).astype(np.int64)
+    wrong = (correct == 0).all(axis=1)
+    names = tuple(m.name for m in man.current_members())
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        idx = rng.permutation(len(y))
+        ref, rest = idx[:200], idx[200:]
+        est = SystemicEstimator.fit(names, p[ref], s[ref], np.zeros(200, dtype=np.int64), correct[ref])
+        assert est is not None
+        unanimous = np.array([np.bincount(p[i]).max() == p.shape[1] for i in rest])
+        w = np.where(unanimous, 1.0, 6.0)
+        pick = rest[rng.choice(len(rest), 1000, p=w / w.sum())]
+        realized = float(wrong[pick].mean())
+        e = est.estimate(p[pick], s[pick], np.zeros(1000, dtype=np.int64))
+        assert abs(e.value - realized) < abs(est.base_rate - realized), (seed, e, realized, est.base_rate)
+        assert e.lower <= realized <= e.upper, (seed, e, realized)
