@@ -266,7 +266,8 @@ def analyze_csv(path: str | Path, opts: AnalysisOptions) -> dict[str, Any]:
         exp = ExplorationCounts.from_arrays(
             members, len(classes), preds[ok], served[ok], rewards[ok], propensity[ok]
         )
-        result["exploration"] = exp.summary()
+        in_unit = bool(((rewards[ok] >= 0) & (rewards[ok] <= 1)).all())
+        result["exploration"] = exp.summary(rewards_in_unit=in_unit)
     return result
 
 

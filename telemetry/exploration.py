@@ -28,6 +28,8 @@ import numpy as np
 
 __all__ = ["ExplorationCounts"]
 
+_Z95 = 1.959963984540054
+
 
 @dataclass
 class ExplorationCounts:
@@ -41,6 +43,8 @@ class ExplorationCounts:
     sum_w: np.ndarray = field(default=None)  # type: ignore[arg-type]
     sum_wr: np.ndarray = field(default=None)  # type: ignore[arg-type]
     sum_w2: np.ndarray = field(default=None)  # type: ignore[arg-type]
+    sum_w2r: np.ndarray = field(default=None)  # type: ignore[arg-type]  # sum w^2 r (intervals)
+    sum_w2r2: np.ndarray = field(default=None)  # type: ignore[arg-type]  # sum (w r)^2
     served: np.ndarray = field(default=None)  # type: ignore[arg-type]
     served_propensity: np.ndarray = field(default=None)  # type: ignore[arg-type]
     served_outputs: np.ndarray = field(default=None)  # type: ignore[arg-type]
@@ -52,6 +56,8 @@ class ExplorationCounts:
             self.sum_w = np.zeros(m)
             self.sum_wr = np.zeros(m)
             self.sum_w2 = np.zeros(m)
+            self.sum_w2r = np.zeros(m)
+            self.sum_w2r2 = np.zeros(m)
             self.served = np.zeros(m, dtype=np.int64)
             self.served_propensity = np.zeros(m)
             self.served_outputs = np.zeros(self.n_classes, dtype=np.int64)
@@ -97,6 +103,8 @@ class ExplorationCounts:
         out.sum_w = w.sum(axis=0)
         out.sum_wr = (w * rewards[:, None]).sum(axis=0)
         out.sum_w2 = (w * w).sum(axis=0)
+        out.sum_w2r = (w * w * rewards[:, None]).sum(axis=0)
+        out.sum_w2r2 = (w * w * (rewards * rewards)[:, None]).sum(axis=0)
         out.served = np.bincount(served, minlength=m).astype(np.int64)
         out.served_propensity = np.bincount(served, weights=pi, minlength=m)
         out.served_outputs = np.bincount(served_out[served_out >= 0], minlength=n_classes).astype(np.int64)
@@ -139,6 +147,8 @@ class ExplorationCounts:
             self.sum_w[a] += w
             self.sum_wr[a] += w * reward
             self.sum_w2[a] += w * w
+            self.sum_w2r[a] += w * w * reward
+            self.sum_w2r2[a] += w * w * reward * reward
         self.served[served] += 1
         self.served_propensity[served] += served_propensity
         if y_served >= 0:
@@ -156,14 +166,43 @@ class ExplorationCounts:
         out.n, out.explored = self.n + other.n, self.explored + other.explored
         out.n_greedy_known = self.n_greedy_known + other.n_greedy_known
         out.min_propensity = min(self.min_propensity, other.min_propensity)
-        for name in ("member_n", "sum_w", "sum_wr", "sum_w2", "served", "served_propensity", "served_outputs"):
+        for name in ("member_n", "sum_w", "sum_wr", "sum_w2", "sum_w2r", "sum_w2r2", "served", "served_propensity",
+                     "served_outputs"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         return out
 
     def copy(self) -> ExplorationCounts:
         return self + ExplorationCounts(self.members, self.n_classes)
 
-    def summary(self) -> dict[str, Any]:
+    def intervals(self, a: int, rewards_in_unit: bool = True) -> dict[str, float | None]:
+        """95% intervals of member `a`'s IPS and SNIPS, from the additive sums (so shards merge):
+        - `ips_lower/upper`: normal, from the sample variance of the terms w r;
+        - `snips_lower/upper`: normal, delta method: Var = sum w^2 (r - SNIPS)^2 / (sum w)^2;
+        - `ips_bernstein_lower/upper`: the empirical Bernstein bound (Maurer and Pontil 2009,
+          two-sided, delta 0.05) for terms in [0, 1 / min propensity]: valid for any n, wider;
+          only with rewards in [0, 1]."""
+        nm, sw, swr = float(self.member_n[a]), float(self.sum_w[a]), float(self.sum_wr[a])
+        out: dict[str, float | None] = dict.fromkeys(
+            ("ips_lower", "ips_upper", "snips_lower", "snips_upper", "ips_bernstein_lower", "ips_bernstein_upper"))
+        if nm < 2:
+            return out
+        mean = swr / nm
+        var = max(float(self.sum_w2r2[a]) / nm - mean * mean, 0.0) * nm / (nm - 1)  # sample variance of w r
+        half = _Z95 * math.sqrt(var / nm)
+        out["ips_lower"], out["ips_upper"] = mean - half, mean + half
+        if sw > 0:
+            sn = swr / sw
+            dev = float(self.sum_w2r2[a]) - 2 * sn * float(self.sum_w2r[a]) + sn * sn * float(self.sum_w2[a])
+            half = _Z95 * math.sqrt(max(dev, 0.0)) / sw
+            out["snips_lower"], out["snips_upper"] = sn - half, sn + half
+        if rewards_in_unit and math.isfinite(self.min_propensity):
+            b = 1.0 / self.min_propensity  # every term w r lies in [0, b]
+            log_term = math.log(4 / 0.05)  # two-sided: delta / 2 on each side
+            half = math.sqrt(2 * var * log_term / nm) + 7 * b * log_term / (3 * (nm - 1))
+            out["ips_bernstein_lower"], out["ips_bernstein_upper"] = max(mean - half, 0.0), mean + half
+        return out
+
+    def summary(self, rewards_in_unit: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {"n": self.n}
         per: dict[str, dict[str, float | None]] = {}
         for a, name in enumerate(self.members):
@@ -174,6 +213,7 @@ class ExplorationCounts:
                 "effective_sample_size": float(sw * sw / sw2) if sw2 > 0 else None,
                 "served_share": float(self.served[a] / self.n) if self.n else None,
                 "mean_propensity": float(self.served_propensity[a] / self.served[a]) if self.served[a] else None,
+                **self.intervals(a, rewards_in_unit),
             }
         out["members"] = per
         out["min_propensity"] = None if math.isinf(self.min_propensity) else self.min_propensity

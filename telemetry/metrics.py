@@ -99,6 +99,10 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ecoserve_window_cie_ratio": ("gauge", ("ecosystem",), "Share of outcomes that are compression-identified exemplars."),
     "ecoserve_window_ips": ("gauge", ("ecosystem", "member"), "Inverse-propensity estimate of serving this member (mean reward)."),
     "ecoserve_window_snips": ("gauge", ("ecosystem", "member"), "Self-normalized IPS estimate of serving this member."),
+    "ecoserve_window_ips_lower": ("gauge", ("ecosystem", "member"), "Lower end of the IPS estimate's 95% normal interval (from additive sums)."),
+    "ecoserve_window_ips_upper": ("gauge", ("ecosystem", "member"), "Upper end of the IPS estimate's 95% normal interval."),
+    "ecoserve_window_snips_lower": ("gauge", ("ecosystem", "member"), "Lower end of the SNIPS estimate's 95% interval (delta method)."),
+    "ecoserve_window_snips_upper": ("gauge", ("ecosystem", "member"), "Upper end of the SNIPS estimate's 95% interval (delta method)."),
     "ecoserve_window_effective_sample_size": ("gauge", ("ecosystem", "member"), "Effective sample size of the IPS weights."),
     "ecoserve_window_min_propensity": ("gauge", ("ecosystem",), "Smallest logged propensity among labeled policy-routed rows (positivity)."),
     "ecoserve_estimated_systemic_failure_ratio": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Estimated share of the window's outcomes still waiting for labels on which every member is wrong (label-free; docs/design.md)."),
@@ -314,9 +318,12 @@ class EcoserveCollector(Collector):
                               ("ecoserve_window_cie_ratio", "cie_rate")):
                 if _finite(s[key]):
                     fams[name].add_metric([eco], s[key])
-        ex = exploration.summary()
+        ex = exploration.summary(rewards_in_unit=st.spec.label_mode != "bandit")
         for m, v in ex["members"].items():
             for name, key in (("ecoserve_window_ips", "ips"), ("ecoserve_window_snips", "snips"),
+                              ("ecoserve_window_ips_lower", "ips_lower"), ("ecoserve_window_ips_upper", "ips_upper"),
+                              ("ecoserve_window_snips_lower", "snips_lower"),
+                              ("ecoserve_window_snips_upper", "snips_upper"),
                               ("ecoserve_window_effective_sample_size", "effective_sample_size")):
                 if _finite(v[key]):
                     fams[name].add_metric([eco, m], v[key])

@@ -186,3 +186,57 @@ def test_covariate_shift_on_the_credit_ecosystems_real_members(model_repo):
         e = est.estimate(p[pick], s[pick], np.zeros(1000, dtype=np.int64))
         assert abs(e.value - realized) < abs(est.base_rate - realized), (seed, e, realized, est.base_rate)
         assert e.lower <= realized <= e.upper, (seed, e, realized)
+
+
+def _logged_bandit(rng, n, true_means, logging):
+    """n rounds: the logging policy picks an arm (probabilities `logging`), its reward is
+    Bernoulli(true mean of that arm); every arm's output is its own index (action-level IPS)."""
+    from telemetry.exploration import ExplorationCounts
+
+    arms = len(true_means)
+    served = rng.choice(arms, size=n, p=logging)
+    rewards = (rng.random(n) < np.asarray(true_means)[served]).astype(float)
+    preds = np.tile(np.arange(arms), (n, 1))
+    return ExplorationCounts.from_arrays([f"m{a}" for a in range(arms)], arms, preds, served, rewards,
+                                         np.asarray(logging)[served])
+
+
+def test_off_policy_intervals_cover_the_true_values():
+    """1,000 logged bandits of 2,000 rounds each (numpy seed 20261202; 3 arms, true means 0.3, 0.5,
+    0.7, logged with probabilities 0.6, 0.3, 0.1): the normal IPS and SNIPS 95% intervals cover
+    each arm's true mean in 93%-97% of repetitions (the rarest arm, 10% of rounds: 92%-97%); the
+    empirical Bernstein bound, valid for any n, covers it at least 95% of the time."""
+    rng = np.random.default_rng(20261202)
+    true_means, logging = (0.3, 0.5, 0.7), (0.6, 0.3, 0.1)
+    hits = {k: np.zeros(3) for k in ("ips", "snips", "ips_bernstein")}
+    for _ in range(1000):
+        ex = _logged_bandit(rng, 2000, true_means, logging)
+        for a in range(3):
+            iv = ex.intervals(a)
+            for k in hits:
+                hits[k][a] += iv[f"{k}_lower"] <= true_means[a] <= iv[f"{k}_upper"]
+    for k in ("ips", "snips"):
+        cov = hits[k] / 1000
+        assert (cov[:2] >= 0.93).all() and (cov[:2] <= 0.97).all(), (k, cov)
+        assert 0.92 <= cov[2] <= 0.97, (k, cov)
+    assert (hits["ips_bernstein"] / 1000 >= 0.95).all(), hits["ips_bernstein"]
+
+
+def test_off_policy_interval_sums_merge_across_shards():
+    """Intervals come from additive sums: two shards added give the intervals of all the rows at once."""
+    from telemetry.exploration import ExplorationCounts
+
+    rng = np.random.default_rng(4)
+    n = 1600
+    served = rng.choice(2, size=n, p=(0.8, 0.2))
+    rewards = (rng.random(n) < np.array([0.2, 0.6])[served]).astype(float)
+    preds = np.tile([0, 1], (n, 1))
+    pi = np.array([0.8, 0.2])[served]
+
+    def counts(sl: slice) -> ExplorationCounts:
+        return ExplorationCounts.from_arrays(["m0", "m1"], 2, preds[sl], served[sl], rewards[sl], pi[sl])
+
+    whole, merged = counts(slice(0, n)), counts(slice(0, 700)) + counts(slice(700, n))
+    for a in range(2):
+        for k, v in whole.intervals(a).items():
+            assert v is not None and merged.intervals(a)[k] == pytest.approx(v), (a, k)
