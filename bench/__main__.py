@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
         from bench import reliability
 
         return reliability.main(argv[1:])
-    sections = argv or ["core", "telemetry", "outside", "onoff", "wire", "serving"]
+    sections = argv or ["core", "telemetry", "estimation", "outside", "onoff", "wire", "serving"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     if "core" in sections:
         from bench import core
@@ -35,6 +35,16 @@ def main(argv: list[str]) -> int:
             "label ingest (recorder.feedback, batches of 1,000, 50,000 labels, 6 members, 1 subgroup attribute)",
             telemetry.run(),
             ("store", "labels/s", "floor: bare UPDATEs/s", "ratio", "target"),
+        )
+    if "estimation" in sections:
+        from pathlib import Path
+
+        from bench import estimation
+
+        _table(
+            "label-free estimates: what scores, refits, refreshes and per-request risk cost",
+            estimation.run(Path(os.environ.get("REPO", "model_repository"))),
+            ("measure", "ecoserve", "baseline (same run)", "ratio"),
         )
     if "onoff" in sections:
         from pathlib import Path

@@ -128,8 +128,9 @@ def features(cal: np.ndarray, preds: np.ndarray, served: np.ndarray) -> np.ndarr
     n, m = preds.shape
     cal = np.array(cal, dtype=float)
     missing = ~np.isfinite(cal) | (preds < 0)
-    row_mean = np.nanmean(np.where(missing, np.nan, cal), axis=1) if m else np.zeros(n)
-    row_mean = np.where(np.isfinite(row_mean), row_mean, 0.5)
+    present = (~missing).sum(axis=1)
+    row_mean = np.where(missing, 0.0, cal).sum(axis=1) / np.maximum(present, 1)
+    row_mean = np.where(present > 0, row_mean, 0.5)
     cal = np.where(missing, row_mean[:, None], cal)
     # answers counted per row (one-hot over classes): the majority's share, distinct answers
     valid = preds >= 0

@@ -150,7 +150,13 @@ def _json_prediction(v: int | float | None) -> str:
 def _json_scores(values: tuple[float, ...]) -> str:
     """Scores to 4 significant digits (what calibration can use; 6 characters each); NaN or an
     infinity (a model's odd output) as null."""
-    return "[" + ",".join(f"{v:.4g}" if math.isfinite(v) else "null" for v in values) + "]"
+    text = ",".join(map(_SCORE_FORMAT, values))
+    if "n" in text:  # "nan", "inf": the rare row with a missing score
+        text = ",".join(_SCORE_FORMAT(v) if math.isfinite(v) else "null" for v in values)
+    return "[" + text + "]"
+
+
+_SCORE_FORMAT = "{:.4g}".format
 
 
 def _json_floats(values: tuple[float, ...]) -> str:
