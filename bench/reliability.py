@@ -46,7 +46,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.hostile import mutated_bodies
-from bench.serving import serve_config, stop_setup
+from bench.serving import ecoserve_config, serve_config, stop_setup
 from ecoserve.server import free_port
 from models.heldout import load_heldout
 
@@ -65,22 +65,13 @@ def config(repo: Path, port: int, store_url: str, *, recorder_in_gateway: bool |
         telemetry["recorder_in_gateway"] = recorder_in_gateway
     if max_queue is not None:
         telemetry["max_queue"] = max_queue
-    return {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{
-            "name": "ecoserve", "route_prefix": "/", "import_path": "serving.app:build_app",
-            "args": {
-                "model_repository": str(repo.resolve()), "provider": "cpu",
-                "gateway": {"num_cpus": 0.5},
-                "batching": {"max_batch_size": 64, "batch_wait_timeout_s": 0.0},
-                "auth": {"feedback_token_env": "ECOSERVE_FEEDBACK_TOKEN"},
-                "telemetry": telemetry,
-                "ecosystems": {"digits": {"policy": {"kind": "primary", "primary": "mlp_a"}}}
-                | ({"credit": {"policy": {"kind": "primary", "primary": "logreg"}}} if credit else {}),
-            },
-        }],
-    }
+    cfg = ecoserve_config(repo, port, "colocated", True, repo)  # the serving bench's, then ours
+    args = cfg["applications"][0]["args"]
+    del args["members"]
+    args.update(auth={"feedback_token_env": "ECOSERVE_FEEDBACK_TOKEN"}, telemetry=telemetry)
+    if credit:
+        args["ecosystems"]["credit"] = {"policy": {"kind": "primary", "primary": "logreg"}}
+    return cfg
 
 
 @dataclass
