@@ -338,14 +338,16 @@ class Recorder:
                 if mine:
                     self._count_predictions(self.state[name], mine)
             joined = 0
-            if fresh and self._pending:
-                waiting = self.store.take_pending([f[0] for f in fresh])
-                self._pending = max(0, self._pending - len(waiting))
+            if known and self._pending:
+                # labels held for these outcomes: of new ones, and of ones stored by an earlier try of
+                # this hand-over whose join failed (the store went away between the two); a held label
+                # leaves the store in the same transaction that applies it, so a failure keeps it held
+                waiting = self.store.pending_for([f[0] for f in known])
                 if waiting:
                     # a held label its outcome's ecosystem cannot take (e.g. a class of another
                     # ecosystem) is dropped and counted, one by one: it must not take the other
                     # waiting labels of this hand-over down with it
-                    eco_of = {f[0]: f[1] for f in fresh}
+                    eco_of = {f[0]: f[1] for f in known}
                     items_, rejected, out_of_scope = [], 0, 0
                     for w in waiting:
                         eco = eco_of[w["request_id"]]
@@ -358,12 +360,17 @@ class Recorder:
                             rejected += 1
                             continue
                         items_.append(LabelItem(w["request_id"], w["label"], w["label_time"], w["source"]))
-                    if rejected or out_of_scope:
-                        self._count({Event.PENDING_REJECTED: rejected, Event.PENDING_OUT_OF_SCOPE: out_of_scope})
+                    consumed = [w["request_id"] for w in waiting]
                     if items_:
                         received = {w["request_id"]: w["received_at"] for w in waiting}
-                        results = self._feedback_locked(items_, received_at=received, allow_pending=False)
+                        results = self._feedback_locked(items_, received_at=received, allow_pending=False,
+                                                        consumed=consumed)
                         joined = sum(1 for r in results if r.status == "joined")
+                    else:
+                        self.store.apply_labels([], [], None, consumed)
+                    self._pending = max(0, self._pending - len(waiting))
+                    if rejected or out_of_scope:
+                        self._count({Event.PENDING_REJECTED: rejected, Event.PENDING_OUT_OF_SCOPE: out_of_scope})
             return {"received": len(items), "inserted": len(inserted), "joined_pending": joined}
 
     def record_outside(self, items: list[tuple[Any, ...]]) -> dict[str, int]:
@@ -537,7 +544,7 @@ class Recorder:
 
     def _feedback_locked(
         self, items: list[LabelItem], *, received_at: dict[str, float] | None, allow_pending: bool,
-        scope: frozenset[str] | None = None,
+        scope: frozenset[str] | None = None, consumed: Sequence[str] = (),
     ) -> list[ItemResult]:
         now = self.clock()
         found = self.store.get_outcomes(list({i.request_id for i in items}))
@@ -592,7 +599,7 @@ class Recorder:
             )
         # 2. one transaction
         try:
-            self.store.apply_labels(first, corrections, pending)
+            self.store.apply_labels(first, corrections, pending, consumed)
         except InvalidRecord as exc:  # nothing was applied; name the item if the text rules can
             for idx, item in enumerate(items):
                 for fieldname, problem in (("request_id", id_problem(item.request_id)),

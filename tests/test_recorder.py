@@ -750,3 +750,31 @@ def test_window_ratios_carry_wilson_intervals(rec):
     lo, hi = wilson(round(acc_b * 12), 12)
     assert value(rec, "ecoserve_window_member_accuracy_ratio_lower", ecosystem="eco", member="b") == pytest.approx(
         float(lo))
+
+
+def test_a_held_label_survives_a_store_failure_between_storing_and_joining(rec, monkeypatch):
+    """A label posted before its outcome is held. If the store fails after the outcome is stored but
+    before the held label is applied, the hand-over fails and the gateway sends it again: the
+    outcome is then a duplicate, and its held label must still join (it once was deleted first,
+    and lost)."""
+    from sqlalchemy.exc import OperationalError
+
+    assert rec.feedback([LabelItem("r1", "yes")])[0].status == "pending"
+    real = rec.store.apply_labels
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OperationalError("UPDATE ...", {}, Exception("the server closed the connection"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rec.store, "apply_labels", flaky)
+    with pytest.raises(OperationalError):
+        rec.record([outcome(1, (0, 1, 1), rec.clock())])
+    assert rec.store.get_outcomes(["r1"])["r1"].label is None  # stored, not yet labeled
+    assert rec.store.count_pending() == 1  # the held label is still held
+    rec.record([outcome(1, (0, 1, 1), rec.clock())])  # the gateway's re-send
+    assert rec.store.get_outcomes(["r1"])["r1"].label == 1.0
+    assert rec.store.count_pending() == 0
+    assert value(rec, "ecoserve_labeled_outcomes_total", ecosystem="eco", source="observed", **ALL) == 1

@@ -245,14 +245,16 @@ class OutcomeStore:
         first: list[FirstLabel],
         corrections: list[dict[str, Any]],
         pending: list[dict[str, Any]] | None = None,
+        consumed: Sequence[str] = (),
     ) -> None:
         """In one transaction: set first labels (current and counted; tuples, see `FirstLabel`),
-        apply corrections (current label only, into the label history); hold `pending` labels.
-        A data error is raised as `InvalidRecord` (nothing is applied)."""
-        if not first and not corrections and not pending:
+        apply corrections (current label only, into the label history); hold `pending` labels;
+        remove the held labels of the `consumed` ids (those being applied now: a failure leaves
+        them held). A data error is raised as `InvalidRecord` (nothing is applied)."""
+        if not first and not corrections and not pending and not consumed:
             return
         try:
-            self._apply_labels(first, corrections, pending)
+            self._apply_labels(first, corrections, pending, consumed)
         except Exception as exc:
             err = as_invalid(exc, "a label the store cannot hold")
             if err is exc:
@@ -261,8 +263,11 @@ class OutcomeStore:
 
     def _apply_labels(
         self, first: list[FirstLabel], corrections: list[dict[str, Any]], pending: list[dict[str, Any]] | None,
+        consumed: Sequence[str] = (),
     ) -> None:
         with self.engine.begin() as conn:
+            for chunk in chunks(list(consumed)):
+                conn.execute(delete(pending_labels).where(pending_labels.c.request_id.in_(chunk)))
             if pending:
                 self._add_pending(conn, pending)
             if first:
@@ -394,18 +399,23 @@ class OutcomeStore:
              for r in latest.values()],
         )
 
-    def take_pending(self, ids: Sequence[str]) -> list[dict[str, Any]]:
-        """Remove and return the pending labels of these request ids."""
+    def pending_for(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The held labels of these request ids (they stay held until `apply_labels` consumes them)."""
         found: list[dict[str, Any]] = []
         if not ids:
             return found
-        with self.engine.begin() as conn:
+        with self.engine.connect() as conn:
             for chunk in chunks(list(ids)):
                 rows = conn.execute(select(pending_labels).where(pending_labels.c.request_id.in_(chunk))).all()
-                if rows:
-                    found.extend({**r._mapping, "label": json.loads(r.label),
-                                  "scope": None if r.scope is None else frozenset(json.loads(r.scope))} for r in rows)
-                    conn.execute(delete(pending_labels).where(pending_labels.c.request_id.in_([r.request_id for r in rows])))
+                found.extend({**r._mapping, "label": json.loads(r.label),
+                              "scope": None if r.scope is None else frozenset(json.loads(r.scope))} for r in rows)
+        return found
+
+    def take_pending(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Remove and return the pending labels of these request ids."""
+        found = self.pending_for(ids)
+        if found:
+            self.apply_labels([], [], None, [r["request_id"] for r in found])
         return found
 
     def expire_pending(self, received_before: float) -> int:
