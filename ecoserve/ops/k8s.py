@@ -36,6 +36,9 @@ ENV = [
     # the ingress mode chosen from measurements (docs/serving.md); must reach every Ray process
     {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"},
     {"name": "RAY_SERVE_THROUGHPUT_OPTIMIZED", "value": "1"},
+    # a dead HAProxy is replaced after 3 failed proxy health checks: ~7 s at 2 s, ~29 s at Serve's 10 s
+    # (measured: docs/reliability.md)
+    {"name": "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S", "value": "2"},
     {"name": "ECOSERVE_FEEDBACK_TOKEN", "valueFrom": {"secretKeyRef": {"name": "ecoserve-secrets", "key": "feedback-token"}}},
     {"name": "ECOSERVE_STORE_URL", "valueFrom": {"secretKeyRef": {"name": "ecoserve-secrets", "key": "store-url"}}},
 ]
