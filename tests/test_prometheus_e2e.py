@@ -36,7 +36,7 @@ def stack(serving_repo, tmp_path_factory):
     args = serving_args(serving_repo)
     args["auth"] = {"feedback_token_env": "ECOSERVE_FEEDBACK_TOKEN"}
     args["telemetry"] = {"store_url": f"sqlite:///{tmp / 'outcomes.db'}", "flush_interval_s": 0.1,
-                         "sweep_interval_s": 0.5, "coverage_ages_s": [1, 3600]}
+                         "sweep_interval_s": 0.5, "coverage_ages_s": [1, 3600], "estimation": {"interval_s": 0.5}}
     eco = args["ecosystems"]
     eco.pop("broken"), eco.pop("dead")
     eco["faulty"]["faults"] = {"knn": {"error": True}}  # member errors for the serving panels
@@ -56,9 +56,8 @@ def _infer(url, model, x, ids, groups=None):
     assert r.status_code == 200, r.text
 
 
-def _stored(url, ecosystem, n, timeout_s=30.0):
-    """Wait until the recorder has stored `n` outcomes of `ecosystem` (labels for them then join
-    at once, so a second, different label is a correction, not a replaced pending label)."""
+def _wait_metric(url, name, ecosystem, at_least=0.0, timeout_s=30.0):
+    """Wait until /metrics has a sample `name` of `ecosystem` of at least `at_least`."""
     from prometheus_client.parser import text_string_to_metric_families
 
     deadline = time.monotonic() + timeout_s
@@ -66,10 +65,16 @@ def _stored(url, ecosystem, n, timeout_s=30.0):
         text = httpx.get(f"{url}/metrics", timeout=30).text
         for fam in text_string_to_metric_families(text):
             for smp in fam.samples:
-                if smp.name == "ecoserve_outcomes_total" and smp.labels.get("ecosystem") == ecosystem and smp.value >= n:
+                if smp.name == name and smp.labels.get("ecosystem") == ecosystem and smp.value >= at_least:
                     return
         time.sleep(0.1)
-    raise AssertionError(f"{n} outcomes of {ecosystem} not stored within {timeout_s} s")
+    raise AssertionError(f"{name} of {ecosystem} did not reach {at_least} within {timeout_s} s")
+
+
+def _stored(url, ecosystem, n, timeout_s=30.0):
+    """Wait until the recorder has stored `n` outcomes of `ecosystem` (labels for them then join
+    at once, so a second, different label is a correction, not a replaced pending label)."""
+    _wait_metric(url, "ecoserve_outcomes_total", ecosystem, n, timeout_s)
 
 
 def _label(url, items):
@@ -113,7 +118,17 @@ def test_every_panel_query_returns_data(stack, serving_repo):
            + [{"request_id": f"{run}-d2-0", "label": int(digits.y[16])}]  # duplicate
            + [{"request_id": f"{run}-d2-1", "label": (int(digits.y[17]) + 1) % 10}]  # correction
            + [{"request_id": f"{run}-nope", "label": 1}])  # unknown id
-    time.sleep(6)  # scrapes of phase 2 (and coverage of outcomes older than 1 s)
+    # phase 3: the label-free estimator fits on the 200 labeled credit outcomes; new credit rows
+    # then wait for labels (they are estimated), and half of their labels arrive (its error)
+    _wait_metric(url, "ecoserve_estimator_version", "credit", 1)
+    later = list(range(200, 260))
+    for s in range(0, len(later), 20):
+        chunk = later[s : s + 20]
+        _infer(url, "credit", X[chunk], [f"{run}-c-{i}" for i in chunk], [groups[i] for i in chunk])
+    _wait_metric(url, "ecoserve_estimated_outcomes", "credit", len(later))
+    _label(url, [{"request_id": f"{run}-c-{i}", "label": int(y[i])} for i in later[:30]])
+    _wait_metric(url, "ecoserve_estimator_checked_outcomes", "credit", 30)
+    time.sleep(6)  # scrapes of phases 2 and 3 (and coverage of outcomes older than 1 s)
 
     subs = {"$window": "2m", "$ecosystem": ".*", "$member": ".*", "$subgroup": ".*"}
     empty = []
@@ -133,7 +148,7 @@ def test_every_panel_query_returns_data(stack, serving_repo):
     sfr_expr = panel_queries(build_dashboards()["ecoserve-overview"])[0][1]
     q = sfr_expr.replace("$window", "2m").replace("$ecosystem", "credit")
     got = float(prom.query(q)[0]["value"][1])
-    assert got == pytest.approx(systemic[:200].mean(), rel=1e-6)
+    assert got == pytest.approx(systemic[:230].mean(), rel=1e-6)  # the 200 rows and 30 of the later ones
     # the alert rules are loaded and evaluated by this Prometheus
     rules = httpx.get(f"{prom.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
     assert {r["name"] for g in rules for r in g["rules"]} >= {"EcoserveSystemicFailureExcess", "EcoserveOutcomesDropped"}
