@@ -231,7 +231,7 @@ def test_a_version_3_store_gets_scoped_held_labels(kind: str, tmp_path: Path) ->
                    "scope": frozenset({"credit"})}
             with store.engine.begin() as conn:
                 store._add_pending(conn, [row])
-            (held,) = store.take_pending(["r"])
+            (held,) = store.pending_for(["r"])
             assert held["source"] == "s" * 64 and held["scope"] == frozenset({"credit"})
         finally:
             store.close()

@@ -411,13 +411,6 @@ class OutcomeStore:
                               "scope": None if r.scope is None else frozenset(json.loads(r.scope))} for r in rows)
         return found
 
-    def take_pending(self, ids: Sequence[str]) -> list[dict[str, Any]]:
-        """Remove and return the pending labels of these request ids."""
-        found = self.pending_for(ids)
-        if found:
-            self.apply_labels([], [], None, [r["request_id"] for r in found])
-        return found
-
     def expire_pending(self, received_before: float) -> int:
         with self.engine.begin() as conn:
             res = conn.execute(delete(pending_labels).where(pending_labels.c.received_at < received_before))
