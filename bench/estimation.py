@@ -1,8 +1,9 @@
 """`python -m bench estimation`: what label-free estimates cost, each against a baseline measured in
 the same run.
 
-- storage: bytes per stored outcome payload with members' scores vs without (6 members);
-- recording: `RowEncoder.rows_of_fields` per outcome with scores vs without;
+- storage: bytes per stored outcome payload with members' scores vs without (6 members), and with
+  each member's full score vector over 10 classes (`telemetry.score_vector_max_classes`);
+- recording: `RowEncoder.rows_of_fields` per outcome with scores vs without, and with vectors;
 - refit: `SystemicEstimator.fit` on 100,000 labeled outcomes (6 members), against one pass of
   plain logistic-regression features over the same rows (the floor of reading them once);
 - refresh: `Recorder.refresh_estimates` over 20,000 waiting outcomes in a real SQLite store,
@@ -47,11 +48,21 @@ def _simulate(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray,
     return preds, scores, truth, (~wrong).astype(np.int64)
 
 
-def _outcomes(preds: np.ndarray, scores: np.ndarray | None, prefix: str, t0: float) -> list[Outcome]:
+def _outcomes(preds: np.ndarray, scores: np.ndarray | None, prefix: str, t0: float,
+              vectors: np.ndarray | None = None) -> list[Outcome]:
     return [Outcome(f"{prefix}{i}", "eco", t0 + i * 1e-3, MEMBERS, ("1",) * 6, tuple(int(v) for v in preds[i]), 0, 0,
                     (1.0, 0, 0, 0, 0, 0), 0, "primary", False, {}, f"{i:016x}",
-                    tuple(float(v) for v in scores[i]) if scores is not None else ())
+                    tuple(float(v) for v in scores[i]) if scores is not None else (),
+                    tuple(tuple(v) for v in vectors[i].tolist()) if vectors is not None else ())
             for i in range(len(preds))]
+
+
+def _vectors(preds: np.ndarray, scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(n, M, 10) probability vectors whose argmax is the prediction, with its score."""
+    rest = rng.dirichlet(np.ones(9), size=preds.shape) * (1 - scores)[..., None]
+    out = np.insert(rest, 0, scores, axis=-1)  # the score first, then rolled onto the predicted class
+    idx = (np.arange(10)[None, None, :] - preds[..., None]) % 10
+    return np.take_along_axis(out, idx, axis=-1).astype(np.float32)
 
 
 def run(repo: Path | None = None) -> Sequence[tuple[str, ...]]:
@@ -62,15 +73,23 @@ def run(repo: Path | None = None) -> Sequence[tuple[str, ...]]:
     # storage and recording
     with_s = [outcome_fields(o) for o in _outcomes(preds[:20_000], scores[:20_000], "s", 1e9)]
     without = [outcome_fields(o) for o in _outcomes(preds[:20_000], None, "s", 1e9)]
+    with_v = [outcome_fields(o) for o in _outcomes(preds[:20_000], scores[:20_000], "s", 1e9,
+                                                   _vectors(preds[:20_000], scores[:20_000], rng))]
     enc = RowEncoder()
     b_with = np.mean([len(r[4]) for r in enc.rows_of_fields(with_s, lambda *_: 1)])
     b_without = np.mean([len(r[4]) for r in enc.rows_of_fields(without, lambda *_: 1)])
+    b_vec = np.mean([len(r[4]) for r in enc.rows_of_fields(with_v, lambda *_: 1)])
     rows.append(("payload bytes per outcome (6 members)", f"{b_with:.0f}", f"{b_without:.0f} without scores",
                  f"{b_with / b_without:.2f}x"))
+    rows.append(("payload bytes, with 6 full score vectors (10 classes)", f"{b_vec:.0f}",
+                 f"{b_without:.0f} without scores", f"{b_vec / b_without:.2f}x"))
     t_with = _best(lambda: RowEncoder().rows_of_fields(with_s, lambda *_: 1)) / len(with_s)
     t_without = _best(lambda: RowEncoder().rows_of_fields(without, lambda *_: 1)) / len(without)
     rows.append(("encoding an outcome for the store", f"{t_with * 1e6:.2f} us", f"{t_without * 1e6:.2f} us without scores",
                  f"{t_with / t_without:.2f}x"))
+    t_vec = _best(lambda: RowEncoder().rows_of_fields(with_v, lambda *_: 1)) / len(with_v)
+    rows.append(("encoding, with 6 full score vectors (10 classes)", f"{t_vec * 1e6:.2f} us",
+                 f"{t_without * 1e6:.2f} us without scores", f"{t_vec / t_without:.2f}x"))
 
     # refit on 100k labeled outcomes
     served = np.zeros(len(preds), dtype=np.int64)

@@ -250,6 +250,11 @@ class TelemetryConfig(_Strict):
     window_s: float = Field(default=3600.0, gt=0, description="rolling window of the ecoserve_window_* gauges")
     window_buckets: int = Field(default=12, ge=1, le=1440, description="buckets the window slides by")
     estimation: EstimationConfig = Field(default_factory=EstimationConfig)
+    score_vector_max_classes: int = Field(
+        default=0, ge=0, le=100,
+        description="also record each member's full score vector (every class's score, 4 significant digits) "
+        "for classification ecosystems of at most this many classes; 0: only the score of the predicted class",
+    )
     sweep_interval_s: float = Field(default=5.0, gt=0, description="assumed-label and pending-expiry sweep period")
     coverage_ages_s: tuple[float, ...] = Field(
         default=(60.0, 600.0, 3600.0, 86400.0, 604800.0), min_length=1,

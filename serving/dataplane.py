@@ -87,6 +87,7 @@ class Dataplane:
                 log.info("ecosystem %s: member %s v%s on %s", name, mem.name, mem.version, mem.provider)
             policy = make_policy([m.name for m in members], eco_cfg.policy)
             runners[name] = EcosystemRunner(manifest, members, policy, eco_cfg, sink, stats=stats)
+            runners[name].score_vectors = 0 < len(manifest.classes) <= cfg.telemetry.score_vector_max_classes
         return cls(runners, cfg, stats, manifests)
 
     # ------------------------------------------------------------ lookup

@@ -30,7 +30,7 @@ from serving.errors import Unavailable
 from serving.members import MemberCall, Prediction
 from serving.policies import Decision, Policy
 from telemetry.estimation import SystemicEstimator
-from telemetry.records import Outcome
+from telemetry.records import Outcome, round_scores
 from telemetry.serving_stats import ServingStats
 
 __all__ = ["Outcome", "InferResult", "EcosystemRunner", "OutcomeSink"]
@@ -72,6 +72,8 @@ class EcosystemRunner:
         self.policy = policy
         # the recorder's latest fitted estimator (handed over with its replies): per-row risk
         self.estimator: SystemicEstimator | None = None
+        # record each member's whole score vector too (telemetry.score_vector_max_classes)
+        self.score_vectors = False
         self.cfg = cfg
         self.sink = sink
         self.stats = stats or ServingStats()
@@ -195,6 +197,7 @@ class EcosystemRunner:
         now = time.time()
         fps = _fingerprints(x)
         row_scores: list[tuple[float, ...]] = [()] * n
+        row_vectors: list[tuple[tuple[float, ...] | None, ...]] = [()] * n
         risks = None
         if self.regression:  # None: a missing value (JSON null in the store)
             row_values = [tuple(None if v != v else v for v in row) for row in preds.tolist()]
@@ -208,8 +211,11 @@ class EcosystemRunner:
                     got = preds[:, a] >= 0
                     cls = np.clip(preds[:, a], 0, r[1].shape[1] - 1)
                     scores[:, a] = np.where(got, r[1][rows_, cls], np.nan)
+            scores = round_scores(scores)
             if np.isfinite(scores).any():
                 row_scores = [tuple(row) for row in scores.tolist()]
+            if self.score_vectors:
+                row_vectors = self._score_vectors(results, preds, n, m)
             est = self.estimator
             if est is not None and est.members == self.names:
                 risks = est.risk(preds, scores, served)
@@ -230,6 +236,7 @@ class EcosystemRunner:
                 groups=groups[i],
                 input_fingerprint=fps[i],
                 scores=row_scores[i],
+                score_vectors=row_vectors[i],
             )
             for i in range(n)
         ]
@@ -239,6 +246,19 @@ class EcosystemRunner:
         if self.sink is not None:
             self.sink(outcomes)
         return InferResult(labels=labels, probabilities=probs, outcomes=outcomes, risks=risks)
+
+    def _score_vectors(self, results: dict[int, Prediction | BaseException], preds: np.ndarray, n: int,
+                       m: int) -> list[tuple[tuple[float, ...] | None, ...]]:
+        """Per row, per member: its scores of every class (None: no output, or no scores)."""
+        per: list[list[tuple[float, ...] | None]] = []
+        for a in range(m):
+            r = results.get(a)
+            if r is None or isinstance(r, BaseException) or r[1] is None or r[1].ndim != 2:
+                per.append([None] * n)
+            else:
+                got = (preds[:, a] >= 0).tolist()
+                per.append([tuple(v) if ok else None for v, ok in zip(r[1].tolist(), got)])
+        return [tuple(col[i] for col in per) for i in range(n)]
 
     def _answered(self, preds: np.ndarray) -> np.ndarray:
         """Where each member gave an output: not -1 (a class id), not NaN (a regression value)."""

@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any
 
-__all__ = ["Outcome", "RowEncoder", "ROW_COLUMNS", "PAYLOAD_FIELDS", "ContextId", "outcome_fields", "payload_text"]
+import numpy as np
+
+__all__ = ["Outcome", "RowEncoder", "ROW_COLUMNS", "PAYLOAD_FIELDS", "ContextId", "outcome_fields", "payload_text",
+           "round_scores"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +37,8 @@ class Outcome:
     # per member: its score for the class it predicted (a probability; NaN: none, e.g. a missing
     # output or a member without scores); empty for regression and for outcomes from outside
     scores: tuple[float, ...] = ()
+    # per member: its scores of every class, or None (`telemetry.score_vector_max_classes`; empty: not recorded)
+    score_vectors: tuple[tuple[float, ...] | None, ...] = ()
 
     @property
     def propensity(self) -> float:
@@ -52,7 +57,8 @@ ROW_COLUMNS = ("request_id", "ecosystem", "created_at", "context", "payload", "p
 # the payload: one JSON array of ints (and the fingerprint) per outcome, decoded in one call per
 # batch; propensity vectors and group objects keep their own columns, because their JSON (floats,
 # objects) repeats from row to row and is decoded once per distinct text (`telemetry.store`)
-PAYLOAD_FIELDS = ("predictions", "served", "intended", "greedy", "direct", "fingerprint", "scores")  # scores: optional
+# scores and score_vectors: optional (a payload with score vectors has its scores, or null, before them)
+PAYLOAD_FIELDS = ("predictions", "served", "intended", "greedy", "direct", "fingerprint", "scores", "score_vectors")
 
 
 
@@ -106,7 +112,7 @@ class RowEncoder:
         jm = jv = jp = jg = mid = ""
         ctx = 0
         for rid, eco, t, members, versions, predictions, served, intended, propensities, greedy, policy, direct, \
-                grp, fingerprint, scores in items:
+                grp, fingerprint, scores, vectors in items:
             if members is not last_m or versions is not last_v or policy is not last_pol:
                 if members is not last_m:
                     last_m, jm = members, names.get(members) or fill(names, members, _json_list)
@@ -124,6 +130,8 @@ class RowEncoder:
                 mid = f",{int(served)},{int(intended)},{int(greedy)},{'true' if direct else 'false'},"
             jpred = preds.get(predictions) or fill(preds, predictions, _json_predictions)
             tail = f",{_json_scores(scores)}]" if scores else "]"
+            if vectors:
+                tail = f"{tail[:-1] if scores else ',null'},{_json_vectors(vectors)}]"
             if fingerprint.isalnum():  # the gateway's: hex digests (any letter or digit is valid raw in JSON)
                 out.append((rid, eco, t, ctx, f'[{jpred}{mid}"{fingerprint}"{tail}', jp, jg))
             else:
@@ -157,6 +165,20 @@ def _json_scores(values: tuple[float, ...]) -> str:
 
 
 _SCORE_FORMAT = "{:.4g}".format
+
+
+def round_scores(a: np.ndarray) -> np.ndarray:
+    """Scores to the 4 significant digits the store keeps (NaN stays NaN): the gateway computes a
+    row's risk from exactly what is recorded, so the estimator gives the same value offline even
+    where a calibration bin edge lies between a score and its stored digits."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        step = 10.0 ** (np.floor(np.log10(np.abs(a))) - 3)
+        out = np.round(a / step) * step
+    return np.where(np.isfinite(out), out, a)
+
+
+def _json_vectors(vectors: tuple[tuple[float, ...] | None, ...]) -> str:
+    return "[" + ",".join("null" if v is None else _json_scores(v) for v in vectors) + "]"
 
 
 def _json_floats(values: tuple[float, ...]) -> str:

@@ -43,7 +43,7 @@ def stack(serving_repo, tmp_path_factory):
     with served_app(args, tmp, env={"ECOSERVE_FEEDBACK_TOKEN": TOKEN}) as running:
         prom = start_prometheus(running.url.removeprefix("http://"), tmp / "prometheus", scrape_interval_s=1.0)
         try:
-            yield running.url, prom
+            yield running.url, prom, tmp / "outcomes.db"
         finally:
             prom.stop()
 
@@ -54,6 +54,7 @@ def _infer(url, model, x, ids, groups=None):
         params["subgroups"] = groups
     r = httpx.post(f"{url}/v2/models/{model}/infer", json=infer_body(x, parameters=params), timeout=30)
     assert r.status_code == 200, r.text
+    return r.json()
 
 
 def _wait_metric(url, name, ecosystem, at_least=0.0, timeout_s=30.0):
@@ -83,7 +84,7 @@ def _label(url, items):
 
 
 def test_every_panel_query_returns_data(stack, serving_repo):
-    url, prom = stack
+    url, prom, db = stack
     run = uuid.uuid4().hex[:6]
     held = load_heldout(serving_repo / "credit")
     X, y = held.X, held.y
@@ -128,6 +129,7 @@ def test_every_panel_query_returns_data(stack, serving_repo):
     _wait_metric(url, "ecoserve_estimated_outcomes", "credit", len(later))
     _label(url, [{"request_id": f"{run}-c-{i}", "label": int(y[i])} for i in later[:30]])
     _wait_metric(url, "ecoserve_estimator_checked_outcomes", "credit", 30)
+    _risk_in_responses_is_the_estimators(url, db, run, X, groups)
     time.sleep(6)  # scrapes of phases 2 and 3 (and coverage of outcomes older than 1 s)
 
     subs = {"$window": "2m", "$ecosystem": ".*", "$member": ".*", "$subgroup": ".*"}
@@ -152,3 +154,29 @@ def test_every_panel_query_returns_data(stack, serving_repo):
     # the alert rules are loaded and evaluated by this Prometheus
     rules = httpx.get(f"{prom.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
     assert {r["name"] for g in rules for r in g["rules"]} >= {"EcoserveSystemicFailureExcess", "EcoserveOutcomesDropped"}
+
+
+def _risk_in_responses_is_the_estimators(url, db, run, X, groups):
+    """Through the real Ray app: the gateway got the fitted estimator with a hand-over reply, so
+    each row's answer carries `systemic_failure_risk`, equal to the estimator (as stored) on the
+    same row's stored member outputs and scores."""
+    from telemetry.estimation import SystemicEstimator
+    from telemetry.store.outcomes import open_store
+
+    rows = list(range(260, 300))
+    ids = [f"{run}-r-{i}" for i in rows]
+    risks = _infer(url, "credit", X[rows], ids, [groups[i] for i in rows])["parameters"].get("systemic_failure_risks")
+    assert risks is not None and len(risks) == len(rows), "the gateway has no estimator yet"
+    _stored(url, "credit", 300)
+    store = open_store(f"sqlite:///{db}")
+    try:
+        est = SystemicEstimator.from_json(store.latest_estimators()["credit"])
+        got = store.get_outcomes(ids)
+    finally:
+        store.close()
+    stored = [got[i] for i in ids]
+    offline = est.risk(np.array([o.predictions for o in stored]),
+                       np.array([[np.nan if v is None else v for v in o.scores] for o in stored]),
+                       np.array([o.served for o in stored]))
+    assert np.allclose(risks, offline, rtol=0, atol=5.001e-5)  # from the scores it recorded; answered to 4 decimals
+    assert len(set(np.round(risks, 3))) > 1  # rows differ: a constant would not rank anything

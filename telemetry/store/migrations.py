@@ -1,6 +1,8 @@
 """Schema migrations of the outcome store: create a new store, or bring an older one forward one
 version at a time, in one transaction. 1 -> 2 creates `ecoserve_ledgers`; 2 -> 3 rewrites
-`ecoserve_outcomes` in the v3 layout (contexts, payload, the partial index of unlabeled outcomes).
+`ecoserve_outcomes` in the v3 layout (contexts, payload, the partial index of unlabeled outcomes);
+3 -> 4 gives held labels a scope; 4 -> 5 creates `ecoserve_estimators`; 5 -> 6 recreates the
+`ecoserve_outcomes_v` view with the payload's newer fields.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ def migrate(store: OutcomeStore) -> int:
             if version < 5:  # 4 -> 5: fitted label-free estimators
                 estimators.create(conn, checkfirst=True)
                 version = 5
+            if version < 6:  # 5 -> 6: the view gains the payload's newer fields (scores, score vectors)
+                conn.exec_driver_sql("DROP VIEW IF EXISTS ecoserve_outcomes_v")
+                version = 6
             conn.execute(update(schema_table).values(version=version))
             conn.exec_driver_sql(view_sql(store.backend))
     except SQLAlchemyError as exc:

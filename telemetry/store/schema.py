@@ -17,7 +17,7 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 metadata = MetaData()
 schema_table = Table("ecoserve_schema", metadata, Column("version", Integer, nullable=False))
