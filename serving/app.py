@@ -148,6 +148,8 @@ def member_factory(cfg: ServingConfig, member_handles: dict[str, Any] | None,
     def factory(d: Path, manifest: EcosystemManifest, spec: MemberSpec) -> MemberCall:
         key = f"{manifest.name}.{spec.name}"
         if member_handles:
+            if cfg.ecosystems[manifest.name].candidates.get(spec.name) == spec.version:  # a candidate's own deployment
+                key = f"{key}@{spec.version}"
             return RemoteMember(member_handles[key], spec.name, spec.version, providers[key])
         fault = cfg.ecosystems[manifest.name].faults.get(spec.name)
         session = load_member(d, manifest, spec, cfg.provider)
@@ -262,19 +264,21 @@ def build_app(args: dict[str, Any]) -> Application:
         repo = Path(cfg.model_repository)
         for eco, eco_cfg in cfg.ecosystems.items():
             manifest = load_manifest(repo / eco)
-            current = {m.name: m for m in manifest.current_members()}
-            for name in eco_cfg.members or list(current):
+            current = {m.name: m for m in manifest.served_members(eco_cfg.versions)}
+            runs = [(name, current[name].version, "") for name in eco_cfg.members or list(current)]
+            runs += [(name, version, f"@{version}") for name, version in eco_cfg.candidates.items()]
+            for name, version, suffix in runs:
                 if current[name].kind != "onnx":  # remote: called over HTTP from the gateway; external: never called
                     continue
                 res = eco_cfg.member_resources.get(name, cfg.members)
-                handles[f"{eco}.{name}"] = MemberDeployment.options(  # type: ignore[attr-defined]
-                    name=f"{eco}-{name}".replace("_", "-"),
+                handles[f"{eco}.{name}{suffix}"] = MemberDeployment.options(  # type: ignore[attr-defined]
+                    name=f"{eco}-{name}{'-v' + version if suffix else ''}".replace("_", "-"),
                     num_replicas=res.num_replicas,
                     ray_actor_options=_actor_options(res.num_cpus, res.num_gpus),
                     max_ongoing_requests=max(100, cfg.batching.max_batch_size * 2),
                     graceful_shutdown_timeout_s=5,
                     graceful_shutdown_wait_loop_s=0.5,
-                ).bind(str(repo), eco, name, current[name].version, config)
+                ).bind(str(repo), eco, name, version, config)
     recorder = None
     if cfg.telemetry.enabled and not cfg.recorder_in_gateway():
         t = cfg.telemetry

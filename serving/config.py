@@ -152,6 +152,16 @@ class EcosystemServeConfig(_Strict):
         default=None, gt=0, description="finalize unlabeled outcomes this old with assumed_label"
     )
     assumed_label: str | float | None = Field(default=None, description="the label assumed after the timeout")
+    versions: dict[str, str] = Field(
+        default_factory=dict,
+        description="member -> the version it serves (default: the last one listed in the manifest); "
+        "what `ecoserve rollout promote` and `rollback` write")
+    candidates: dict[str, str] = Field(
+        default_factory=dict,
+        description="member -> a candidate version run in shadow beside it: recorded, never served, "
+        "not part of the ecosystem's systemic-failure counts; flips streamed as labels arrive")
+    candidate_share: float = Field(
+        default=1.0, gt=0, le=1, description="share of the member's requests its candidate also runs on")
 
     @model_validator(mode="after")
     def _assumed_pair(self) -> EcosystemServeConfig:
@@ -453,7 +463,26 @@ def preflight(file: ServeFile, *, check_port: bool = True) -> None:
             manifest = load_manifest(repo / name)
         except ManifestError as exc:
             raise ConfigError(f"ecosystems.{name}: {str(exc).splitlines()[0]}") from exc
-        current = {m.name: m for m in manifest.current_members()}
+        for member, version in {**eco.versions, **eco.candidates}.items():
+            field = "versions" if member in eco.versions and eco.versions[member] == version else "candidates"
+            if version not in manifest.versions_of(member):
+                known = manifest.versions_of(member)
+                raise ConfigError(f"ecosystems.{name}.{field}.{member}: " + (
+                    f"no version {version!r} (the manifest lists {', '.join(map(repr, known))})" if known
+                    else f"{member!r} is not a member of {repo / name}"))
+        current = {m.name: m for m in manifest.served_members(eco.versions)}
+        for member, version in eco.candidates.items():
+            if member not in (eco.members or list(current)):
+                raise ConfigError(f"ecosystems.{name}.candidates.{member}: the member is not run here")
+            if version == current[member].version:
+                raise ConfigError(f"ecosystems.{name}.candidates.{member}: version {version!r} is the one it "
+                                  "serves already")
+            cand = manifest.member(member, version)
+            if cand.kind != "onnx" or current[member].kind != "onnx":
+                raise ConfigError(f"ecosystems.{name}.candidates.{member}: candidates are ONNX members of this "
+                                  "repository (not remote or external)")
+            if not (repo / name / cand.onnx_path).is_file():
+                raise ConfigError(f"ecosystems.{name}.candidates.{member}: no model file {repo / name / cand.onnx_path}")
         served = [m for m in eco.members or list(current) if m in current and current[m].kind != "external"]
         if served and eco.policy is None:
             raise ConfigError(f"ecosystems.{name}.policy: required (members {', '.join(served)} are served here)")

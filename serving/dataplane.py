@@ -69,7 +69,7 @@ class Dataplane:
                 manifest = load_manifest(repo / name)
             except ManifestError as exc:
                 raise ManifestError(f"ecosystem {name!r}: {exc}") from exc
-            current = {m.name: m for m in manifest.current_members()}
+            current = {m.name: m for m in manifest.served_members(eco_cfg.versions)}
             wanted = list(eco_cfg.members or current)
             unknown = [w for w in wanted if w not in current]
             if unknown:
@@ -86,7 +86,13 @@ class Dataplane:
             for mem in members:
                 log.info("ecosystem %s: member %s v%s on %s", name, mem.name, mem.version, mem.provider)
             policy = make_policy([m.name for m in members], eco_cfg.policy)
-            runners[name] = EcosystemRunner(manifest, members, policy, eco_cfg, sink, stats=stats)
+            names = [m.name for m in members]
+            candidates = {names.index(member): factory(repo / name, manifest, manifest.member(member, version))
+                          for member, version in eco_cfg.candidates.items() if member in names}
+            for a, cand in candidates.items():
+                log.info("ecosystem %s: candidate %s v%s in shadow of v%s", name, cand.name, cand.version,
+                         members[a].version)
+            runners[name] = EcosystemRunner(manifest, members, policy, eco_cfg, sink, stats=stats, candidates=candidates)
             runners[name].score_vectors = 0 < len(manifest.classes) <= cfg.telemetry.score_vector_max_classes
         return cls(runners, cfg, stats, manifests)
 

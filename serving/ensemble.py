@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -64,11 +65,17 @@ class EcosystemRunner:
         sink: OutcomeSink | None = None,
         seed: int | None = None,
         stats: ServingStats | None = None,
+        candidates: dict[int, MemberCall] | None = None,
     ) -> None:
         self.manifest = manifest
         self.members = members
         self.names = tuple(m.name for m in members)
         self.versions = tuple(m.version for m in members)
+        # candidate versions in shadow (`candidates` in the ecosystem's config): member index ->
+        # the candidate's call, run as fan-out index len(members) + k; recorded, never served
+        self.candidates = sorted((candidates or {}).items())
+        self._calls = [*members, *(c for _, c in self.candidates)]
+        self._call_names = [*self.names, *(f"{c.name}@{c.version}" for _, c in self.candidates)]
         self.policy = policy
         # the recorder's latest fitted estimator (handed over with its replies): per-row risk
         self.estimator: SystemicEstimator | None = None
@@ -130,17 +137,17 @@ class EcosystemRunner:
         return self.names.index(member)
 
     async def _call(self, a: int, x: np.ndarray) -> Prediction | BaseException:
-        member = self.members[a]
+        member, name = self._calls[a], self._call_names[a]
         t0 = time.perf_counter()
         try:
             result = await asyncio.wait_for(member.predict(x), timeout=self.cfg.member_timeout_s)
         except TimeoutError:
-            self.stats.error(self.manifest.name, member.name, "timeout")
-            return TimeoutError(f"{self.names[a]}: no answer within {self.cfg.member_timeout_s} s")
+            self.stats.error(self.manifest.name, name, "timeout")
+            return TimeoutError(f"{name}: no answer within {self.cfg.member_timeout_s} s")
         except Exception as exc:  # a member's failure is recorded as a missing output, never raised
-            self.stats.error(self.manifest.name, member.name, "error")
+            self.stats.error(self.manifest.name, name, "error")
             return exc
-        self.stats.observe(self.manifest.name, member.name, member.provider, time.perf_counter() - t0)
+        self.stats.observe(self.manifest.name, name, member.provider, time.perf_counter() - t0)
         return result
 
     async def infer(
@@ -159,7 +166,10 @@ class EcosystemRunner:
         served_set = {d.served for d in decisions}
         run_shadow = self.cfg.shadow_fraction >= 1.0 or self._rng.random() < self.cfg.shadow_fraction
         needed = list(range(m)) if run_shadow else sorted(served_set)
+        if self.candidates and (self.cfg.candidate_share >= 1.0 or self._rng.random() < self.cfg.candidate_share):
+            needed += [m + k for k, (a, _) in enumerate(self.candidates) if a in needed]
         results = await self.fanout(x, needed)
+        cand_results = {k: results.pop(m + k) for k in range(len(self.candidates)) if m + k in results}
         # a missing output: -1 for a class id, NaN for a regression value
         preds = np.full((n, m), np.nan) if self.regression else np.full((n, m), -1, dtype=np.int64)
         for a, r in results.items():
@@ -219,6 +229,7 @@ class EcosystemRunner:
             est = self.estimator
             if est is not None and est.members == self.names:
                 risks = est.risk(preds, scores, served)
+        cand_rows = self._candidate_rows(cand_results, n) if cand_results else [()] * n
         outcomes = [
             Outcome(
                 request_id=request_ids[i],
@@ -237,6 +248,7 @@ class EcosystemRunner:
                 input_fingerprint=fps[i],
                 scores=row_scores[i],
                 score_vectors=row_vectors[i],
+                candidates=cand_rows[i],
             )
             for i in range(n)
         ]
@@ -246,6 +258,32 @@ class EcosystemRunner:
         if self.sink is not None:
             self.sink(outcomes)
         return InferResult(labels=labels, probabilities=probs, outcomes=outcomes, risks=risks)
+
+    def _candidate_rows(self, got: dict[int, Prediction | BaseException],
+                        n: int) -> list[tuple[tuple[int, str, str, Any, float | None], ...]]:
+        """Per row: (member index, the version it serves, candidate version, the candidate's output,
+        its score of that output) of each candidate that ran (output -1 / None and score None where
+        it failed)."""
+        cols = []
+        for k, r in got.items():
+            a, call = self.candidates[k]
+            if isinstance(r, BaseException):
+                log.warning("candidate %s.%s@%s missing on %d rows: %s", self.manifest.name, call.name, call.version, n, r)
+                vals: list[Any] = [None if self.regression else -1] * n
+                scores: list[float | None] = [None] * n
+            elif self.regression:
+                vals = [None if v != v else float(v) for v in np.asarray(r[0], dtype=float).tolist()]
+                scores = [None] * n
+            else:
+                cls = np.asarray(r[0], dtype=np.int64)
+                vals = cls.tolist()
+                if r[1] is not None and r[1].ndim == 2:
+                    sc = round_scores(r[1][np.arange(n), np.clip(cls, 0, r[1].shape[1] - 1)].astype(float))
+                    scores = [None if (c < 0 or v != v) else v for c, v in zip(vals, sc.tolist())]
+                else:
+                    scores = [None] * n
+            cols.append([(a, self.versions[a], call.version, v, sc_) for v, sc_ in zip(vals, scores)])
+        return [tuple(col[i] for col in cols) for i in range(n)]
 
     def _score_vectors(self, results: dict[int, Prediction | BaseException], preds: np.ndarray, n: int,
                        m: int) -> list[tuple[tuple[float, ...] | None, ...]]:

@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 from telemetry.counts import EcosystemCounts, group_keys
 from telemetry.estimation import wilson
 from telemetry.events import Event, EventCounts
+from telemetry.flips import CandidateFlips
 from telemetry.recorder import DELAY_BUCKETS_S, SOURCES, EcosystemEstimates, EcosystemSnapshot, Recorder
 from telemetry.serving_stats import LATENCY_BUCKETS_S
 from telemetry.summary import summarize
@@ -74,6 +75,23 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ecoserve_member_latency_seconds": ("histogram", ("ecosystem", "member", "provider"), "Time of one member call (one batch), at the gateway."),
     "ecoserve_member_errors_total": ("counter", ("ecosystem", "member", "kind"), "Member calls that failed (kind: error, timeout)."),
     "ecoserve_label_coverage_ratio": ("gauge", ("ecosystem", "age_seconds"), "Share of outcomes older than age_seconds that have a label."),
+    "ecoserve_candidate_outcomes_total": ("counter", ("ecosystem", "member", "version", "candidate"), "Outcomes on which the candidate version ran in shadow of the member's serving version."),
+    "ecoserve_candidate_agreements_total": ("counter", ("ecosystem", "member", "version", "candidate"), "Of those, outcomes where the candidate gave the serving version's output (label-free; regression: the same bin)."),
+    "ecoserve_candidate_labeled_total": ("counter", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "Labeled outcomes where both the serving version's and the candidate's correctness are known (first labels)."),
+    "ecoserve_candidate_current_correct_total": ("counter", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "Of those, outcomes the serving version got right."),
+    "ecoserve_candidate_correct_total": ("counter", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "Of those, outcomes the candidate got right."),
+    "ecoserve_candidate_improvements_total": ("counter", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "Outcomes the serving version got wrong and the candidate right (positive flips)."),
+    "ecoserve_candidate_regressions_total": ("counter", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "Outcomes the serving version got right and the candidate wrong (negative flips)."),
+    "ecoserve_candidate_improvements_on_systemic_failures_total": ("counter", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "Improvements on outcomes every other deployed member also got wrong (the deployed ecosystem failed them systemically)."),
+    "ecoserve_candidate_negative_flip_ratio": ("gauge", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "Negative flip rate: regressions / labeled outcomes, since the candidate started."),
+    "ecoserve_candidate_negative_flip_ratio_lower": ("gauge", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "Lower end of the 95% Wilson interval of ecoserve_candidate_negative_flip_ratio."),
+    "ecoserve_candidate_negative_flip_ratio_upper": ("gauge", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "Upper end of the 95% Wilson interval of ecoserve_candidate_negative_flip_ratio."),
+    "ecoserve_candidate_accuracy_delta": ("gauge", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "The candidate's accuracy minus the serving version's on the same labeled outcomes."),
+    "ecoserve_candidate_accuracy_delta_lower": ("gauge", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "Lower end of the 95% paired normal interval of ecoserve_candidate_accuracy_delta."),
+    "ecoserve_candidate_accuracy_delta_upper": ("gauge", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "Upper end of the 95% paired normal interval of ecoserve_candidate_accuracy_delta."),
+    "ecoserve_candidate_improvements_on_systemic_failures_ratio": ("gauge", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "Share of the candidate's improvements that land on systemic failures of the deployed ecosystem."),
+    "ecoserve_candidate_improvements_on_systemic_failures_ratio_lower": ("gauge", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "Lower end of the 95% Wilson interval of ecoserve_candidate_improvements_on_systemic_failures_ratio."),
+    "ecoserve_candidate_improvements_on_systemic_failures_ratio_upper": ("gauge", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "Upper end of the 95% Wilson interval of ecoserve_candidate_improvements_on_systemic_failures_ratio."),
     "ecoserve_window_seconds": ("gauge", (), "Length of the rolling window of the ecoserve_window_* gauges."),
     "ecoserve_window_labeled_outcomes": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Complete labeled outcomes in the window."),
     "ecoserve_window_systemic_failure_ratio": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Share of complete labeled outcomes every member got wrong."),
@@ -163,6 +181,8 @@ class EcoserveCollector(Collector):
             self._ecosystem(fams, eco, st, snap.events)
             if eco in snap.estimates:
                 self._estimates(fams, eco, st.spec.members, snap.estimates[eco])
+            if st.flips is not None:
+                self._flips(fams, eco, st.flips)
         events = snap.events
         fams["ecoserve_feedback_unknown_id_total"].add_metric([], events[Event.UNKNOWN_IDS])
         fams["ecoserve_labels_expired_total"].add_metric([], events[Event.EXPIRED])
@@ -196,6 +216,30 @@ class EcoserveCollector(Collector):
                 if total:
                     fams["ecoserve_label_coverage_ratio"].add_metric([eco, f"{age:g}"], labeled / total)
         yield from fams.values()
+
+    @staticmethod
+    def _flips(fams: dict[str, Any], eco: str, flips: CandidateFlips) -> None:
+        for (member, version, cand), (ran, agreed) in sorted(flips.recorded.items()):
+            fams["ecoserve_candidate_outcomes_total"].add_metric([eco, member, version, cand], int(ran))
+            fams["ecoserve_candidate_agreements_total"].add_metric([eco, member, version, cand], int(agreed))
+        for (member, version, cand), sg, value, c in flips.rows():
+            labels = [eco, member, version, cand, sg, value]
+            fams["ecoserve_candidate_labeled_total"].add_metric(labels, c["n"])
+            fams["ecoserve_candidate_current_correct_total"].add_metric(labels, c["current_correct"])
+            fams["ecoserve_candidate_correct_total"].add_metric(labels, c["candidate_correct"])
+            fams["ecoserve_candidate_improvements_total"].add_metric(labels, c["improvements"])
+            fams["ecoserve_candidate_regressions_total"].add_metric(labels, c["regressions"])
+            fams["ecoserve_candidate_improvements_on_systemic_failures_total"].add_metric(
+                labels, c["improvements_on_systemic"])
+            for name, r in CandidateFlips.ratios(c).items():
+                if r is None:
+                    continue
+                base = {"negative_flip": "ecoserve_candidate_negative_flip_ratio",
+                        "accuracy_delta": "ecoserve_candidate_accuracy_delta",
+                        "improvements_on_systemic_failures":
+                            "ecoserve_candidate_improvements_on_systemic_failures_ratio"}[name]
+                for suffix, v in zip(("", "_lower", "_upper"), r):
+                    fams[base + suffix].add_metric(labels, v)
 
     @staticmethod
     def _estimates(fams: dict[str, Any], eco: str, members: tuple[str, ...], e: EcosystemEstimates) -> None:

@@ -41,6 +41,7 @@ from telemetry.counts import EcosystemCounts, correctness, value_correctness
 from telemetry.estimation import Estimate, EstimateSums, SystemicEstimator
 from telemetry.events import Event, EventCounts
 from telemetry.exploration import ExplorationCounts
+from telemetry.flips import CandidateFlips, FlipKey
 from telemetry.records import Outcome, outcome_fields
 from telemetry.serving_stats import merge_reports
 from telemetry.spec import EcosystemSpec
@@ -120,6 +121,7 @@ class EcosystemSnapshot:
     labels: dict[str, EcosystemCounts]  # per label source: the label part
     delay: dict[str, tuple[np.ndarray, float]]  # per label source: delay histogram buckets and sum (s)
     window: tuple[EcosystemCounts, ExplorationCounts]  # the rolling window's totals
+    flips: CandidateFlips | None = None  # candidate versions in shadow (a copy)
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,7 @@ class _EcosystemState:
         # when recorded: the served-output distribution (docs/design.md: degenerate feedback loops)
         self.served_outputs = np.zeros(len(spec.classes), dtype=np.int64)
         self.delay = {s: (np.zeros(len(DELAY_BUCKETS_S) + 1, dtype=np.int64), [0.0]) for s in SOURCES}
+        self.flips = CandidateFlips(shape)  # candidate versions in shadow (telemetry.flips)
 
     def groups_of(self, groups: Sequence[dict[str, str]]) -> dict[str, list[str]] | None:
         if not self.spec.subgroups:
@@ -178,6 +181,31 @@ def _correct(spec: EcosystemSpec, raw: np.ndarray, preds: np.ndarray, served: np
     if spec.regression:
         return value_correctness(raw, labels, spec.tolerance)
     return correctness(preds, labels.astype(np.int64))
+
+
+def _candidate_rows(
+    spec: EcosystemSpec, members_of: Sequence[tuple[str, ...]], candidates_of: Sequence[Any],
+) -> tuple[np.ndarray, np.ndarray, list[FlipKey], np.ndarray] | None:
+    """Every (outcome, candidate that ran on it) of a batch: the outcome's row, the shadowed
+    member's index in `spec.members`, the flip key and the candidate's raw output (-1 / NaN:
+    missing). Candidates of members no longer in the ecosystem are left out."""
+    rows, idx, keys, outs = [], [], [], []
+    for i, cands in enumerate(candidates_of):
+        for a, current, version, out, *_ in cands or ():
+            name = members_of[i][a] if 0 <= a < len(members_of[i]) else None
+            if name not in spec.members:
+                continue
+            rows.append(i)
+            idx.append(spec.members.index(name))
+            keys.append((name, str(current), str(version)))
+            outs.append(out)
+    if not rows:
+        return None
+    if spec.regression:
+        cand_raw = np.array([np.nan if v is None else float(v) for v in outs], dtype=np.float64)
+    else:
+        cand_raw = np.array([-1 if v is None else int(v) for v in outs], dtype=np.int64)
+    return np.array(rows), np.array(idx), keys, cand_raw
 
 
 ESTIMATE_PAGE = 5000  # outcomes read from the store at a time for the label-free estimates
@@ -488,6 +516,8 @@ class Recorder:
             times = np.array(cols[2], dtype=np.float64)
             direct = np.array(cols[11], dtype=bool)
             groups = st.groups_of(cols[12])
+            members_of: Sequence[tuple[str, ...]] = cols[3]
+            candidates_of: Sequence[Any] = cols[16]
         else:
             stored: Sequence[StoredOutcome] = items  # type: ignore[assignment]
             raw, served, intended, greedy, props_all = st.spec.align(
@@ -496,7 +526,13 @@ class Recorder:
             times = np.array([o.created_at for o in stored], dtype=np.float64)
             direct = np.array([o.direct for o in stored], dtype=bool)
             groups = st.groups_of([o.groups for o in stored])
+            members_of, candidates_of = [o.members for o in stored], [o.candidates for o in stored]
         preds = st.spec.codes(raw)
+        if n and any(candidates_of):
+            found = _candidate_rows(st.spec, members_of, candidates_of)
+            if found is not None:
+                rows_c, a_c, keys, cand_raw = found
+                st.flips.count_recorded(keys, st.spec.codes(cand_raw[:, None])[:, 0], preds[rows_c, a_c])
         rows = np.arange(n)
         props = props_all[rows, np.maximum(intended, 0)]
         kept = served >= 0  # the served member is still a member (see EcosystemSpec.align)
@@ -644,6 +680,8 @@ class Recorder:
         created = np.array([o.created_at for o in items])
         c = _correct(spec, raw, preds, served, values)
         groups = st.groups_of([o.groups for o in items])
+        if any(o.candidates for o in items):
+            self._count_flips(st, items, raw, served, values, c, groups)
         # the label part only: the outcomes' predictions were counted when they were recorded
         counts = EcosystemCounts.from_arrays(st.shape, preds, c, groups, labels_only=True)
         st.labels[source] = st.labels[source] + counts
@@ -672,6 +710,23 @@ class Recorder:
             sel = np.flatnonzero(recent)
             sub = {k: [v[i] for i in sel] for k, v in groups.items()} if groups else None
             st.window.add(EcosystemCounts.from_arrays(st.shape, preds[sel], c[sel], sub, labels_only=True))
+
+    @staticmethod
+    def _count_flips(st: _EcosystemState, items: Sequence[StoredOutcome], raw: np.ndarray, served: np.ndarray,
+                     values: np.ndarray, c: np.ndarray, groups: dict[str, list[str]] | None) -> None:
+        """Flips of the candidate versions that ran on these newly labeled outcomes: each
+        candidate's correctness is the ecosystem's own rule (`_correct`) applied to the outcome with
+        the candidate's output in its member's place."""
+        found = _candidate_rows(st.spec, [o.members for o in items], [o.candidates for o in items])
+        if found is None:
+            return
+        rows_c, a_c, keys, cand_raw = found
+        swapped = raw[rows_c].copy()
+        k = np.arange(len(rows_c))
+        swapped[k, a_c] = cand_raw
+        cand_correct = _correct(st.spec, swapped, st.spec.codes(swapped), served[rows_c], values[rows_c])[k, a_c]
+        sub = {attr: [col[i] for i in rows_c] for attr, col in groups.items()} if groups else None
+        st.flips.count_labeled(keys, a_c, c[rows_c], cand_correct, sub)
 
     def reclaim(self, ledger: str, accepted: dict[str, int]) -> dict[str, int]:
         """Count the records a crashed gateway accepted and never handed over (its ledger's
@@ -867,7 +922,7 @@ class Recorder:
                     served_propensity=st.served_propensity.copy(), fallbacks=st.fallbacks.copy(),
                     served_outputs=st.served_outputs.copy(), predictions=st.predictions, labels=dict(st.labels),
                     delay={src: (buckets.copy(), total[0]) for src, (buckets, total) in st.delay.items()},
-                    window=st.window.total(),
+                    window=st.window.total(), flips=st.flips + CandidateFlips(st.shape) if st.flips.recorded else None,
                 )
                 for name, st in self.state.items()
             }

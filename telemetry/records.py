@@ -39,6 +39,10 @@ class Outcome:
     scores: tuple[float, ...] = ()
     # per member: its scores of every class, or None (`telemetry.score_vector_max_classes`; empty: not recorded)
     score_vectors: tuple[tuple[float, ...] | None, ...] = ()
+    # candidate versions run in shadow, one per candidate that ran: (member index, the version the
+    # member serves, the candidate version, the candidate's output (class id, -1: missing;
+    # regression: value or None), its score of that output or None)
+    candidates: tuple[tuple[int, str, str, Any, float | None], ...] = ()
 
     @property
     def propensity(self) -> float:
@@ -57,8 +61,9 @@ ROW_COLUMNS = ("request_id", "ecosystem", "created_at", "context", "payload", "p
 # the payload: one JSON array of ints (and the fingerprint) per outcome, decoded in one call per
 # batch; propensity vectors and group objects keep their own columns, because their JSON (floats,
 # objects) repeats from row to row and is decoded once per distinct text (`telemetry.store`)
-# scores and score_vectors: optional (a payload with score vectors has its scores, or null, before them)
-PAYLOAD_FIELDS = ("predictions", "served", "intended", "greedy", "direct", "fingerprint", "scores", "score_vectors")
+# scores, score_vectors and candidates: optional (a payload with a later one has null for each earlier one it lacks)
+PAYLOAD_FIELDS = ("predictions", "served", "intended", "greedy", "direct", "fingerprint", "scores", "score_vectors",
+                  "candidates")
 
 
 
@@ -112,7 +117,7 @@ class RowEncoder:
         jm = jv = jp = jg = mid = ""
         ctx = 0
         for rid, eco, t, members, versions, predictions, served, intended, propensities, greedy, policy, direct, \
-                grp, fingerprint, scores, vectors in items:
+                grp, fingerprint, scores, vectors, cands in items:
             if members is not last_m or versions is not last_v or policy is not last_pol:
                 if members is not last_m:
                     last_m, jm = members, names.get(members) or fill(names, members, _json_list)
@@ -130,8 +135,10 @@ class RowEncoder:
                 mid = f",{int(served)},{int(intended)},{int(greedy)},{'true' if direct else 'false'},"
             jpred = preds.get(predictions) or fill(preds, predictions, _json_predictions)
             tail = f",{_json_scores(scores)}]" if scores else "]"
-            if vectors:
-                tail = f"{tail[:-1] if scores else ',null'},{_json_vectors(vectors)}]"
+            if vectors or cands:
+                tail = f"{tail[:-1] if scores else ',null'},{_json_vectors(vectors) if vectors else 'null'}]"
+                if cands:
+                    tail = f"{tail[:-1]},{_json_candidates(cands)}]"
             if fingerprint.isalnum():  # the gateway's: hex digests (any letter or digit is valid raw in JSON)
                 out.append((rid, eco, t, ctx, f'[{jpred}{mid}"{fingerprint}"{tail}', jp, jg))
             else:
@@ -175,6 +182,12 @@ def round_scores(a: np.ndarray) -> np.ndarray:
         step = 10.0 ** (np.floor(np.log10(np.abs(a))) - 3)
         out = np.round(a / step) * step
     return np.where(np.isfinite(out), out, a)
+
+
+def _json_candidates(cands: tuple[tuple[int, str, str, Any, float | None], ...]) -> str:
+    return json.dumps([[int(a), str(cur), str(v), None if p is None or p != p else p,
+                        None if s is None or not math.isfinite(s) else float(_SCORE_FORMAT(s))]
+                       for a, cur, v, p, s in cands])
 
 
 def _json_vectors(vectors: tuple[tuple[float, ...] | None, ...]) -> str:

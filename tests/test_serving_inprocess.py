@@ -69,8 +69,9 @@ def test_outputs_equal_onnxruntime_directly(app, serving_repo, recorded):
         s = ort.InferenceSession(str(serving_repo / f"digits/{name}/1/model.onnx"), providers=["CPUExecutionProvider"])
         labels, probs = s.run(["label", "probabilities"], {"input": x})
         assert [o.predictions[a] for o in mine] == labels.tolist()
-        # and its score for the class it predicted (what label-free estimates calibrate)
-        assert np.allclose([o.scores[a] for o in mine], probs[np.arange(20), labels], atol=1e-6), name
+        # and its score for the class it predicted (what label-free estimates calibrate), to the
+        # 4 significant digits the store keeps
+        assert np.allclose([o.scores[a] for o in mine], probs[np.arange(20), labels], rtol=5.001e-4, atol=0), name
 
 
 def test_direct_member_request_and_header_id(app, serving_repo, recorded):

@@ -7,7 +7,10 @@ wraps it as a Serve deployment.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,12 +31,33 @@ __all__ = ["RecorderHost", "LocalTelemetry", "recorder_specs", "feedback_reply",
 log = logging.getLogger("ray.serve")
 
 
+def _malloc_trim() -> Callable[[], object]:
+    """glibc's `malloc_trim(0)`: hand the pages of freed memory back to the kernel (a no-op elsewhere).
+
+    Why: the recorder's Python heap stays flat under steady load (tracemalloc: ~45 MiB over a
+    10-minute soak), but glibc keeps freed memory of its periodic large reads (the estimate
+    refresh and refit decode up to 20,000 stored outcomes at a time) mapped, so the process's
+    resident size climbed by tens of MiB before levelling off (docs/reliability.md)."""
+    if not sys.platform.startswith("linux"):
+        return lambda: None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # musl and others: nothing to call
+        return lambda: None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+MALLOC_TRIM = _malloc_trim()
+
+
 def recorder_specs(cfg: ServingConfig) -> dict[str, EcosystemSpec]:
     """The recorder's view of each served ecosystem, from its manifest and config."""
     specs = {}
     for name, eco in cfg.ecosystems.items():
         manifest = load_manifest(Path(cfg.model_repository) / name)
-        current = {m.name: m for m in manifest.current_members()}
+        current = {m.name: m for m in manifest.served_members(eco.versions)}
         members = list(eco.members or current)
         reference = members.index(eco.policy.primary) if isinstance(eco.policy, PrimaryPolicyConfig) else 0
         reg = manifest.regression
@@ -170,6 +194,7 @@ class RecorderHost:
                     self.recorder.refresh_estimates()
                 except Exception as exc:  # stale estimates until the next period
                     log.warning("label-free estimates not refreshed: %s", exc)
+            MALLOC_TRIM()
 
     def record(self, outcomes: list[Outcome], reporter: str, report: dict[str, Any]) -> dict[str, Any]:
         return self.record_fields(list(map(outcome_fields, outcomes)), reporter, report)

@@ -35,6 +35,8 @@ class StoredOutcome(NamedTuple):
     members: tuple[str, ...] = ()  # the member list it was recorded with (its context); indices refer to it
     scores: list[float | None] | None = None  # per member, its score for its predicted class (None: none)
     score_vectors: list[list[float | None] | None] | None = None  # per member, every class's score (if recorded)
+    # candidate versions run in shadow: [member index, serving version, candidate version, output, score]
+    candidates: list[list[Any]] | None = None
 
 
 # a first label, as the recorder hands it to `apply_labels` (a plain tuple: one per label, thousands
@@ -64,7 +66,7 @@ def decode_rows(rows: Sequence[Sequence[Any]], members: dict[int, tuple[str, ...
     return [
         new(StoredOutcome, (r[0], r[1], r[2], p[0], p[1], p[2], p[3], dec[r[4]], bool(p[4]), dec[r[5]],
                             r[6], r[7], r[8], r[9], r[10], members[r[11]], p[6] if len(p) > 6 else None,
-                            p[7] if len(p) > 7 else None))
+                            p[7] if len(p) > 7 else None, p[8] if len(p) > 8 else None))
         for r, p in zip(rows, payloads)
     ]
 
