@@ -34,6 +34,9 @@ class Thresholds:
     handover_failing_s: int = 120  # hand-overs failing this long: records pile up in the gateways' queues
     served_entropy_ratio: float = 0.5  # served-output entropy below half its average over the day before
     min_served_per_hour: int = 100
+    candidate_negative_flip: float = 0.05  # a subgroup whose negative flip rate's lower bound is above this
+    candidate_min_labeled: int = 50  # do not judge a candidate on fewer labeled outcomes (per subgroup)
+    candidate_for: str = "30m"
 
 
 def _rule(alert: str, expr: str, for_: str, severity: str, summary: str, description: str) -> dict[str, Any]:
@@ -162,6 +165,29 @@ def rule_groups(t: Thresholds = Thresholds()) -> list[dict[str, Any]]:
             "A gateway of {{ $labels.ecosystem }} crashed with outcome records queued",
             "{{ $value }} outcome records of {{ $labels.ecosystem }} were lost in the last 15 minutes: a gateway "
             "replica died before handing them to the recorder.",
+        ),
+        _rule(
+            "EcoserveCandidateRegressionsConcentrated",
+            # regressions concentrate in one subgroup: its negative flip rate's lower bound (Wilson)
+            f'ecoserve_candidate_negative_flip_ratio_lower{{subgroup!="all"}} > {t.candidate_negative_flip} '
+            f'and on (ecosystem, member, version, candidate, subgroup, subgroup_value) '
+            f'ecoserve_candidate_labeled_total{{subgroup!="all"}} >= {t.candidate_min_labeled}',
+            t.candidate_for, "warning",
+            "Candidate {{ $labels.member }} v{{ $labels.candidate }} of {{ $labels.ecosystem }} breaks what "
+            "v{{ $labels.version }} got right for {{ $labels.subgroup }}={{ $labels.subgroup_value }}",
+            "In this subgroup the candidate gets wrong at least {{ $value | humanizePercentage }} of the outcomes the "
+            "serving version gets right (95% lower bound of the negative flip rate): do not promote it as is.",
+        ),
+        _rule(
+            "EcoserveCandidateWorseForSubgroup",
+            # better on average (lower bound of the accuracy delta above 0), worse for a subgroup (upper below 0)
+            'ecoserve_candidate_accuracy_delta_upper{subgroup!="all"} < 0 '
+            'and on (ecosystem, member, version, candidate) ecoserve_candidate_accuracy_delta_lower{subgroup="all"} > 0',
+            t.candidate_for, "warning",
+            "Candidate {{ $labels.member }} v{{ $labels.candidate }} of {{ $labels.ecosystem }} is better on average "
+            "but worse for {{ $labels.subgroup }}={{ $labels.subgroup_value }}",
+            "Its accuracy is above the serving version's overall, and below it in this subgroup (95% upper bound of "
+            "the difference: {{ $value | humanizePercentage }}): promoting it would move errors onto this group.",
         ),
     ]
     return [{"name": "ecoserve", "rules": rules}]

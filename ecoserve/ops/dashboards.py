@@ -1,6 +1,6 @@
 """Grafana dashboards as code (grafana-foundation-sdk), generated from one panel list.
 
-`build_dashboards()` returns the five dashboards as JSON-able dicts (Grafana's current
+`build_dashboards()` returns the six dashboards as JSON-able dicts (Grafana's current
 dashboard schema); `write_dashboards(dir)` writes them (committed under
 `k8s/base/dashboards/`; a test fails when they are stale). Every dashboard is templated by
 a Prometheus data source variable, `ecosystem`, `member` and `subgroup`, and a
@@ -268,12 +268,61 @@ SERVING = [
               unit="percentunit"),
 ]
 
+CK = 'ecosystem=~"$ecosystem",member=~"$member"'
+CANDIDATE_LEGEND = "{{ecosystem}} {{member}} v{{version}} -> v{{candidate}}"
+CANDIDATES = [
+    PanelSpec("timeseries", "Candidate accuracy minus serving version's, with its 95% interval",
+              "On the same labeled outcomes: the candidate version's accuracy minus the serving version's (a "
+              "paired difference), since the candidate started, with its interval (dashed). Bad: the upper line "
+              "below 0 (the candidate is worse).",
+              ((f'ecoserve_candidate_accuracy_delta{{{CK},{ALL}}}', CANDIDATE_LEGEND),
+               (f'ecoserve_candidate_accuracy_delta_lower{{{CK},{ALL}}}', CANDIDATE_LEGEND + " lower"),
+               (f'ecoserve_candidate_accuracy_delta_upper{{{CK},{ALL}}}', CANDIDATE_LEGEND + " upper")),
+              unit="percentunit", extra={"interval": True}),
+    PanelSpec("timeseries", "Negative flip rate with its 95% interval",
+              "Share of labeled outcomes the serving version gets right and the candidate wrong (regressions). A "
+              "candidate can be better on average and still break what worked for someone. Bad: the lower line "
+              "well above 0.",
+              ((f'ecoserve_candidate_negative_flip_ratio{{{CK},{ALL}}}', CANDIDATE_LEGEND),
+               (f'ecoserve_candidate_negative_flip_ratio_lower{{{CK},{ALL}}}', CANDIDATE_LEGEND + " lower"),
+               (f'ecoserve_candidate_negative_flip_ratio_upper{{{CK},{ALL}}}', CANDIDATE_LEGEND + " upper")),
+              extra={"interval": True}),
+    PanelSpec("bargauge", "Negative flip rate by subgroup (95% lower bound)",
+              "Where the candidate's regressions land: each declared subgroup's lower bound of its negative flip "
+              "rate. Bad: one group far above the others (the alert fires above the configured threshold).",
+              ((f'ecoserve_candidate_negative_flip_ratio_lower{{{CK},subgroup!="all"}}',
+                "{{member}} v{{candidate}} {{subgroup}}={{subgroup_value}}"),),
+              instant=True),
+    PanelSpec("bargauge", "Accuracy difference by subgroup (95% upper bound)",
+              "Each subgroup's upper bound of the candidate's accuracy minus the serving version's. Bad: below 0 "
+              "for a group while the overall difference is above 0 (better on average, worse for them).",
+              ((f'ecoserve_candidate_accuracy_delta_upper{{{CK},subgroup!="all"}}',
+                "{{member}} v{{candidate}} {{subgroup}}={{subgroup_value}}"),),
+              instant=True),
+    PanelSpec("timeseries", "Share of improvements on systemic failures",
+              "Of the outcomes the candidate fixes, the share every other deployed member also gets wrong: the "
+              "people no model serves. Bad: near 0 (the new version's gains go to those already served well).",
+              ((f'ecoserve_candidate_improvements_on_systemic_failures_ratio{{{CK},{ALL}}}', CANDIDATE_LEGEND),
+               (f'ecoserve_candidate_improvements_on_systemic_failures_ratio_lower{{{CK},{ALL}}}',
+                CANDIDATE_LEGEND + " lower"),
+               (f'ecoserve_candidate_improvements_on_systemic_failures_ratio_upper{{{CK},{ALL}}}',
+                CANDIDATE_LEGEND + " upper")),
+              extra={"interval": True}),
+    PanelSpec("timeseries", "Candidate agreement with the serving version (label-free)",
+              "Share of outcomes where the candidate gave the serving version's output, before any label. Bad: "
+              "a sudden drop (the candidate behaves differently from what was tested).",
+              ((f"sum by (ecosystem, member, version, candidate) (increase(ecoserve_candidate_agreements_total{{{CK}}}{W})) "
+                f"/ sum by (ecosystem, member, version, candidate) (increase(ecoserve_candidate_outcomes_total{{{CK}}}{W}))",
+                CANDIDATE_LEGEND),)),
+]
+
 DASHBOARDS: dict[str, tuple[str, list[PanelSpec]]] = {
     "ecoserve-overview": ("ecoserve / Ecosystem overview", OVERVIEW),
     "ecoserve-subgroups": ("ecoserve / Subgroups", SUBGROUPS),
     "ecoserve-labels": ("ecoserve / Labels and feedback loops", LABELS),
     "ecoserve-exploration": ("ecoserve / Exploration", EXPLORATION),
     "ecoserve-serving": ("ecoserve / Serving", SERVING),
+    "ecoserve-candidates": ("ecoserve / Candidate versions", CANDIDATES),
 }
 
 
