@@ -59,6 +59,14 @@ def _value_range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _versions(text: str) -> tuple[str, str, str]:
+    member, eq, cols = text.partition("=")
+    parts = cols.split(",")
+    if not eq or not member or len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"expected MEMBER=OLD_COLUMN,NEW_COLUMN, got {text!r}")
+    return member, parts[0], parts[1]
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from telemetry.analysis import AnalysisError, AnalysisOptions, analyze_csv, format_table
 
@@ -77,6 +85,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         value_range=args.range,
         bin_width=args.bin_width,
         reference_data=args.reference_data,
+        versions=tuple(args.versions or ()),
     )
     try:
         result = analyze_csv(args.file, opts)
@@ -263,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference-data", metavar="LABELED.csv",
                    help="a labeled table with the same members and <member>__score columns: estimate the systemic "
                         "failure rate and each member's accuracy on this table's rows without a label")
+    p.add_argument("--versions", action="append", type=_versions, metavar="MEMBER=OLD_COLUMN,NEW_COLUMN",
+                   help="two columns are the current and a new version of one member: OLD_COLUMN is the member in "
+                        "the ecosystem, NEW_COLUMN enters only the flip table (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--compact", action="store_true", help="with --json: on one line")
     p.set_defaults(func=_cmd_analyze)

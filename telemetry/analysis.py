@@ -50,6 +50,9 @@ class AnalysisOptions:
     # a labeled table with the same member columns and `<member>__score` columns: the label-free
     # estimator is fitted on it and estimates the rows of this table that have no label
     reference_data: str | None = None
+    # (member, old column, new column): the two columns are the current and a candidate version of
+    # one member; the old one is the member in the ecosystem, the new one only enters the flip table
+    versions: tuple[tuple[str, str, str], ...] = ()
 
 
 SCORE_SUFFIX = "__score"  # `<member>__score`: the member's score for the class it predicted
@@ -143,10 +146,25 @@ def analyze_csv(path: str | Path, opts: AnalysisOptions) -> dict[str, Any]:
     named = {opts.label_column, *opts.group_columns}
     named |= {c for c in (opts.served_column, opts.propensity_column, opts.reward_column) if c}
     named |= {h for h in header if h.endswith(SCORE_SUFFIX)}
+    named |= {new for _, _, new in opts.versions}
     members = list(opts.members) or [h for h in header if h not in named]
     if len(members) < 2:
         raise AnalysisError(f"{p}: need at least 2 member columns, found {members}")
-    member_cols = [_column(p, header, body, m, "member") for m in members]
+    for member, old, new in opts.versions:
+        for column in (old, new):
+            _column(p, header, body, column, f"--versions {member}")
+        if new == old:
+            raise AnalysisError(f"{p}: --versions {member}: the new version's column {new!r} must not be a member column")
+        if old not in members:
+            raise AnalysisError(f"{p}: --versions {member}: the current version's column {old!r} is not a member "
+                                f"column ({', '.join(members)})")
+        if new in members:
+            raise AnalysisError(f"{p}: --versions {member}: the new version's column {new!r} must not be a member column")
+    if opts.versions and opts.mode == "bandit":
+        raise AnalysisError(f"{p}: --versions needs labels (ground-truth mode): a bandit log knows only the served output")
+    n_members = len(members)
+    # the new versions' columns are read with the members' (same classes, same correctness rules) and split off
+    member_cols = [_column(p, header, body, m, "member") for m in [*members, *(new for _, _, new in opts.versions)]]
     bandit = opts.mode == "bandit"
     if bandit:
         for flag, col in (
@@ -159,7 +177,7 @@ def analyze_csv(path: str | Path, opts: AnalysisOptions) -> dict[str, Any]:
         label_col = None
     else:
         label_col = _column(p, header, body, opts.label_column, "label")
-    regression = _regression(p, opts, members, member_cols, label_col)
+    regression = _regression(p, opts, [*members, *(new for _, _, new in opts.versions)], member_cols, label_col)
     if regression is not None:
         classes, preds, correct_reg = regression
     else:
@@ -209,6 +227,8 @@ def analyze_csv(path: str | Path, opts: AnalysisOptions) -> dict[str, Any]:
         else:
             labels = np.array([index[v] if v != "" else -1 for v in label_col], dtype=np.int64)
             correct = correctness(preds, labels)
+        new_correct = correct[:, n_members:]
+        preds, correct = preds[:, :n_members], correct[:, :n_members]
         if served is not None:
             rows = np.arange(n)
             c_served = correct[rows, served]
@@ -261,6 +281,9 @@ def analyze_csv(path: str | Path, opts: AnalysisOptions) -> dict[str, Any]:
             "accuracy": {m: {"value": a.value if a.n else None, "lower": a.lower, "upper": a.upper}
                          for m, a in zip(members, est.finish_accuracy(sums))},
         }
+    if opts.versions:
+        result["flips"] = {member: _flips(correct, members.index(old), new_correct[:, k])
+                           for k, (member, old, _) in enumerate(opts.versions)}
     if served is not None and propensity is not None and rewards is not None:
         ok = ~np.isnan(rewards)
         exp = ExplorationCounts.from_arrays(
@@ -269,6 +292,37 @@ def analyze_csv(path: str | Path, opts: AnalysisOptions) -> dict[str, Any]:
         in_unit = bool(((rewards[ok] >= 0) & (rewards[ok] <= 1)).all())
         result["exploration"] = exp.summary(rewards_in_unit=in_unit)
     return result
+
+
+def _flips(correct: np.ndarray, a: int, new: np.ndarray) -> dict[str, Any]:
+    """The flip table of one member's two versions (telemetry.flips: the same definitions as the live
+    counters); a systemic failure: every *other* member wrong."""
+    from telemetry.flips import delta_interval
+    from telemetry.version_change import VersionChangeCounts
+
+    others = np.delete(correct, a, axis=1)
+    c = VersionChangeCounts.from_arrays(correct[:, a], new, others)
+    known = (correct[:, a] >= 0) & (new >= 0) & (others >= 0).all(axis=1)
+    out: dict[str, Any] = {
+        "n": c.n, "excluded": c.excluded, "improvements": c.improvements, "regressions": c.regressions,
+        "negative_flip_rate": c.regressions / c.n if c.n else None,
+        "improvements_on_systemic_failures": c.improvements_on_systemic,
+        "share_of_improvements_on_systemic_failures": c.improvements_on_systemic / c.improvements if c.improvements else None,
+        "current_accuracy": float((correct[known, a] == 1).mean()) if c.n else None,
+        "candidate_accuracy": float((new[known] == 1).mean()) if c.n else None,
+    }
+    intervals: dict[str, Any] = {}
+    if c.n:
+        lo, hi = wilson(c.regressions, c.n)
+        intervals["negative_flip_rate"] = {"lower": float(lo), "upper": float(hi)}
+        d = delta_interval(c.improvements, c.regressions, c.n)
+        assert d is not None
+        intervals["accuracy_delta"] = {"value": d[0], "lower": d[1], "upper": d[2]}
+    if c.improvements:
+        lo, hi = wilson(c.improvements_on_systemic, c.improvements)
+        intervals["share_of_improvements_on_systemic_failures"] = {"lower": float(lo), "upper": float(hi)}
+    out["intervals"] = intervals
+    return out
 
 
 def _fmt(v: Any) -> str:
@@ -391,6 +445,19 @@ def format_table(result: dict[str, Any]) -> str:
                   f"  systemic failure rate {_fmt(e['value'])} (95% interval {_fmt(e['lower'])} - {_fmt(e['upper'])})"]
         for m, a in est["accuracy"].items():
             lines.append(f"  accuracy of {m}: {_fmt(a['value'])} ({_fmt(a['lower'])} - {_fmt(a['upper'])})")
+    for member, f in result.get("flips", {}).items():
+        ivl = f["intervals"]
+        lines += ["", f"version change of {member} ({f['n']} labeled rows where both versions and every other member "
+                      f"answered):",
+                  f"  accuracy {_fmt(f['current_accuracy'])} -> {_fmt(f['candidate_accuracy'])}"
+                  + (f" (difference {_fmt(ivl['accuracy_delta']['value'])}, 95% interval "
+                     f"{_fmt(ivl['accuracy_delta']['lower'])} - {_fmt(ivl['accuracy_delta']['upper'])})"
+                     if "accuracy_delta" in ivl else ""),
+                  f"  improvements {f['improvements']}, regressions (negative flips) {f['regressions']}, "
+                  f"negative flip rate {_fmt(f['negative_flip_rate'])}",
+                  f"  improvements on systemic failures (every other member wrong): "
+                  f"{f['improvements_on_systemic_failures']} of {f['improvements']} "
+                  f"({_fmt(f['share_of_improvements_on_systemic_failures'])})"]
     if "exploration" in result:
         ex = result["exploration"]
         lines += ["", f"exploration: min propensity {_fmt(ex['min_propensity'])}"]

@@ -251,3 +251,61 @@ def test_reference_data_problems_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ecoserve.cli", "analyze", str(table), "--reference-data", str(ref)],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "must be in [0, 1]" in r.stderr
+
+
+def test_versions_flip_table_equals_a_count_by_hand(model_repo, tmp_path):
+    """`--versions mlp_a=mlp_a,mlp_a_v2`: the demo's digits mlp_a version 1 and its retrained
+    version 2, run by ONNX Runtime on the held-out rows; the flip table equals a count by hand."""
+    import onnxruntime as ort
+
+    from models.heldout import load_heldout
+
+    held = load_heldout(model_repo / "digits")
+    members = ["logreg", "mlp_a", "mlp_b", "forest", "knn"]
+
+    def run(member, version):
+        sess = ort.InferenceSession(str(model_repo / f"digits/{member}/{version}/model.onnx"),
+                                    providers=["CPUExecutionProvider"])
+        return sess.run(["label"], {"input": held.X.astype(np.float32)})[0].reshape(-1)
+
+    cols = {m: run(m, "1") for m in members}
+    new = run("mlp_a", "2")
+    table = tmp_path / "versions.csv"
+    with table.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*members, "mlp_a_v2", "label"])
+        for i in range(len(held.y)):
+            w.writerow([*(int(cols[m][i]) for m in members), int(new[i]), int(held.y[i])])
+    proc = ecoserve("analyze", str(table), "--versions", "mlp_a=mlp_a,mlp_a_v2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["members"] == members  # the new version is not a member of the ecosystem
+    f = out["flips"]["mlp_a"]
+    y = held.y
+    old_ok, new_ok = cols["mlp_a"] == y, new == y
+    others_wrong = np.all([cols[m] != y for m in members if m != "mlp_a"], axis=0)
+    imp = ~old_ok & new_ok
+    assert f["n"] == len(y)
+    assert f["improvements"] == int(imp.sum()) and f["regressions"] == int((old_ok & ~new_ok).sum())
+    assert f["improvements_on_systemic_failures"] == int((imp & others_wrong).sum())
+    assert f["negative_flip_rate"] == pytest.approx((old_ok & ~new_ok).mean())
+    assert f["current_accuracy"] == pytest.approx(old_ok.mean()) and f["candidate_accuracy"] == pytest.approx(new_ok.mean())
+    assert f["improvements"] + f["regressions"] > 0  # the two versions differ somewhere
+    lo, hi = f["intervals"]["negative_flip_rate"]["lower"], f["intervals"]["negative_flip_rate"]["upper"]
+    assert lo <= f["negative_flip_rate"] <= hi
+    text = ecoserve("analyze", str(table), "--versions", "mlp_a=mlp_a,mlp_a_v2")
+    assert text.returncode == 0 and "version change of mlp_a" in text.stdout and "negative flip rate" in text.stdout
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("mlp_a", "expected MEMBER=OLD_COLUMN,NEW_COLUMN"),
+    ("mlp_a=a", "expected MEMBER=OLD_COLUMN,NEW_COLUMN"),
+    ("x=a,nope", "--versions x column 'nope' not found"),
+    ("x=a,a", "the new version's column 'a' must not be a member column"),
+    ("x=label,c", "the current version's column 'label' is not a member column"),
+])
+def test_bad_versions_arguments(tmp_path, arg, message):
+    table = tmp_path / "t.csv"
+    table.write_text("a,b,c,label\n1,1,0,1\n0,1,1,0\n")
+    r = ecoserve("analyze", str(table), "--versions", arg)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
