@@ -95,6 +95,32 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rollout(args: argparse.Namespace) -> int:
+    from ecoserve.rollout import RolloutError, rollout, wait_for_version
+    from serving.config import ConfigError
+
+    try:
+        previous, new = rollout(args.config, args.action, args.ecosystem, args.member,
+                                args.version if args.action == "promote" else args.to, shadow_previous=not args.no_shadow)
+    except (RolloutError, ConfigError) as exc:
+        raise CliError(str(exc)) from exc
+    shadow = "" if args.no_shadow else f"; version {previous} stays in shadow as the candidate"
+    print(f"{args.config}: {args.ecosystem}.{args.member} now serves version {new} (was {previous}){shadow}")
+    if args.k8s:
+        from ecoserve.ops.k8s import K8S_DIR, generate_k8s
+
+        for p in generate_k8s(Path(args.root) / K8S_DIR):
+            print(f"wrote {p}")
+        print("apply it (kubectl apply -k ...): KubeRay updates the running RayService's serveConfigV2 in place")
+    if args.url:
+        try:
+            took = wait_for_version(args.url.rstrip("/"), args.ecosystem, args.member, new, args.timeout)
+        except RolloutError as exc:
+            raise CliError(str(exc)) from exc
+        print(f"{args.url}: serving version {new} ({took:.0f} s after the config changed)")
+    return 0
+
+
 def _cmd_providers(args: argparse.Namespace) -> int:
     import onnxruntime as ort
 
@@ -278,6 +304,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--compact", action="store_true", help="with --json: on one line")
     p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("rollout", help="promote or roll back a member's version: rewrite the config; a server "
+                       "started with `ecoserve serve CONFIG` redeploys (docs/serving.md)")
+    rs = p.add_subparsers(dest="action", required=True)
+    for action in ("promote", "rollback"):
+        q = rs.add_parser(action, help="serve VERSION" if action == "promote" else "serve the version in shadow again")
+        q.add_argument("ecosystem")
+        q.add_argument("member")
+        if action == "promote":
+            q.add_argument("version")
+        else:
+            q.add_argument("--to", help="the version to serve (default: the one in shadow)")
+        q.add_argument("--config", required=True, help="the Serve config file the server runs (rewritten in place)")
+        q.add_argument("--no-shadow", action="store_true",
+                       help="do not keep the version served until now in shadow as the candidate")
+        q.add_argument("--url", help="wait until the server at this URL serves the new version")
+        q.add_argument("--timeout", type=float, default=120.0, help="seconds to wait with --url (default: 120)")
+        q.add_argument("--k8s", action="store_true", help="then regenerate k8s/ (ecoserve k8s generate) for kubectl apply")
+        q.add_argument("--root", default=".", help="with --k8s: the repository root holding k8s/")
+        q.set_defaults(func=_cmd_rollout)
 
     p = sub.add_parser("serve", help="serve a config (default: the demo config) on Ray Serve, in the foreground")
     p.add_argument("config", nargs="?", help="Serve config file (default: the demo config, port 8000)")

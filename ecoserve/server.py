@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 
 from ecoserve import DEMO_CONFIG
-from serving.config import ServeFile, load_serve_file, port_problem, preflight
+from serving.config import ConfigError, ServeFile, load_serve_file, port_problem, preflight
 
 __all__ = ["FAST_INGRESS_ENV", "SERVER_ID_ENV", "serve_foreground", "start", "stop", "Running", "free_port",
            "wait_ready", "server_pids"]
@@ -410,6 +410,60 @@ def stop(haproxy_before: set[int] | None = None, only: list[str] | None = None) 
             os.kill(pid, signal.SIGTERM)
 
 
+class ConfigWatcher:
+    """Redeploys the running app when its config file changes (`ecoserve rollout` rewrites it): the
+    new file is checked as `ecoserve check-config` would, then applied with `serve.run`, Serve's
+    in-place update (changed deployments get new replicas; each old gateway replica hands its
+    queued outcome records to the recorder before it stops). A file that does not validate is
+    reported and ignored: the app keeps serving the last good config. Changes outside the ecoserve
+    application's args (HTTP port, proxy) need a restart, and say so."""
+
+    def __init__(self, path: Path, file: ServeFile, every_s: float = 1.0) -> None:
+        self.path, self.file, self.every_s = path, file, every_s
+        self._seen = self._stamp()
+        self._next = time.monotonic() + every_s
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def poll(self) -> bool:
+        """Redeploy if the file changed since the last look; True when it did."""
+        if time.monotonic() < self._next:
+            return False
+        self._next = time.monotonic() + self.every_s
+        stamp = self._stamp()
+        if stamp is None or stamp == self._seen:
+            return False
+        self._seen = stamp
+        try:
+            new = load_serve_file(self.path)
+            preflight(new, check_port=False)
+        except ConfigError as exc:
+            print(f"{self.path} changed but is not valid; still serving the previous config: {exc}", flush=True)
+            return False
+        old_app, app = self.file.raw["applications"][self.file.app_index], new.raw["applications"][new.app_index]
+        if {k: v for k, v in new.raw.items() if k != "applications"} != \
+                {k: v for k, v in self.file.raw.items() if k != "applications"}:
+            print(f"{self.path}: changes outside the application (HTTP/gRPC options, proxy) apply at the next "
+                  "start", flush=True)
+        if app == old_app:
+            return False
+        from ray import serve
+
+        from serving.app import build_app
+
+        print(f"{self.path} changed: redeploying the application", flush=True)
+        serve.run(build_app(app.get("args") or {}), name=app.get("name", "ecoserve"),
+                  route_prefix=app.get("route_prefix", "/"), blocking=False)
+        self.file = new
+        print("redeployed", flush=True)
+        return True
+
+
 def serve_foreground(config: str | None, address: str | None = None) -> int:
     """`ecoserve serve`: `address` (else `RAY_ADDRESS`) attaches to a running Ray cluster."""
     file = load_serve_file(config or DEMO_CONFIG)
@@ -431,10 +485,11 @@ def serve_foreground(config: str | None, address: str | None = None) -> int:
     print(f"ecoserve is serving at {running.url}  (Ctrl-C to stop)")
     for name in file.serving.ecosystems:
         print(f"  POST {running.url}/v2/models/{name}/infer")
+    watcher = ConfigWatcher(Path(config or DEMO_CONFIG), file)
     try:
         # a timed wait: Python runs signal handlers only in the main thread, between its own steps
         while not supervisor.stop_requested.wait(0.2):
-            pass
+            watcher.poll()
     finally:
         print("stopping...", flush=True)
         running.stop()

@@ -174,6 +174,9 @@ class Dataplane:
             params["classes"] = list(man.classes)
         if model.member is None:
             params.update(members=members, policy=r.policy.kind)
+            if r.candidates:  # candidate versions in shadow: recorded, never served
+                params["candidates"] = [{"member": r.names[a], "version": c.version, "serving_version": r.versions[a],
+                                         "share": r.cfg.candidate_share} for a, c in r.candidates]
         else:
             params.update(provider=members[model.member]["provider"], ecosystem=man.name)
         meta["parameters"] = params
