@@ -147,6 +147,16 @@ def summary(url: str, ecosystems: list[str]) -> str:
             mp = _get(m, "ecoserve_window_min_propensity", ecosystem=eco)
             lines.append(f"  exploration: min propensity {_fmt(mp, pct=False)}; SNIPS value / served share: "
                          + ", ".join(f"{mem} {v:.3f}/{served.get(mem, 0) / total:.0%}" for mem, v in ips))
+        for lab, n in m.get("ecoserve_candidate_labeled_total", []):
+            if lab.get("ecosystem") != eco or lab.get("subgroup") != "all":
+                continue
+            key = {k: lab[k] for k in ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value")}
+            imp = _get(m, "ecoserve_candidate_improvements_total", **key) or 0
+            reg = _get(m, "ecoserve_candidate_regressions_total", **key) or 0
+            on_sys = _get(m, "ecoserve_candidate_improvements_on_systemic_failures_total", **key) or 0
+            lines.append(f"  candidate {lab['member']} v{lab['candidate']} (in shadow of v{lab['version']}), {n:.0f} "
+                         f"labeled: fixes {imp:.0f}, breaks {reg:.0f}; {on_sys:.0f} of its fixes are for people "
+                         "every other member fails")
     pending = _get(m, "ecoserve_labels_pending")
     dup = sum(v for _, v in m.get("ecoserve_labels_duplicate_total", []))
     lines.append(f"labels pending {pending:.0f}; duplicates ignored {dup:.0f}")

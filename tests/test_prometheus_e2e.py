@@ -40,6 +40,7 @@ def stack(serving_repo, tmp_path_factory):
     eco = args["ecosystems"]
     eco.pop("broken"), eco.pop("dead")
     eco["faulty"]["faults"] = {"knn": {"error": True}}  # member errors for the serving panels
+    eco["credit"]["candidates"] = {"gboost": "2"}  # a candidate version in shadow: the candidate panels
     with served_app(args, tmp, env={"ECOSERVE_FEEDBACK_TOKEN": TOKEN}) as running:
         prom = start_prometheus(running.url.removeprefix("http://"), tmp / "prometheus", scrape_interval_s=1.0)
         try:

@@ -13,7 +13,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import yaml
 from conftest import serving_args, write_serve_file
 from serving_cases import infer_body
 
@@ -66,9 +65,8 @@ def test_promote_and_rollback_under_traffic_lose_nothing(serving_repo: Path, tmp
     from conftest import served_app
 
     from ecoserve.server import ConfigWatcher
-    from telemetry.store import open_store
-
     from models.heldout import load_heldout
+    from telemetry.store import open_store
 
     x = load_heldout(serving_repo / "credit").X.astype(np.float32)
     args = credit_args(serving_repo, tmp_path)
@@ -135,11 +133,11 @@ def test_promote_and_rollback_under_traffic_lose_nothing(serving_repo: Path, tmp
         import json
 
         gboost = {}
-        for rid, versions, cands in rows:
+        for _rid, versions, cands in rows:
             served_v = json.loads(versions)[2]
             shadow = json.loads(cands) if cands else []
             gboost.setdefault(served_v, 0)
             gboost[served_v] += 1
-            for a, current, cand, *_ in shadow:
+            for _a, current, cand, *_ in shadow:
                 assert current == served_v and cand != served_v
         assert set(gboost) == {"1", "2"}, gboost
