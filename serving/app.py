@@ -4,8 +4,11 @@ Deployments:
 - `Gateway`: the ingress (FastAPI, Open Inference Protocol). With `placement:
   colocated` (the default, chosen from measurements: docs/serving.md) it also
   hosts every member's ONNX Runtime session, each with `@serve.batch`.
-- `<ecosystem>-<member>` (`placement: per_member`): one deployment per member, with
-  its own fractional `num_cpus`/`num_gpus`, `@serve.batch`, reached by handles.
+- `<ecosystem>-<member>-v<version>` (`placement: per_member`): one deployment per member
+  version (a candidate version in shadow gets its own), with its own fractional
+  `num_cpus`/`num_gpus`, `@serve.batch`, reached by handles. The version is in the name, so a
+  rollout creates a new deployment instead of changing what an existing one runs under a
+  gateway that still records the old version.
 
 `serve run CONFIG.yaml`, `serve deploy CONFIG.yaml`, KubeRay's `serveConfigV2` and
 `ecoserve serve CONFIG.yaml` all go through `build_app(args)`.
@@ -272,7 +275,7 @@ def build_app(args: dict[str, Any]) -> Application:
                     continue
                 res = eco_cfg.member_resources.get(name, cfg.members)
                 handles[f"{eco}.{name}{suffix}"] = MemberDeployment.options(  # type: ignore[attr-defined]
-                    name=f"{eco}-{name}{'-v' + version if suffix else ''}".replace("_", "-"),
+                    name=f"{eco}-{name}-v{version}".replace("_", "-"),
                     num_replicas=res.num_replicas,
                     ray_actor_options=_actor_options(res.num_cpus, res.num_gpus),
                     max_ongoing_requests=max(100, cfg.batching.max_batch_size * 2),
