@@ -73,6 +73,23 @@ def _wait_metric(url, name, ecosystem, at_least=0.0, timeout_s=30.0):
     raise AssertionError(f"{name} of {ecosystem} did not reach {at_least} within {timeout_s} s")
 
 
+def _wait_metric_value(url, name, labels, want, timeout_s=30.0):
+    """Wait until /metrics has the sample `name{labels}` equal to `want`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + timeout_s
+    got = None
+    while time.monotonic() < deadline:
+        for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+            for smp in fam.samples:
+                if smp.name == name and smp.labels == labels:
+                    got = smp.value
+        if got == want:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{name}{labels} = {got}, expected {want}")
+
+
 def _stored(url, ecosystem, n, timeout_s=30.0):
     """Wait until the recorder has stored `n` outcomes of `ecosystem` (labels for them then join
     at once, so a second, different label is a correction, not a replaced pending label)."""
@@ -152,6 +169,20 @@ def test_every_panel_query_returns_data(stack, serving_repo):
     q = sfr_expr.replace("$window", "2m").replace("$ecosystem", "credit")
     got = float(prom.query(q)[0]["value"][1])
     assert got == pytest.approx(systemic[:230].mean(), rel=1e-6)  # the 200 rows and 30 of the later ones
+    # the candidate gboost v2 ran in shadow on every credit row: its flips over the 230 labeled rows,
+    # counted by hand from ONNX Runtime's own outputs (the deployed counts above ignore it)
+    cand = ort.InferenceSession(str(serving_repo / "credit/gboost/2/model.onnx"),
+                                providers=["CPUExecutionProvider"]).run(["label"], {"input": X})[0][:230]
+    ok_old, ok_new = preds[:230, 2] == y[:230], cand == y[:230]
+    others_wrong = (np.delete(preds[:230], 2, axis=1) != y[:230, None]).all(axis=1)
+    key = {"ecosystem": "credit", "member": "gboost", "version": "1", "candidate": "2",
+           "subgroup": "all", "subgroup_value": "all"}
+    for name, want in (("ecoserve_candidate_labeled_total", 230),
+                       ("ecoserve_candidate_improvements_total", int((~ok_old & ok_new).sum())),
+                       ("ecoserve_candidate_regressions_total", int((ok_old & ~ok_new).sum())),
+                       ("ecoserve_candidate_improvements_on_systemic_failures_total",
+                        int((~ok_old & ok_new & others_wrong).sum()))):
+        _wait_metric_value(url, name, key, want)
     # the alert rules are loaded and evaluated by this Prometheus
     rules = httpx.get(f"{prom.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
     assert {r["name"] for g in rules for r in g["rules"]} >= {"EcoserveSystemicFailureExcess", "EcoserveOutcomesDropped"}
