@@ -98,6 +98,7 @@ def rollout(config: str | Path, action: str, ecosystem: str, member: str, versio
     except ConfigError as exc:
         tmp.unlink()
         raise RolloutError(f"the rewritten config would not be valid: {exc}") from exc
+    tmp.chmod(path.stat().st_mode & 0o7777)  # the file keeps its permissions
     tmp.replace(path)  # atomic: a watching server never reads half a file
     return previous, version
 
