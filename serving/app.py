@@ -31,7 +31,7 @@ from ray.serve import Application
 
 from models.manifest import EcosystemManifest, MemberSpec, load_manifest
 from models.runtime import load_member
-from serving.config import ServingConfig, parse_serving
+from serving.config import BatchingConfig, FaultConfig, ServingConfig, parse_serving
 from serving.dataplane import Dataplane
 from serving.grpc_adapter import GrpcService
 from serving.http import build_http_app
@@ -52,14 +52,17 @@ log = logging.getLogger("ray.serve")
 class MemberDeployment:
     """One member version as its own deployment (placement: per_member)."""
 
-    def __init__(self, repository: str, ecosystem: str, member: str, version: str, config: dict[str, Any]) -> None:
-        cfg = ServingConfig.model_validate(config)
+    def __init__(self, repository: str, ecosystem: str, member: str, version: str, provider: str,
+                 batching: dict[str, Any], fault: dict[str, Any] | None) -> None:
+        # only what this member needs (not the whole config): a redeploy that changes something
+        # else (another member's version, a policy) leaves this deployment's replicas running
         d = Path(repository) / ecosystem
         manifest = load_manifest(d)
         spec = manifest.member(member, version)
-        session = load_member(d, manifest, spec, cfg.provider)
+        session = load_member(d, manifest, spec, provider)  # type: ignore[arg-type]
         log.info("member %s.%s v%s loaded on %s", ecosystem, member, version, session.provider)
-        self._member = BatchedLocalMember(session, cfg.batching, cfg.ecosystems[ecosystem].faults.get(member))
+        self._member = BatchedLocalMember(session, BatchingConfig.model_validate(batching),
+                                          FaultConfig.model_validate(fault) if fault else None)
 
     async def predict(self, x: np.ndarray) -> Prediction:
         result: Prediction = await self._member.predict(x)
@@ -281,7 +284,8 @@ def build_app(args: dict[str, Any]) -> Application:
                     max_ongoing_requests=max(100, cfg.batching.max_batch_size * 2),
                     graceful_shutdown_timeout_s=5,
                     graceful_shutdown_wait_loop_s=0.5,
-                ).bind(str(repo), eco, name, version, config)
+                ).bind(str(repo), eco, name, version, cfg.provider, cfg.batching.model_dump(mode="json"),
+                       f.model_dump(mode="json") if (f := eco_cfg.faults.get(name)) else None)
     recorder = None
     if cfg.telemetry.enabled and not cfg.recorder_in_gateway():
         t = cfg.telemetry

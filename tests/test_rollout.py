@@ -61,7 +61,8 @@ def test_promote_and_rollback_rewrite_the_config(serving_repo: Path, tmp_path: P
 
 
 @pytest.mark.slow
-def test_promote_and_rollback_under_traffic_lose_nothing(serving_repo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("placement", ["colocated", "per_member"])
+def test_promote_and_rollback_under_traffic_lose_nothing(serving_repo: Path, tmp_path: Path, placement: str) -> None:
     from conftest import served_app
 
     from ecoserve.server import ConfigWatcher
@@ -70,6 +71,7 @@ def test_promote_and_rollback_under_traffic_lose_nothing(serving_repo: Path, tmp
 
     x = load_heldout(serving_repo / "credit").X.astype(np.float32)
     args = credit_args(serving_repo, tmp_path)
+    args["placement"] = placement
     with served_app(args, tmp_path) as running:
         path = tmp_path / "serve.yaml"  # the file served_app wrote and started from
         watcher = ConfigWatcher(path, load_serve_file(path), every_s=0.2)
