@@ -18,14 +18,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from serving import openapi
-from serving.auth import Credentials, authorize_inference, authorize_labels
+from serving.auth import Credentials, authorize_inference, authorize_labels, check_scope
 from serving.binary import HEADER_LENGTH, attach_binary_inputs, binary_outputs, encode_response, split_body
 from serving.dataplane import Dataplane
-from serving.errors import BadRequest, EcoserveError, NotFound, PayloadTooLarge, status_of
+from serving.errors import BadRequest, EcoserveError, NotFound, PayloadTooLarge, UnprocessableEntity, status_of
 from serving.feedback import parse_feedback
 from serving.outcomes_api import parse_outcomes
 from serving.protocol import parse_infer_request
-from telemetry.recorder import LabelItem
+from telemetry.recorder import AUDIT_KINDS, AUDIT_MAX_LIMIT, LabelItem
 from telemetry.records import outcome_fields
 
 __all__ = ["build_http_app", "read_body", "read_json_body", "TelemetryBackend", "PROMETHEUS_CONTENT_TYPE"]
@@ -39,6 +39,8 @@ class TelemetryBackend(Protocol):
     async def feedback(self, items: list[LabelItem], scope: frozenset[str] | None = None) -> dict[str, Any]: ...
 
     async def outcomes(self, items: list[tuple[Any, ...]]) -> dict[str, Any]: ...
+
+    async def audit(self, ecosystem: str, kind: str, limit: int) -> dict[str, Any]: ...
 
     async def metrics(self) -> bytes: ...
 
@@ -187,6 +189,28 @@ def build_http_app(
         records = parse_outcomes(await read_json_body(request, max_bytes + 1024 * max_items), dataplane.manifests,
                                  max_items, scope)
         return await telemetry.outcomes(list(map(outcome_fields, records)))
+
+    @app.get("/v2/ecosystems/{name}/audit", responses=openapi.errors(401, 403, 404, 422, 503),
+             openapi_extra=openapi.audit_operation())
+    async def audit(request: Request, name: str) -> dict[str, Any]:
+        """The audit lists: the newest outcomes every member got wrong (kind=systemic) or the
+        compression-identified exemplars (kind=cie), with each member's output. They name request
+        ids, so they take the token that posts labels (and its ecosystems' scope)."""
+        if telemetry is None:
+            raise NotFound("telemetry is disabled in this deployment: no audit API")
+        scope = authorize_labels(request.headers.get("authorization"), creds)
+        check_scope(scope, name, "audit")
+        kind = request.query_params.get("kind", "systemic")
+        raw_limit = request.query_params.get("limit", "100")
+        try:
+            limit = int(raw_limit)
+        except ValueError:
+            raise UnprocessableEntity(f"limit: expected an integer, got {raw_limit[:40]!r}") from None
+        if not 1 <= limit <= AUDIT_MAX_LIMIT:
+            raise UnprocessableEntity(f"limit: expected 1 to {AUDIT_MAX_LIMIT}, got {limit}")
+        if kind not in AUDIT_KINDS:
+            raise UnprocessableEntity(f"kind: expected one of {', '.join(AUDIT_KINDS)}, got {kind[:40]!r}")
+        return await telemetry.audit(name, kind, limit)
 
     @app.get("/metrics", responses=openapi.errors(404))
     async def metrics() -> Response:

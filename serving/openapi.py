@@ -60,6 +60,17 @@ def feedback_operation() -> dict[str, Any]:
                              "required": ["labels"], "additionalProperties": False}]}) | {"security": [{"bearer": []}]}
 
 
+def audit_operation() -> dict[str, Any]:
+    from telemetry.recorder import AUDIT_KINDS, AUDIT_MAX_LIMIT
+
+    return {"parameters": [
+        {"name": "kind", "in": "query", "required": False,
+         "schema": {"type": "string", "enum": list(AUDIT_KINDS), "default": "systemic"}},
+        {"name": "limit", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1, "maximum": AUDIT_MAX_LIMIT, "default": 100}},
+    ], "security": [{"bearer": []}]}
+
+
 def outcomes_operation() -> dict[str, Any]:
     body = {"type": "object", "required": ["outcomes"], "additionalProperties": False,
             "properties": {"outcomes": {"type": "array", "minItems": 1,

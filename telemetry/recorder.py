@@ -208,6 +208,10 @@ def _candidate_rows(
     return np.array(rows), np.array(idx), keys, cand_raw
 
 
+AUDIT_KINDS = ("systemic", "cie")
+AUDIT_MAX_SCAN = 200_000  # stored outcomes one audit request reads at most
+AUDIT_MAX_LIMIT = 10_000
+
 ESTIMATE_PAGE = 5000  # outcomes read from the store at a time for the label-free estimates
 
 
@@ -888,6 +892,59 @@ class Recorder:
                 self.estimates[name] = result
             out[name] = result.n
         return out
+
+    # ---------------------------------------------------------- audit
+    def audit(self, ecosystem: str, kind: str, limit: int, max_scan: int = AUDIT_MAX_SCAN) -> dict[str, Any]:
+        """The audit lists (`GET /v2/ecosystems/{name}/audit`): the newest outcomes every member
+        got wrong (`systemic`: by their current label), or the compression-identified exemplars
+        (`cie`: the compressed members' modal output differs from the uncompressed ones'), newest
+        first, at most `limit`, reading at most `max_scan` stored outcomes."""
+        spec = self.specs.get(ecosystem)
+        if spec is None:
+            raise FeedbackError(None, "ecosystem", f"{ecosystem!r} is not served here", 404)
+        if kind not in AUDIT_KINDS:
+            raise FeedbackError(None, "kind", f"expected one of {', '.join(AUDIT_KINDS)}, got {kind!r}")
+        if kind == "cie" and not (any(spec.compressed) and not all(spec.compressed)):
+            raise FeedbackError(None, "kind", f"{ecosystem!r} has no compressed member beside uncompressed ones: "
+                                "no compression-identified exemplars")
+        items: list[dict[str, Any]] = []
+        scanned, until = 0, self.clock()
+        while len(items) < limit and scanned < max_scan:
+            rows = self.store.recent_outcomes(ecosystem, labeled=True if kind == "systemic" else None, until=until,
+                                              limit=min(ESTIMATE_PAGE, max_scan - scanned), offset=scanned)
+            if not rows:
+                break
+            scanned += len(rows)
+            raw, served, _, _, _ = spec.align([o.members for o in rows], [o.predictions for o in rows],
+                                              [o.served for o in rows], [o.intended for o in rows],
+                                              [o.greedy for o in rows], [o.propensities for o in rows])
+            preds = spec.codes(raw)
+            if kind == "systemic":
+                labels = np.array([o.label for o in rows], dtype=np.float64)
+                hit = (_correct(spec, raw, preds, served, labels) == 0).all(axis=1)
+            else:
+                from telemetry.counts import cie_mask
+
+                hit = (preds >= 0).all(axis=1) & cie_mask(preds, spec.shape)
+            for i in np.flatnonzero(hit)[: limit - len(items)]:
+                items.append(self._audit_item(spec, rows[int(i)], raw[int(i)], int(served[int(i)])))
+        return {"ecosystem": ecosystem, "kind": kind, "limit": limit, "scanned": scanned,
+                "scan_limit_reached": scanned >= max_scan, "items": items}
+
+    @staticmethod
+    def _audit_item(spec: EcosystemSpec, o: StoredOutcome, raw: np.ndarray, served: int) -> dict[str, Any]:
+        def output(v: Any) -> Any:
+            if spec.regression:
+                return None if v != v else float(v)
+            return spec.classes[int(v)] if v >= 0 else None
+
+        label: Any = o.label
+        if label is not None and not spec.regression and spec.label_mode != "bandit":
+            label = spec.classes[int(label)]
+        return {"request_id": o.request_id, "created_at": o.created_at,
+                "outputs": {m: output(v) for m, v in zip(spec.members, raw.tolist())},
+                "served": spec.members[served] if served >= 0 else None,
+                "label": label, "label_source": o.label_source, "subgroups": o.groups}
 
     def check_store(self) -> bool:
         """Ask the store a trivial question (the recorder's periodic health check): whether it

@@ -30,6 +30,9 @@ class HandleTelemetry:
     async def outcomes(self, items: list[tuple[Any, ...]]) -> dict[str, Any]:
         return raise_for_reply(await self.handle.outcomes.remote(items))
 
+    async def audit(self, ecosystem: str, kind: str, limit: int) -> dict[str, Any]:
+        return raise_for_reply(await self.handle.audit.remote(ecosystem, kind, limit))
+
     async def metrics(self) -> bytes:
         data: bytes = await self.handle.metrics.remote()
         return data

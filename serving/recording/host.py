@@ -19,14 +19,14 @@ from typing import Any, Protocol
 
 from models.manifest import load_manifest
 from serving.config import PrimaryPolicyConfig, ServingConfig, TelemetryConfig
-from serving.errors import Forbidden, Unavailable, UnprocessableEntity
+from serving.errors import Forbidden, NotFound, Unavailable, UnprocessableEntity
 from telemetry.metrics import exposition
 from telemetry.recorder import FeedbackError, LabelItem, Recorder
 from telemetry.records import Outcome, outcome_fields
 from telemetry.spec import EcosystemSpec
 from telemetry.store import STORE_ERRORS, open_store
 
-__all__ = ["RecorderHost", "LocalTelemetry", "recorder_specs", "feedback_reply", "raise_for_reply"]
+__all__ = ["RecorderHost", "LocalTelemetry", "recorder_specs", "feedback_reply", "audit_reply", "raise_for_reply"]
 
 log = logging.getLogger("ray.serve")
 
@@ -123,16 +123,23 @@ def feedback_reply(recorder: Recorder, items: list[LabelItem], scope: frozenset[
     return _error_reply(apply, "feedback")
 
 
+def audit_reply(recorder: Recorder, ecosystem: str, kind: str, limit: int) -> dict[str, Any]:
+    """The recorder's answer to `GET /v2/ecosystems/{name}/audit` (errors as `_error_reply` says)."""
+    return _error_reply(lambda: recorder.audit(ecosystem, kind, limit), "audit")
+
+
 def raise_for_reply(reply: dict[str, Any]) -> dict[str, Any]:
-    """A feedback reply, or its error as the serving error of its status (403, 422 or 503)."""
+    """A feedback reply, or its error as the serving error of its status (403, 404, 422 or 503)."""
     if "error" in reply:
         status = reply.get("status")
-        raise (Unavailable if status == 503 else Forbidden if status == 403 else UnprocessableEntity)(reply["error"])
+        raise (Unavailable if status == 503 else Forbidden if status == 403 else NotFound if status == 404
+               else UnprocessableEntity)(reply["error"])
     return reply
 
 
 class TelemetryHost(Protocol):
     def feedback(self, items: list[LabelItem], scope: frozenset[str] | None = None) -> dict[str, Any]: ...
+    def audit(self, ecosystem: str, kind: str, limit: int) -> dict[str, Any]: ...
     def outcomes(self, items: list[tuple[Any, ...]]) -> dict[str, Any]: ...
     def metrics(self) -> bytes: ...
 
@@ -149,6 +156,9 @@ class LocalTelemetry:
 
     async def outcomes(self, items: list[tuple[Any, ...]]) -> dict[str, Any]:
         return raise_for_reply(await asyncio.to_thread(self.host.outcomes, items))
+
+    async def audit(self, ecosystem: str, kind: str, limit: int) -> dict[str, Any]:
+        return raise_for_reply(await asyncio.to_thread(self.host.audit, ecosystem, kind, limit))
 
     async def metrics(self) -> bytes:
         return await asyncio.to_thread(self.host.metrics)
@@ -214,6 +224,9 @@ class RecorderHost:
 
     def outcomes(self, items: list[tuple[Any, ...]]) -> dict[str, Any]:
         return outcomes_reply(self.recorder, items)
+
+    def audit(self, ecosystem: str, kind: str, limit: int) -> dict[str, Any]:
+        return audit_reply(self.recorder, ecosystem, kind, limit)
 
     def reclaim(self, ledger: str, accepted: dict[str, int]) -> dict[str, int]:
         return self.recorder.reclaim(ledger, accepted)

@@ -188,6 +188,9 @@ class RecorderProcess:
     def outcomes(self, items: list[tuple[Any, ...]]) -> dict[str, Any]:
         return self._call("outcomes", items)  # type: ignore[no-any-return]
 
+    def audit(self, ecosystem: str, kind: str, limit: int) -> dict[str, Any]:
+        return self._call("audit", ecosystem, kind, limit)  # type: ignore[no-any-return]
+
     def metrics(self) -> bytes:
         return self._call("metrics")  # type: ignore[no-any-return]
 
@@ -202,7 +205,7 @@ class RecorderProcess:
 
 
 # ------------------------------------------------------------------ the child
-_METHODS = ("record_fields", "feedback", "outcomes", "reclaim", "metrics", "sweep")
+_METHODS = ("record_fields", "feedback", "outcomes", "audit", "reclaim", "metrics", "sweep")
 
 
 def _die_with_parent(parent: int) -> None:

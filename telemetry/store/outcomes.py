@@ -326,20 +326,22 @@ class OutcomeStore:
         with self.engine.connect() as conn:
             return self._decode(conn, conn.exec_driver_sql(sql, (ecosystem, before)).fetchall())
 
-    def recent_outcomes(self, ecosystem: str, *, labeled: bool, since: float = 0.0, until: float = float("inf"),
+    def recent_outcomes(self, ecosystem: str, *, labeled: bool | None, since: float = 0.0, until: float = float("inf"),
                         limit: int = 20_000, offset: int = 0,
                         label_received_after: float | None = None) -> list[StoredOutcome]:
         """The newest outcomes of an ecosystem predicted in [since, until], newest first, from
         `offset` on: labeled ones (optionally only those whose label arrived after a time), or
-        those still waiting. Read page by page (a fixed `until` keeps pages from shifting)."""
+        those still waiting (`labeled=None`: both). Read page by page (a fixed `until` keeps pages
+        from shifting)."""
         ph = self._ph(1)
-        where = (f"ecosystem = {ph} AND created_at >= {ph} AND created_at <= {ph} "
-                 f"AND label_source IS {'NOT ' if labeled else ''}NULL")
+        where = f"ecosystem = {ph} AND created_at >= {ph} AND created_at <= {ph}"
+        if labeled is not None:
+            where += f" AND label_source IS {'NOT ' if labeled else ''}NULL"
         params: tuple[Any, ...] = (ecosystem, since, min(until, 1e18))
         if label_received_after is not None:
             where += f" AND label_received_at > {ph}"
             params += (label_received_after,)
-        sql = (f"SELECT {', '.join(COLUMNS)} FROM ecoserve_outcomes{'' if labeled else self._unlabeled_hint} "
+        sql = (f"SELECT {', '.join(COLUMNS)} FROM ecoserve_outcomes{self._unlabeled_hint if labeled is False else ''} "
                f"WHERE {where} ORDER BY created_at DESC LIMIT {int(limit)} OFFSET {int(offset)}")
         with self.engine.connect() as conn:
             return self._decode(conn, conn.exec_driver_sql(sql, params).fetchall())
