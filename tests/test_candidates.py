@@ -205,3 +205,21 @@ def test_flip_counts_add() -> None:
     rows = {k: c for k, _, _, c in (one + two).rows()}
     assert rows[("a", "1", "2")] == {"n": 4, "current_correct": 1, "candidate_correct": 3, "improvements": 3,
                                      "regressions": 1, "improvements_on_systemic": 2}
+
+
+def test_candidate_share_runs_the_candidate_on_part_of_the_requests(serving_repo: Path, tmp_path: Path) -> None:
+    held = load_heldout(serving_repo / "credit")
+    app, host = build(serving_repo, tmp_path / "o.db", {"candidates": {"gboost": "2"}, "candidate_share": 0.5})
+    try:
+        for i in range(200):
+            x = held.X[i % len(held.X)][None, :].astype(np.float32)
+            r = post(app, "/v2/models/credit/infer", {"id": f"s{i}", "inputs": [
+                {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]})
+            assert r.status_code == 200, r.text
+        got = host.store.get_outcomes([f"s{i}" for i in range(200)])
+        ran = sum(1 for o in got.values() if o.candidates)
+        assert 60 <= ran <= 140, ran  # binomial(200, 0.5): outside this, p < 1e-8
+        key = {"ecosystem": "credit", "member": "gboost", "version": "1", "candidate": "2"}
+        assert value(host, "ecoserve_candidate_outcomes_total", **key) == ran
+    finally:
+        host.close()
