@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 REPO   ?= model_repository
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=12
 
 .PHONY: help setup tools demo lint test test-fast bench build-models proto clean
 

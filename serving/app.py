@@ -8,7 +8,8 @@ Deployments:
   version (a candidate version in shadow gets its own), with its own fractional
   `num_cpus`/`num_gpus`, `@serve.batch`, reached by handles. The version is in the name, so a
   rollout creates a new deployment instead of changing what an existing one runs under a
-  gateway that still records the old version.
+  gateway that still records the old version. (A redeploy restarts every deployment of the
+  application: Serve versions them together when the application's args change.)
 
 `serve run CONFIG.yaml`, `serve deploy CONFIG.yaml`, KubeRay's `serveConfigV2` and
 `ecoserve serve CONFIG.yaml` all go through `build_app(args)`.
@@ -54,8 +55,8 @@ class MemberDeployment:
 
     def __init__(self, repository: str, ecosystem: str, member: str, version: str, provider: str,
                  batching: dict[str, Any], fault: dict[str, Any] | None) -> None:
-        # only what this member needs (not the whole config): a redeploy that changes something
-        # else (another member's version, a policy) leaves this deployment's replicas running
+        # only what this member needs, not the whole config (Serve still gives every deployment of
+        # the application a new version on a redeploy, so a rollout restarts member replicas too)
         d = Path(repository) / ecosystem
         manifest = load_manifest(d)
         spec = manifest.member(member, version)
