@@ -155,8 +155,8 @@ def summary(url: str, ecosystems: list[str]) -> str:
             reg = _get(m, "ecoserve_candidate_regressions_total", **key) or 0
             on_sys = _get(m, "ecoserve_candidate_improvements_on_systemic_failures_total", **key) or 0
             lines.append(f"  candidate {lab['member']} v{lab['candidate']} (in shadow of v{lab['version']}), {n:.0f} "
-                         f"labeled: fixes {imp:.0f}, breaks {reg:.0f}; {on_sys:.0f} of its fixes are for people "
-                         "every other member fails")
+                         f"labeled: fixes {imp:.0f}, breaks {reg:.0f}; fixes for people every other member fails: "
+                         f"{on_sys:.0f}")
     pending = _get(m, "ecoserve_labels_pending")
     dup = sum(v for _, v in m.get("ecoserve_labels_duplicate_total", []))
     lines.append(f"labels pending {pending:.0f}; duplicates ignored {dup:.0f}")
