@@ -24,6 +24,7 @@ recorded before and after the switch is never mixed up.
 from __future__ import annotations
 
 import io
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -39,12 +40,22 @@ class RolloutError(ValueError):
     """The rollout cannot be done; one line saying why."""
 
 
-def _yaml() -> Any:
+def _yaml(text: str) -> Any:
     from ruamel.yaml import YAML
 
     y = YAML()  # round trip: comments, order and quoting stay as they are
     y.preserve_quotes = True
     y.width = 4096
+    # keep the file's list indentation ("key:\n  - item" or "key:\n- item"): ruamel writes
+    # one style for the whole file, and a comment keeps its column
+    lines = text.splitlines()
+    for above, line in zip(lines, lines[1:]):
+        item = re.match(r"^( *)- ", line)
+        key = re.match(r"^( *)[^ #-][^:]*:\s*$", above)
+        if item and key:
+            offset = len(item.group(1)) - len(key.group(1))
+            y.indent(mapping=2, sequence=offset + 2, offset=offset)
+            break
     return y
 
 
@@ -53,8 +64,9 @@ def rollout(config: str | Path, action: str, ecosystem: str, member: str, versio
     """Rewrite `config` for the rollout; returns (previous version, new version)."""
     path = Path(config)
     file = load_serve_file(path)  # the file as it is must be valid (one line if not)
-    y = _yaml()
-    doc = y.load(path.read_text())
+    text = path.read_text()
+    y = _yaml(text)
+    doc = y.load(text)
     args = doc["applications"][file.app_index].setdefault("args", {})
     ecos = args.get("ecosystems") or {}
     if ecosystem not in ecos:
@@ -93,8 +105,9 @@ def rollout(config: str | Path, action: str, ecosystem: str, member: str, versio
     y.dump(doc, buf)
     tmp = path.with_name(f".{path.name}.rollout")
     tmp.write_text(buf.getvalue())
-    try:  # what `ecoserve check-config --skip-port` checks, before the file is replaced
-        preflight(load_serve_file(tmp), check_port=False)
+    try:  # what `ecoserve check-config --skip-port` checks, before the file is replaced (not the
+        # serving machine's environment: its token and store variables need not be set here)
+        preflight(load_serve_file(tmp), check_port=False, check_env=False)
     except ConfigError as exc:
         tmp.unlink()
         raise RolloutError(f"the rewritten config would not be valid: {exc}") from exc

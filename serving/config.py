@@ -432,15 +432,18 @@ def port_problem(host: str, port: int) -> str | None:
     return None
 
 
-def preflight(file: ServeFile, *, check_port: bool = True) -> None:
+def preflight(file: ServeFile, *, check_port: bool = True, check_env: bool = True) -> None:
     """Everything the app will need from its environment, checked before Ray starts (a failure
     there surfaces only after ~30 s, as a Ray traceback, with the cause in the controller's log):
     the feedback token and store URL variables, the store URL's form, the model repository with
     each ecosystem's manifest, members and model files, and the HTTP port. Raises `ConfigError`
-    naming the first setting that cannot work."""
+    naming the first setting that cannot work. `check_env=False` skips what depends on the
+    serving machine's environment (token and store variables, the store's folder): what
+    `ecoserve rollout` checks when it rewrites a config that runs elsewhere."""
     s = file.serving
-    s.auth.credentials()  # every token variable is set, non-empty, and each token distinct
-    if s.telemetry.enabled:
+    if check_env:
+        s.auth.credentials()  # every token variable is set, non-empty, and each token distinct
+    if s.telemetry.enabled and check_env:
         url = s.telemetry.resolved_store_url()
         key = "telemetry.store_url_env" if s.telemetry.store_url_env else "telemetry.store_url"
         if not url.startswith(("sqlite:///", "postgresql://", "postgres://", "postgresql+psycopg://")):
@@ -494,7 +497,7 @@ def preflight(file: ServeFile, *, check_port: bool = True) -> None:
             if spec.kind == "external":
                 continue
             if spec.remote is not None:
-                if spec.remote.token_env and not os.environ.get(spec.remote.token_env):
+                if check_env and spec.remote.token_env and not os.environ.get(spec.remote.token_env):
                     raise ConfigError(f"ecosystems.{name}: member {member!r}: environment variable "
                                       f"{spec.remote.token_env!r} (its remote.token_env) is empty or unset")
                 continue

@@ -4,6 +4,7 @@ version with no outcome lost and every outcome recording the versions that produ
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import yaml
 from conftest import serving_args, write_serve_file
 from serving_cases import infer_body
 
@@ -35,8 +37,10 @@ def credit_args(repo: Path, tmp: Path) -> dict:
 def test_promote_and_rollback_rewrite_the_config(serving_repo: Path, tmp_path: Path) -> None:
     path = write_serve_file(tmp_path / "serve.yaml", 8123, credit_args(serving_repo, tmp_path))
     path.write_text("# our production config: keep this comment\n" + path.read_text())
+    original = path.read_text().splitlines()
     r = ecoserve("rollout", "promote", "credit", "gboost", "2", "--config", str(path))
     assert r.returncode == 0, r.stderr
+    assert set(original) <= set(path.read_text().splitlines())  # lines added, none rewritten
     assert "credit.gboost now serves version 2 (was 1); version 1 stays in shadow" in r.stdout
     assert path.read_text().startswith("# our production config: keep this comment\n")
     eco = load_serve_file(path).serving.ecosystems["credit"]
@@ -58,6 +62,17 @@ def test_promote_and_rollback_rewrite_the_config(serving_repo: Path, tmp_path: P
         assert path.read_text() == before  # a refused rollout leaves the file as it was
     r = ecoserve("rollout", "promote", "credit", "gboost", "2", "--config", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "no such config file" in r.stderr
+    # the serving machine's secrets need not be set where the rollout is written (a token variable
+    # the config names, unset here), and a list indented under its key keeps that indentation
+    args = credit_args(serving_repo, tmp_path)
+    args["auth"] = {"feedback_token_env": "ECOSERVE_ROLLOUT_TEST_UNSET"}
+    styled = tmp_path / "styled.yaml"
+    styled.write_text(yaml.safe_dump({"proxy_location": "HeadOnly", "http_options": {"port": 8124}}) +
+                      "applications:\n  - name: ecoserve\n    route_prefix: /\n    import_path: serving.app:build_app\n"
+                      "    args: " + json.dumps(args) + "\n")
+    r = ecoserve("rollout", "promote", "credit", "gboost", "2", "--config", str(styled))
+    assert r.returncode == 0, r.stderr
+    assert "  - name: ecoserve" in styled.read_text().splitlines()
 
 
 @pytest.mark.slow
