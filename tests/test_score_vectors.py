@@ -5,16 +5,15 @@ The real HTTP app and ONNX Runtime members, a real recorder (SQLite); no Ray."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 from conftest import serving_args
 from sqlalchemy import text
+from test_risk_in_responses import infer_body, post
 
 from models.heldout import load_heldout
 from models.runtime import load_member
@@ -25,19 +24,6 @@ from serving.members import LocalMember
 from serving.recording.host import LocalTelemetry, RecorderHost, recorder_specs
 from telemetry.store import open_store
 from telemetry.store.schema import view_sql
-
-
-def post(app: Any, path: str, body: Any) -> httpx.Response:
-    async def go() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            return await c.post(path, content=json.dumps(body).encode())
-
-    return asyncio.run(go())
-
-
-def infer_body(x: np.ndarray, rid: str) -> dict[str, Any]:
-    return {"id": rid, "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                                   "data": x.reshape(-1).tolist()}]}
 
 
 def serve(serving_repo: Path, db: Path, max_classes: int | None) -> tuple[Any, RecorderHost]:
