@@ -175,6 +175,23 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 GRPC_SERVICER = "serving.proto.grpc_predict_v2_pb2_grpc:add_GRPCInferenceServiceServicer_to_server"
 
 
+def local_app(args: dict) -> tuple[Any, Any]:
+    """The real HTTP app of ecoserve args with ONNX Runtime members and a real recorder in this
+    process, recording synchronously (no Ray): (ASGI app, RecorderHost). Close the host."""
+    from models.runtime import load_member
+    from serving.config import parse_serving
+    from serving.dataplane import Dataplane
+    from serving.http import build_http_app
+    from serving.members import LocalMember
+    from serving.recording.host import LocalTelemetry, RecorderHost, recorder_specs
+
+    cfg = parse_serving(args)
+    host = RecorderHost(recorder_specs(cfg), cfg.telemetry.model_dump(mode="json"))
+    dataplane = Dataplane.build(cfg, lambda d, m, s: LocalMember(load_member(d, m, s, "cpu")),
+                                sink=lambda o: host.record(o, "t", {}))
+    return build_http_app(dataplane, LocalTelemetry(host)), host
+
+
 def write_serve_file(path: Path, port: int, args: dict, grpc_port: int | None = None) -> Path:
     """A Serve config file for the ecoserve app on 127.0.0.1:port (what `ecoserve serve` reads),
     with Serve's gRPC ingress on `grpc_port` when given."""

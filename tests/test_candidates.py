@@ -6,37 +6,23 @@ runs a candidate through the real Ray app)."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import serving_args
+from conftest import local_app, serving_args
 from prometheus_client.parser import text_string_to_metric_families
+from test_risk_in_responses import post
 
 from models.heldout import load_heldout
-from models.runtime import load_member
-from serving.config import ConfigError, load_serve_file, parse_serving, preflight
-from serving.dataplane import Dataplane
-from serving.http import build_http_app
-from serving.members import LocalMember
-from serving.recording.host import LocalTelemetry, RecorderHost, recorder_specs
+from serving.config import ConfigError, load_serve_file, preflight
+from serving.recording.host import RecorderHost
 from telemetry.flips import CandidateFlips, delta_interval
 from telemetry.version_change import VersionChangeCounts
 
 CREDIT = ["logreg", "forest", "gboost", "mlp", "knn"]
-
-
-def post(app: Any, path: str, body: Any) -> httpx.Response:
-    async def go() -> httpx.Response:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            return await c.post(path, content=json.dumps(body).encode())
-
-    return asyncio.run(go())
 
 
 def onnx_labels(repo: Path, eco: str, member: str, version: str, x: np.ndarray) -> np.ndarray:
@@ -65,11 +51,8 @@ def build(serving_repo: Path, db: Path, eco_cfg: dict[str, Any]) -> tuple[Any, R
     args["ecosystems"] = {"credit": {"policy": {"kind": "primary", "primary": "logreg"}, **eco_cfg}}
     args["telemetry"] = {"store_url": f"sqlite:///{db}"}
     args["limits"] = {"max_rows_per_request": 1000}
-    cfg = parse_serving(args)
-    host = RecorderHost(recorder_specs(cfg), cfg.telemetry.model_dump(mode="json"))
-    dataplane = Dataplane.build(cfg, lambda d, m, s: LocalMember(load_member(d, m, s, "cpu")),
-                                sink=lambda o: host.record(o, "t", {}))
-    return build_http_app(dataplane, LocalTelemetry(host)), host
+    app, host = local_app(args)
+    return app, host
 
 
 def test_flips_equal_a_count_by_hand(serving_repo: Path, tmp_path: Path) -> None:

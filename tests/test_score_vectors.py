@@ -11,17 +11,12 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from conftest import serving_args
+from conftest import local_app, serving_args
 from sqlalchemy import text
 from test_risk_in_responses import infer_body, post
 
 from models.heldout import load_heldout
-from models.runtime import load_member
-from serving.config import parse_serving
-from serving.dataplane import Dataplane
-from serving.http import build_http_app
-from serving.members import LocalMember
-from serving.recording.host import LocalTelemetry, RecorderHost, recorder_specs
+from serving.recording.host import RecorderHost
 from telemetry.store import open_store
 from telemetry.store.schema import view_sql
 
@@ -33,11 +28,8 @@ def serve(serving_repo: Path, db: Path, max_classes: int | None) -> tuple[Any, R
     args["telemetry"] = {"store_url": f"sqlite:///{db}"}
     if max_classes is not None:
         args["telemetry"]["score_vector_max_classes"] = max_classes
-    cfg = parse_serving(args)
-    host = RecorderHost(recorder_specs(cfg), cfg.telemetry.model_dump(mode="json"))
-    dataplane = Dataplane.build(cfg, lambda d, m, s: LocalMember(load_member(d, m, s, "cpu")),
-                                sink=lambda o: host.record(o, "t", {}))
-    return build_http_app(dataplane, LocalTelemetry(host)), host
+    app, host = local_app(args)
+    return app, host
 
 
 def test_vectors_are_recorded_up_to_the_configured_classes(serving_repo: Path, tmp_path: Path) -> None:

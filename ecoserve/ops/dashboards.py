@@ -48,6 +48,14 @@ class PanelSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _band(metric: str, selector: str, legend: str, value_legend: str | None = None) -> tuple[tuple[str, str], ...]:
+    """A gauge and its interval ends (`metric_lower`, `metric_upper`): the three queries of a panel
+    that draws the ends dashed (`extra={"interval": True}`)."""
+    return ((f"{metric}{{{selector}}}", value_legend or legend),
+            (f"{metric}_lower{{{selector}}}", f"{legend} lower"),
+            (f"{metric}_upper{{{selector}}}", f"{legend} upper"))
+
+
 def _ratio(num: str, den: str, by: str = "ecosystem") -> str:
     return f"sum by ({by}) (increase({num}{W})) / sum by ({by}) (increase({den}{W}))"
 
@@ -74,18 +82,15 @@ OVERVIEW = [
     PanelSpec("timeseries", "Systemic failure rate (rolling window) with its 95% interval",
               "The recorder's rolling-window systemic failure rate and its Wilson interval (dashed): a window with "
               "few labeled outcomes has a wide interval. Bad: the lower line rising.",
-              ((f"ecoserve_window_systemic_failure_ratio{{{E},{ALL}}}", "{{ecosystem}}"),
-               (f"ecoserve_window_systemic_failure_ratio_lower{{{E},{ALL}}}", "{{ecosystem}} lower"),
-               (f"ecoserve_window_systemic_failure_ratio_upper{{{E},{ALL}}}", "{{ecosystem}} upper")),
+              _band("ecoserve_window_systemic_failure_ratio", f"{E},{ALL}", "{{ecosystem}}"),
               extra={"interval": True}),
     PanelSpec("timeseries", "Estimated systemic failure, before the labels (label-free)",
               "For the window's outcomes still waiting for labels: the estimated share every member gets wrong, "
               "with its 95% interval (dashed), from an estimator fitted on labeled outcomes; and how far its "
               "estimates were from the realized rate once those labels came (error). Bad: the estimate rising, "
               "or a large error (the estimator no longer fits: concept shift).",
-              ((f"ecoserve_estimated_systemic_failure_ratio{{{E},{ALL}}}", "{{ecosystem}} estimated"),
-               (f"ecoserve_estimated_systemic_failure_ratio_lower{{{E},{ALL}}}", "{{ecosystem}} lower"),
-               (f"ecoserve_estimated_systemic_failure_ratio_upper{{{E},{ALL}}}", "{{ecosystem}} upper"),
+              (*_band("ecoserve_estimated_systemic_failure_ratio", f"{E},{ALL}", "{{ecosystem}}",
+                      "{{ecosystem}} estimated"),
                (f"ecoserve_estimator_error{{{E}}}", "{{ecosystem}} estimator error")),
               extra={"interval": True}),
     PanelSpec("timeseries", "Consistent success rate",
@@ -275,17 +280,13 @@ CANDIDATES = [
               "On the same labeled outcomes: the candidate version's accuracy minus the serving version's (a "
               "paired difference), since the candidate started, with its interval (dashed). Bad: the upper line "
               "below 0 (the candidate is worse).",
-              ((f'ecoserve_candidate_accuracy_delta{{{CK},{ALL}}}', CANDIDATE_LEGEND),
-               (f'ecoserve_candidate_accuracy_delta_lower{{{CK},{ALL}}}', CANDIDATE_LEGEND + " lower"),
-               (f'ecoserve_candidate_accuracy_delta_upper{{{CK},{ALL}}}', CANDIDATE_LEGEND + " upper")),
+              _band("ecoserve_candidate_accuracy_delta", f"{CK},{ALL}", CANDIDATE_LEGEND),
               unit="percentunit", extra={"interval": True}),
     PanelSpec("timeseries", "Negative flip rate with its 95% interval",
               "Share of labeled outcomes the serving version gets right and the candidate wrong (regressions). A "
               "candidate can be better on average and still break what worked for someone. Bad: the lower line "
               "well above 0.",
-              ((f'ecoserve_candidate_negative_flip_ratio{{{CK},{ALL}}}', CANDIDATE_LEGEND),
-               (f'ecoserve_candidate_negative_flip_ratio_lower{{{CK},{ALL}}}', CANDIDATE_LEGEND + " lower"),
-               (f'ecoserve_candidate_negative_flip_ratio_upper{{{CK},{ALL}}}', CANDIDATE_LEGEND + " upper")),
+              _band("ecoserve_candidate_negative_flip_ratio", f"{CK},{ALL}", CANDIDATE_LEGEND),
               extra={"interval": True}),
     PanelSpec("bargauge", "Negative flip rate by subgroup (95% lower bound)",
               "Where the candidate's regressions land: each declared subgroup's lower bound of its negative flip "
@@ -302,11 +303,7 @@ CANDIDATES = [
     PanelSpec("timeseries", "Share of improvements on systemic failures",
               "Of the outcomes the candidate fixes, the share every other deployed member also gets wrong: the "
               "people no model serves. Bad: near 0 (the new version's gains go to those already served well).",
-              ((f'ecoserve_candidate_improvements_on_systemic_failures_ratio{{{CK},{ALL}}}', CANDIDATE_LEGEND),
-               (f'ecoserve_candidate_improvements_on_systemic_failures_ratio_lower{{{CK},{ALL}}}',
-                CANDIDATE_LEGEND + " lower"),
-               (f'ecoserve_candidate_improvements_on_systemic_failures_ratio_upper{{{CK},{ALL}}}',
-                CANDIDATE_LEGEND + " upper")),
+              _band("ecoserve_candidate_improvements_on_systemic_failures_ratio", f"{CK},{ALL}", CANDIDATE_LEGEND),
               extra={"interval": True}),
     PanelSpec("timeseries", "Candidate agreement with the serving version (label-free)",
               "Share of outcomes where the candidate gave the serving version's output, before any label. Bad: "
