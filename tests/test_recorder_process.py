@@ -185,3 +185,21 @@ def test_close_stops_the_child_and_niceness_applies(tmp_path):
     assert nice == min(19, os.nice(0) + 7)  # serving wins the CPU when it is contended
     proc.close()
     assert not _alive(pid)
+
+
+def test_audit_crosses_to_the_child(tmp_path: Path) -> None:
+    """`GET /v2/ecosystems/{name}/audit` reaches a recorder in its child process (the default
+    placement of an in-gateway recorder): the same answer as the recorder in-process, errors as
+    values."""
+    store_url = f"sqlite:///{tmp_path / 'o.db'}"
+    proc = RecorderProcess({"eco": SPEC}, _settings(store_url))
+    try:
+        t = time.time()
+        proc.record([outcome(1, (1, 1, 1), t), outcome(2, (0, 1, 1), t + 1), outcome(3, (0, 0, 0), t + 2)], "t", {})
+        assert proc.feedback([LabelItem(f"r{i}", "no") for i in (1, 2, 3)])["accepted"] == 3
+        got = proc.audit("eco", "systemic", 10)
+        assert [it["request_id"] for it in got["items"]] == ["r1"]  # every member said "yes"; the label is "no"
+        assert got["items"][0]["outputs"] == dict.fromkeys(SPEC.members, "yes") and got["items"][0]["label"] == "no"
+        assert proc.audit("nope", "systemic", 10) == {"error": "ecosystem: 'nope' is not served here", "status": 404}
+    finally:
+        proc.close()
