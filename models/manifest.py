@@ -26,6 +26,7 @@ __all__ = [
     "ManifestError",
     "TensorSpec",
     "MemberSpec",
+    "StageSpec",
     "RegressionSpec",
     "EcosystemManifest",
     "MANIFEST_NAME",
@@ -109,17 +110,51 @@ class RemoteSpec(_Strict):
         return v.rstrip("/")
 
 
+class StageSpec(_Strict):
+    """One stage of a pipeline member: an ONNX file whose `output` feeds the next stage's input.
+
+    The last stage's outputs are the member's (the ecosystem's `label_output` and
+    `probability_output`). A stage whose `label_output` is set predicts the ecosystem's classes
+    itself: its own correctness is judged against the ecosystem's labels (a stage label)."""
+
+    name: str = Field(description="stage name, lower-case identifier")
+    version: str = Field(min_length=1, max_length=32, description="the stage's version string")
+    path: str = Field(description="path of the stage's model.onnx relative to the ecosystem folder")
+    input: str = Field(default="input", min_length=1, description="the graph input this stage reads")
+    output: str | None = Field(default=None, description="the output passed to the next stage (every stage "
+                               "but the last)")
+    label_output: str | None = Field(default=None, description="an output of class ids of the ecosystem's "
+                                     "classes: the stage's own prediction, judged against the labels")
+    probability_output: str | None = Field(default=None, description="with label_output: the stage's class scores")
+
+    _name = field_validator("name")(classmethod(lambda cls, v: _check_name(v)))
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return _model_path(v)
+
+
+def _model_path(v: str) -> str:
+    p = Path(v)
+    if p.is_absolute() or ".." in p.parts or p.name != "model.onnx":
+        raise ValueError(f"must be a relative path ending in model.onnx, got {v!r}")
+    return v
+
+
 class MemberSpec(_Strict):
-    """One member version of an ecosystem: an ONNX file in the repository (`kind: onnx`), or a
-    model served elsewhere over the Open Inference Protocol (`kind: remote`)."""
+    """One member version of an ecosystem: an ONNX file in the repository (`kind: onnx`), a
+    chain of ONNX stages (`kind: pipeline`), or a model served elsewhere over the Open Inference
+    Protocol (`kind: remote`)."""
 
     name: str = Field(description="member name, lower-case identifier")
     version: str = Field(min_length=1, max_length=32, description="version string")
-    kind: Literal["onnx", "remote", "external"] = Field(
-        default="onnx", description="onnx: a local file; remote: an endpoint; external: its outputs arrive from "
-        "outside (POST /v2/outcomes), it is never called")
+    kind: Literal["onnx", "pipeline", "remote", "external"] = Field(
+        default="onnx", description="onnx: a local file; pipeline: a chain of local files (stages); remote: an "
+        "endpoint; external: its outputs arrive from outside (POST /v2/outcomes), it is never called")
     path: str | None = Field(default=None, description="kind onnx: path of model.onnx relative to the ecosystem folder")
     remote: RemoteSpec | None = Field(default=None, description="kind remote: the endpoint")
+    stages: tuple[StageSpec, ...] = Field(default=(), description="kind pipeline: the stages, first to last")
     compressed: bool = Field(default=False, description="a compressed (e.g. quantized) variant")
     family: str = Field(default="", description="model family, for people reading the manifest")
     compressed_from: str | None = Field(default=None, description="member it was compressed from")
@@ -129,12 +164,7 @@ class MemberSpec(_Strict):
     @field_validator("path")
     @classmethod
     def _path(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        p = Path(v)
-        if p.is_absolute() or ".." in p.parts or p.name != "model.onnx":
-            raise ValueError(f"must be a relative path ending in model.onnx, got {v!r}")
-        return v
+        return v if v is None else _model_path(v)
 
     @property
     def onnx_path(self) -> str:
@@ -142,6 +172,18 @@ class MemberSpec(_Strict):
         if self.path is None:
             raise ValueError(f"member {self.name!r} is {self.kind}: it has no model file")
         return self.path
+
+    @property
+    def local(self) -> bool:
+        """Run here from files in the repository (kinds onnx and pipeline)."""
+        return self.kind in ("onnx", "pipeline")
+
+    @property
+    def model_paths(self) -> list[str]:
+        """The model files it runs, relative to the ecosystem folder (none for remote, external)."""
+        if self.kind == "pipeline":
+            return [s.path for s in self.stages]
+        return [self.path] if self.path is not None else []
 
     @model_validator(mode="after")
     def _kind(self) -> MemberSpec:
@@ -151,6 +193,23 @@ class MemberSpec(_Strict):
             raise ValueError(f"member {self.name!r}: kind remote needs a remote endpoint and no path")
         if self.kind == "external" and (self.remote is not None or self.path is not None):
             raise ValueError(f"member {self.name!r}: kind external has no path and no remote")
+        if self.kind == "pipeline":
+            if self.path is not None or self.remote is not None or len(self.stages) < 2:
+                raise ValueError(f"member {self.name!r}: kind pipeline needs at least 2 stages and no path or remote")
+            names = [s.name for s in self.stages]
+            if len(set(names)) != len(names):
+                raise ValueError(f"member {self.name!r}: stage names must be distinct, got {names}")
+            for s in self.stages[:-1]:
+                if s.output is None:
+                    raise ValueError(f"member {self.name!r}: stage {s.name!r} needs an output (what the next stage reads)")
+            if self.stages[-1].output is not None:
+                raise ValueError(f"member {self.name!r}: the last stage {self.stages[-1].name!r} has no output to pass "
+                                 "on (the member's outputs are the ecosystem's label_output and probability_output)")
+            for s in self.stages:
+                if s.probability_output is not None and s.label_output is None:
+                    raise ValueError(f"member {self.name!r}: stage {s.name!r}: probability_output needs label_output")
+        elif self.stages:
+            raise ValueError(f"member {self.name!r}: stages are for kind pipeline only")
         return self
 
 
@@ -253,6 +312,8 @@ class EcosystemManifest(_Strict):
             seen.add(key)
         names = {m.name for m in self.members}
         for m in self.members:
+            if self.task == "regression" and any(s.label_output for s in m.stages):
+                raise ValueError(f"member {m.name!r}: a stage's label_output is for classification ecosystems")
             if m.compressed_from is not None and m.compressed_from not in names:
                 raise ValueError(f"member {m.name!r}: compressed_from {m.compressed_from!r} is not a member")
         for combo in self.intersections:

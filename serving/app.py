@@ -275,7 +275,7 @@ def build_app(args: dict[str, Any]) -> Application:
             runs = [(name, current[name].version, "") for name in eco_cfg.members or list(current)]
             runs += [(name, version, f"@{version}") for name, version in eco_cfg.candidates.items()]
             for name, version, suffix in runs:
-                if current[name].kind != "onnx":  # remote: called over HTTP from the gateway; external: never called
+                if not current[name].local:  # remote: called over HTTP from the gateway; external: never called
                     continue
                 res = eco_cfg.member_resources.get(name, cfg.members)
                 handles[f"{eco}.{name}{suffix}"] = MemberDeployment.options(  # type: ignore[attr-defined]

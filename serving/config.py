@@ -481,11 +481,12 @@ def preflight(file: ServeFile, *, check_port: bool = True, check_env: bool = Tru
                 raise ConfigError(f"ecosystems.{name}.candidates.{member}: version {version!r} is the one it "
                                   "serves already")
             cand = manifest.member(member, version)
-            if cand.kind != "onnx" or current[member].kind != "onnx":
-                raise ConfigError(f"ecosystems.{name}.candidates.{member}: candidates are ONNX members of this "
-                                  "repository (not remote or external)")
-            if not (repo / name / cand.onnx_path).is_file():
-                raise ConfigError(f"ecosystems.{name}.candidates.{member}: no model file {repo / name / cand.onnx_path}")
+            if not cand.local or not current[member].local:
+                raise ConfigError(f"ecosystems.{name}.candidates.{member}: candidates are ONNX members (or "
+                                  "pipelines) of this repository (not remote or external)")
+            for rel in cand.model_paths:
+                if not (repo / name / rel).is_file():
+                    raise ConfigError(f"ecosystems.{name}.candidates.{member}: no model file {repo / name / rel}")
         served = [m for m in eco.members or list(current) if m in current and current[m].kind != "external"]
         if served and eco.policy is None:
             raise ConfigError(f"ecosystems.{name}.policy: required (members {', '.join(served)} are served here)")
@@ -501,9 +502,9 @@ def preflight(file: ServeFile, *, check_port: bool = True, check_env: bool = Tru
                     raise ConfigError(f"ecosystems.{name}: member {member!r}: environment variable "
                                       f"{spec.remote.token_env!r} (its remote.token_env) is empty or unset")
                 continue
-            model = repo / name / spec.onnx_path
-            if not model.is_file():
-                raise ConfigError(f"ecosystems.{name}: member {member!r}: no model file {model}")
+            for rel in spec.model_paths:
+                if not (repo / name / rel).is_file():
+                    raise ConfigError(f"ecosystems.{name}: member {member!r}: no model file {repo / name / rel}")
     if check_port:
         problem = port_problem(file.http_host, file.http_port)
         if problem is not None:

@@ -28,7 +28,7 @@ import numpy as np
 from models.manifest import EcosystemManifest
 from serving.config import EcosystemServeConfig
 from serving.errors import Unavailable
-from serving.members import MemberCall, Prediction
+from serving.members import MemberCall, Prediction, split_prediction, stage_info
 from serving.policies import Decision, Policy
 from telemetry.estimation import SystemicEstimator
 from telemetry.records import Outcome, round_scores
@@ -76,6 +76,8 @@ class EcosystemRunner:
         self.candidates = sorted((candidates or {}).items())
         self._calls = [*members, *(c for _, c in self.candidates)]
         self._call_names = [*self.names, *(f"{c.name}@{c.version}" for _, c in self.candidates)]
+        # per fan-out index: a pipeline member's stages (name, version), recorded with each outcome
+        self._stages = [self._stage_names(c) for c in self._calls]
         self.policy = policy
         # the recorder's latest fitted estimator (handed over with its replies): per-row risk
         self.estimator: SystemicEstimator | None = None
@@ -116,14 +118,9 @@ class EcosystemRunner:
             union = sorted(set().union(*neededs))
             sizes = [x.shape[0] for x in xs]
             joined = await self._fanout_now(np.concatenate(xs, axis=0), union)
-            bounds = np.cumsum(sizes)[:-1]
             split: dict[int, list[Prediction | BaseException]] = {}
             for a, r in joined.items():
-                if isinstance(r, BaseException):
-                    split[a] = [r] * len(xs)
-                else:
-                    probs = np.split(r[1], bounds) if r[1] is not None else [None] * len(xs)
-                    split[a] = list(zip(np.split(r[0], bounds), probs))
+                split[a] = [r] * len(xs) if isinstance(r, BaseException) else list(split_prediction(r, sizes))
             return [{a: split[a][k] for a in needed} for k, needed in enumerate(neededs)]
 
         async def fanout(x: np.ndarray, needed: list[int]) -> dict[int, Prediction | BaseException]:
@@ -230,6 +227,7 @@ class EcosystemRunner:
             if est is not None and est.members == self.names:
                 risks = est.risk(preds, scores, served)
         cand_rows = self._candidate_rows(cand_results, n) if cand_results else [()] * n
+        stage_rows = self._stage_rows(results, cand_results, n) if any(self._stages) else [()] * n
         outcomes = [
             Outcome(
                 request_id=request_ids[i],
@@ -249,6 +247,7 @@ class EcosystemRunner:
                 scores=row_scores[i],
                 score_vectors=row_vectors[i],
                 candidates=cand_rows[i],
+                stages=stage_rows[i],
             )
             for i in range(n)
         ]
@@ -284,6 +283,32 @@ class EcosystemRunner:
                     scores = [None] * n
             cols.append([(a, self.versions[a], call.version, v, sc_) for v, sc_ in zip(vals, scores)])
         return [tuple(col[i] for col in cols) for i in range(n)]
+
+    def _stage_names(self, call: MemberCall) -> tuple[tuple[str, str], ...]:
+        try:
+            spec = self.manifest.member(call.name, call.version)
+        except KeyError:
+            return ()
+        return tuple((st.name, st.version) for st in spec.stages)
+
+    def _stage_rows(self, results: dict[int, Prediction | BaseException], cands: dict[int, Prediction | BaseException],
+                    n: int) -> list[tuple[tuple[int, int, str, str, str, int | None, float | None], ...]]:
+        """Per row: what each pipeline member that answered recorded of its stages (`Outcome.stages`),
+        the serving versions' (role 0) and the candidates' (role 1)."""
+        m = len(self.members)
+        runs = [(a, 0, a, r) for a, r in results.items()]
+        runs += [(self.candidates[k][0], 1, m + k, r) for k, r in cands.items()]
+        per_row: list[list[tuple[int, int, str, str, str, int | None, float | None]]] = [[] for _ in range(n)]
+        for a, role, call, r in runs:
+            names = self._stages[call]
+            info = None if isinstance(r, BaseException) else stage_info(r)
+            if not names or info is None or info.shape[1] != len(names):
+                continue
+            for i, row in enumerate(info.tolist()):
+                for (name, version), (cls, score, fp) in zip(names, row):
+                    per_row[i].append((a, role, name, version, f"{int(fp):012x}", int(cls) if cls >= 0 else None,
+                                       None if score != score else round(score, 6)))
+        return [tuple(r) for r in per_row]
 
     def _score_vectors(self, results: dict[int, Prediction | BaseException], preds: np.ndarray, n: int,
                        m: int) -> list[tuple[tuple[float, ...] | None, ...]]:

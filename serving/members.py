@@ -20,9 +20,28 @@ import numpy as np
 from models.runtime import MemberSession
 from serving.config import BatchingConfig, FaultConfig
 
-__all__ = ["MemberCall", "MemberFault", "LocalMember", "BatchedLocalMember", "RemoteMember", "Prediction"]
+__all__ = ["MemberCall", "MemberFault", "LocalMember", "BatchedLocalMember", "RemoteMember", "Prediction",
+           "stage_info", "split_prediction"]
 
-Prediction = tuple[np.ndarray, np.ndarray | None]  # class ids (n,), class scores (n, C)
+# class ids (n,), class scores (n, C); a pipeline member adds, per row and stage, what is recorded
+# of the stage (n, stages, 3) (`models.runtime.STAGE_FIELDS`)
+Prediction = tuple[np.ndarray, np.ndarray | None] | tuple[np.ndarray, np.ndarray | None, np.ndarray]
+
+
+def stage_info(pred: Prediction) -> np.ndarray | None:
+    """A pipeline member's per-stage record (None for any other member)."""
+    return pred[2] if len(pred) == 3 else None
+
+
+def split_prediction(pred: Prediction, sizes: list[int]) -> list[Prediction]:
+    """One prediction of joined rows -> one per caller (the batch sizes, in order)."""
+    bounds = np.cumsum(sizes)[:-1]
+    lab = np.split(pred[0], bounds)
+    pr: list[np.ndarray | None] = list(np.split(pred[1], bounds)) if pred[1] is not None else [None] * len(sizes)
+    info = stage_info(pred)
+    if info is None:
+        return list(zip(lab, pr))
+    return list(zip(lab, pr, np.split(info, bounds)))
 
 
 class MemberFault(RuntimeError):
@@ -64,14 +83,6 @@ class LocalMember:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _split(pred: Prediction, sizes: list[int]) -> list[Prediction]:
-    labels, probs = pred
-    bounds = np.cumsum(sizes)[:-1]
-    lab = np.split(labels, bounds)
-    pr: list[np.ndarray | None] = list(np.split(probs, bounds)) if probs is not None else [None] * len(sizes)
-    return list(zip(lab, pr))
-
-
 class BatchedLocalMember(LocalMember):
     """A `LocalMember` with Serve's dynamic batching, sized from the config (inside a replica only).
 
@@ -91,7 +102,7 @@ class BatchedLocalMember(LocalMember):
         async def run_batch(xs: list[np.ndarray]) -> list[Prediction]:
             sizes = [x.shape[0] for x in xs]
             joined = xs[0] if len(xs) == 1 else np.concatenate(xs, axis=0)
-            return _split(await run_one(joined), sizes)
+            return split_prediction(await run_one(joined), sizes)
 
         self._run_batch = run_batch
 

@@ -16,6 +16,15 @@ declared subgroup and intersection ("all" for every outcome), so a restarted rec
 from the store. Label-free, at record time: outcomes on which the candidate ran, and on which it
 gave the serving version's answer (`recorded`, `agreed`).
 
+Pipeline members (chains of stages): a candidate version of a pipeline that runs another version of
+a stage is compared twice on the same outcomes: end to end, as any candidate (key (member, serving
+version, candidate version)), and the stage alone, where the stage predicts the ecosystem's classes
+itself (key ("member.stage", serving stage version, candidate stage version); its correctness is
+its own class against the label). The two keys are linked (`links`). A **self-defeating
+improvement** is a link whose stage is better on its own (accuracy delta's lower bound > 0) while
+the chain is worse end to end (the member's delta's upper bound < 0), both over every outcome
+("all"): `self_defeating`.
+
 Intervals: Wilson for the two ratios; for the delta, the normal interval of a paired difference of
 proportions, var = (|I| + |R| - (|I| - |R|)^2 / n) / n^2 (the variance McNemar's test uses).
 """
@@ -57,6 +66,8 @@ class CandidateFlips:
         self.shape = shape
         self.tallies: dict[FlipKey, dict[tuple[str, str], np.ndarray]] = {}
         self.recorded: dict[FlipKey, np.ndarray] = {}
+        # (a pipeline member's key, the key of one of its stages whose version the candidate changes)
+        self.links: set[tuple[FlipKey, FlipKey]] = set()
 
     def __add__(self, other: CandidateFlips) -> CandidateFlips:
         out = CandidateFlips(self.shape)
@@ -67,6 +78,7 @@ class CandidateFlips:
                     mine[g] = mine[g] + v if g in mine else v.copy()
             for key, v in src.recorded.items():
                 out.recorded[key] = out.recorded[key] + v if key in out.recorded else v.copy()
+            out.links |= src.links
         return out
 
     # ------------------------------------------------------------ counting
@@ -134,6 +146,20 @@ class CandidateFlips:
         for key, groups in sorted(self.tallies.items()):
             for (g, v), arr in sorted(groups.items()):
                 yield key, g, v, dict(zip(FIELDS, (int(x) for x in arr)))
+
+    def self_defeating(self) -> Iterator[tuple[FlipKey, str, bool, tuple[float, float, float] | None,
+                                               tuple[float, float, float] | None]]:
+        """Per link: (member key, stage name, flagged, the stage's accuracy delta, the chain's), the
+        deltas as (value, lower, upper) over every outcome, None before a labeled one."""
+        for member_key, stage_key in sorted(self.links):
+            deltas = []
+            for key in (stage_key, member_key):
+                arr = self.tallies.get(key, {}).get(("all", "all"))
+                c = dict(zip(FIELDS, (int(x) for x in arr))) if arr is not None else None
+                deltas.append(delta_interval(c["improvements"], c["regressions"], c["n"]) if c else None)
+            stage, chain = deltas
+            flagged = stage is not None and chain is not None and stage[1] > 0 and chain[2] < 0
+            yield member_key, stage_key[0].partition(".")[2], flagged, stage, chain
 
     @staticmethod
     def ratios(c: dict[str, int]) -> dict[str, tuple[float, float, float] | None]:

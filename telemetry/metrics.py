@@ -92,6 +92,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ecoserve_candidate_improvements_on_systemic_failures_ratio": ("gauge", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "Share of the candidate's improvements that land on systemic failures of the deployed ecosystem."),
     "ecoserve_candidate_improvements_on_systemic_failures_ratio_lower": ("gauge", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "Lower end of the 95% Wilson interval of ecoserve_candidate_improvements_on_systemic_failures_ratio."),
     "ecoserve_candidate_improvements_on_systemic_failures_ratio_upper": ("gauge", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "Upper end of the 95% Wilson interval of ecoserve_candidate_improvements_on_systemic_failures_ratio."),
+    "ecoserve_pipeline_self_defeating_improvement": ("gauge", ("ecosystem", "member", "version", "candidate", "stage"), "1 when a pipeline candidate's changed stage is better on its own (its accuracy delta's 95% lower bound > 0) while the chain is worse end to end (the member's delta's upper bound < 0); else 0. The stage's own flips are the candidate metrics of member \"MEMBER.STAGE\"."),
     "ecoserve_window_seconds": ("gauge", (), "Length of the rolling window of the ecoserve_window_* gauges."),
     "ecoserve_window_labeled_outcomes": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Complete labeled outcomes in the window."),
     "ecoserve_window_systemic_failure_ratio": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Share of complete labeled outcomes every member got wrong."),
@@ -240,6 +241,9 @@ class EcoserveCollector(Collector):
                             "ecoserve_candidate_improvements_on_systemic_failures_ratio"}[name]
                 for suffix, v in zip(("", "_lower", "_upper"), r):
                     fams[base + suffix].add_metric(labels, v)
+        for (member, version, cand), stage, flagged, _stage, _chain in flips.self_defeating():
+            fams["ecoserve_pipeline_self_defeating_improvement"].add_metric([eco, member, version, cand, stage],
+                                                                            int(flagged))
 
     @staticmethod
     def _estimates(fams: dict[str, Any], eco: str, members: tuple[str, ...], e: EcosystemEstimates) -> None:

@@ -208,6 +208,41 @@ def _candidate_rows(
     return np.array(rows), np.array(idx), keys, cand_raw
 
 
+def _stage_rows(
+    spec: EcosystemSpec, members_of: Sequence[tuple[str, ...]], candidates_of: Sequence[Any], stages_of: Sequence[Any],
+) -> tuple[np.ndarray, np.ndarray, list[FlipKey], list[tuple[FlipKey, FlipKey]], np.ndarray, np.ndarray] | None:
+    """Every (outcome, stage of a pipeline member whose candidate runs another version of it, with a
+    class of its own in both): the outcome's row, the member's index in `spec.members`, the stage's
+    flip key ("member.stage", serving stage version, candidate stage version), the (member's flip
+    key, stage key) link, and the candidate's and the serving version's stage classes (-1: none)."""
+    rows, idx, keys, links, cand, cur = [], [], [], [], [], []
+    for i, stages in enumerate(stages_of):
+        if not stages or not candidates_of[i]:
+            continue
+        by_role: dict[tuple[int, int, str], tuple[str, Any]] = {(e[0], e[1], e[2]): (e[3], e[5]) for e in stages}
+        for a, current, version, *_ in candidates_of[i]:
+            name = members_of[i][a] if 0 <= a < len(members_of[i]) else None
+            if name not in spec.members:
+                continue
+            for (a2, role, stage), (sv, own) in by_role.items():
+                if a2 != a or role != 0 or own is None or (a, 1, stage) not in by_role:
+                    continue
+                cv, cand_own = by_role[(a, 1, stage)]
+                if cv == sv or cand_own is None:
+                    continue
+                key = (f"{name}.{stage}", str(sv), str(cv))
+                rows.append(i)
+                idx.append(spec.members.index(name))
+                keys.append(key)
+                links.append(((name, str(current), str(version)), key))
+                cand.append(int(cand_own))
+                cur.append(int(own))
+    if not rows:
+        return None
+    return (np.array(rows), np.array(idx), keys, links, np.array(cand, dtype=np.int64),
+            np.array(cur, dtype=np.int64))
+
+
 AUDIT_KINDS = ("systemic", "cie")
 AUDIT_MAX_SCAN = 200_000  # stored outcomes one audit request reads at most
 AUDIT_MAX_LIMIT = 10_000
@@ -522,6 +557,7 @@ class Recorder:
             groups = st.groups_of(cols[12])
             members_of: Sequence[tuple[str, ...]] = cols[3]
             candidates_of: Sequence[Any] = cols[16]
+            stages_of: Sequence[Any] = cols[17]
         else:
             stored: Sequence[StoredOutcome] = items  # type: ignore[assignment]
             raw, served, intended, greedy, props_all = st.spec.align(
@@ -531,12 +567,17 @@ class Recorder:
             direct = np.array([o.direct for o in stored], dtype=bool)
             groups = st.groups_of([o.groups for o in stored])
             members_of, candidates_of = [o.members for o in stored], [o.candidates for o in stored]
+            stages_of = [o.stages for o in stored]
         preds = st.spec.codes(raw)
         if n and any(candidates_of):
             found = _candidate_rows(st.spec, members_of, candidates_of)
             if found is not None:
                 rows_c, a_c, keys, cand_raw = found
                 st.flips.count_recorded(keys, st.spec.codes(cand_raw[:, None])[:, 0], preds[rows_c, a_c])
+            staged = _stage_rows(st.spec, members_of, candidates_of, stages_of) if any(stages_of) else None
+            if staged is not None:  # a pipeline's stage candidates: the stages' own classes
+                st.flips.links.update(staged[3])
+                st.flips.count_recorded(staged[2], staged[4], staged[5])
         rows = np.arange(n)
         props = props_all[rows, np.maximum(intended, 0)]
         kept = served >= 0  # the served member is still a member (see EcosystemSpec.align)
@@ -731,6 +772,24 @@ class Recorder:
         cand_correct = _correct(st.spec, swapped, st.spec.codes(swapped), served[rows_c], values[rows_c])[k, a_c]
         sub = {attr: [col[i] for i in rows_c] for attr, col in groups.items()} if groups else None
         st.flips.count_labeled(keys, a_c, c[rows_c], cand_correct, sub)
+        stages_of = [o.stages for o in items]
+        staged = _stage_rows(st.spec, [o.members for o in items], [o.candidates for o in items], stages_of) \
+            if any(stages_of) else None
+        if staged is None:
+            return
+        # a stage's own correctness: its class against the label, in its member's place; the flips
+        # compare the candidate's stage with the serving version's on the same outcomes
+        rows_s, a_s, skeys, _links, cand_cls, cur_cls = staged
+        k = np.arange(len(rows_s))
+        judged = []
+        for cls in (cur_cls, cand_cls):
+            swapped = raw[rows_s].copy()
+            swapped[k, a_s] = np.where(cls >= 0, cls, -1)
+            judged.append(_correct(st.spec, swapped, st.spec.codes(swapped), served[rows_s], values[rows_s])[k, a_s])
+        correct = c[rows_s].copy()
+        correct[k, a_s] = judged[0]
+        sub = {attr: [col[i] for i in rows_s] for attr, col in groups.items()} if groups else None
+        st.flips.count_labeled(skeys, a_s, correct, judged[1], sub)
 
     def reclaim(self, ledger: str, accepted: dict[str, int]) -> dict[str, int]:
         """Count the records a crashed gateway accepted and never handed over (its ledger's

@@ -43,6 +43,10 @@ class Outcome:
     # member serves, the candidate version, the candidate's output (class id, -1: missing;
     # regression: value or None), its score of that output or None)
     candidates: tuple[tuple[int, str, str, Any, float | None], ...] = ()
+    # pipeline members' stages: (member index, 0: the serving version's stage / 1: its candidate's,
+    # stage name, stage version, fingerprint of the output it passed on (hex), its own class id or
+    # None, its score of that class or None)
+    stages: tuple[tuple[int, int, str, str, str, int | None, float | None], ...] = ()
 
     @property
     def propensity(self) -> float:
@@ -61,9 +65,9 @@ ROW_COLUMNS = ("request_id", "ecosystem", "created_at", "context", "payload", "p
 # the payload: one JSON array of ints (and the fingerprint) per outcome, decoded in one call per
 # batch; propensity vectors and group objects keep their own columns, because their JSON (floats,
 # objects) repeats from row to row and is decoded once per distinct text (`telemetry.store`)
-# scores, score_vectors and candidates: optional (a payload with a later one has null for each earlier one it lacks)
+# scores, score_vectors, candidates and stages: optional (a payload with a later one has null for each earlier one it lacks)
 PAYLOAD_FIELDS = ("predictions", "served", "intended", "greedy", "direct", "fingerprint", "scores", "score_vectors",
-                  "candidates")
+                  "candidates", "stages")
 
 
 
@@ -117,7 +121,7 @@ class RowEncoder:
         jm = jv = jp = jg = mid = ""
         ctx = 0
         for rid, eco, t, members, versions, predictions, served, intended, propensities, greedy, policy, direct, \
-                grp, fingerprint, scores, vectors, cands in items:
+                grp, fingerprint, scores, vectors, cands, stages in items:
             if members is not last_m or versions is not last_v or policy is not last_pol:
                 if members is not last_m:
                     last_m, jm = members, names.get(members) or fill(names, members, _json_list)
@@ -134,11 +138,15 @@ class RowEncoder:
                 last_s, last_i, last_gr, last_d = served, intended, greedy, direct
                 mid = f",{int(served)},{int(intended)},{int(greedy)},{'true' if direct else 'false'},"
             jpred = preds.get(predictions) or fill(preds, predictions, _json_predictions)
-            tail = f",{_json_scores(scores)}]" if scores else "]"
-            if vectors or cands:
-                tail = f"{tail[:-1] if scores else ',null'},{_json_vectors(vectors) if vectors else 'null'}]"
-                if cands:
-                    tail = f"{tail[:-1]},{_json_candidates(cands)}]"
+            if vectors or cands or stages:
+                parts = [_json_scores(scores) if scores else "null", _json_vectors(vectors) if vectors else "null"]
+                if cands or stages:
+                    parts.append(_json_candidates(cands) if cands else "null")
+                if stages:
+                    parts.append(_json_stages(stages))
+                tail = "," + ",".join(parts) + "]"
+            else:
+                tail = f",{_json_scores(scores)}]" if scores else "]"
             if fingerprint.isalnum():  # the gateway's: hex digests (any letter or digit is valid raw in JSON)
                 out.append((rid, eco, t, ctx, f'[{jpred}{mid}"{fingerprint}"{tail}', jp, jg))
             else:
@@ -188,6 +196,12 @@ def _json_candidates(cands: tuple[tuple[int, str, str, Any, float | None], ...])
     return json.dumps([[int(a), str(cur), str(v), None if p is None or p != p else p,
                         None if s is None or not math.isfinite(s) else float(_SCORE_FORMAT(s))]
                        for a, cur, v, p, s in cands])
+
+
+def _json_stages(stages: tuple[tuple[int, int, str, str, str, int | None, float | None], ...]) -> str:
+    return json.dumps([[int(a), int(role), str(name), str(v), str(fp), None if c is None else int(c),
+                        None if s is None or not math.isfinite(s) else float(_SCORE_FORMAT(s))]
+                       for a, role, name, v, fp, c, s in stages])
 
 
 def _json_vectors(vectors: tuple[tuple[float, ...] | None, ...]) -> str:

@@ -70,7 +70,7 @@ def test_promtool_checks_and_unit_tests_the_rules():
         pytest.skip("promtool is not installed (make test installs Debian's prometheus package)")
     check = subprocess.run([promtool, "check", "rules", str(ROOT / RULES_FILE)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert f"{len(rule_groups()[0]['rules'])} rules found" in check.stdout and len(rule_groups()[0]["rules"]) == 14
+    assert f"{len(rule_groups()[0]['rules'])} rules found" in check.stdout and len(rule_groups()[0]["rules"]) == 15
     test = subprocess.run([promtool, "test", "rules", str(ROOT / "tests/promtool/alerts_test.yaml")],
                           capture_output=True, text=True)
     assert test.returncode == 0, test.stdout + test.stderr

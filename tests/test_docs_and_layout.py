@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,11 @@ def _exported(tmp_path: Path) -> dict[str, tuple[str, set[str] | None]]:
     try:
         rec.record([outcome(i, (0, 1, i % 2), rec.clock(), "female" if i % 3 else "male") for i in range(20)])
         rec.feedback([LabelItem(f"r{i}", "yes") for i in range(10)])
+        # member a as a pipeline with a candidate that changes its stage s: candidate and pipeline families
+        rec.record([replace(outcome(i, (0, 1, 1), rec.clock()), candidates=((0, "1", "2", 1, 0.9),),
+                            stages=((0, 0, "s", "1", "ab", 0, 0.8), (0, 1, "s", "2", "cd", 1, 0.7)))
+                    for i in range(20, 30)])
+        rec.feedback([LabelItem(f"r{i}", "yes") for i in range(20, 30)])
         stats = ServingStats()
         stats.request("eco", 200)
         stats.observe("eco", "a", "cpu", 0.002)

@@ -115,7 +115,7 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path):
     store = open_store(url)
     try:
         with store.engine.connect() as conn:
-            assert conn.execute(text("SELECT version FROM ecoserve_schema")).scalar() == SCHEMA_VERSION == 6
+            assert conn.execute(text("SELECT version FROM ecoserve_schema")).scalar() == SCHEMA_VERSION == 7
         assert store.count_outcomes() == 1
         assert store.reclaim_ledger("L", {"eco": 1}) == {"eco": 1}  # the new table works
     finally:

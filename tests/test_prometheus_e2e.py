@@ -41,6 +41,8 @@ def stack(serving_repo, tmp_path_factory):
     eco.pop("broken"), eco.pop("dead")
     eco["faulty"]["faults"] = {"knn": {"error": True}}  # member errors for the serving panels
     eco["credit"]["candidates"] = {"gboost": "2"}  # a candidate version in shadow: the candidate panels
+    # a pipeline whose candidate changes one stage (more accurate alone, worse in the chain): the pipeline panels
+    eco["digits_chain"] = {"policy": {"kind": "primary", "primary": "chain"}, "candidates": {"chain": "2"}}
     with served_app(args, tmp, env={"ECOSERVE_FEEDBACK_TOKEN": TOKEN}) as running:
         prom = start_prometheus(running.url.removeprefix("http://"), tmp / "prometheus", scrape_interval_s=1.0)
         try:
@@ -148,6 +150,7 @@ def test_every_panel_query_returns_data(stack, serving_repo):
     _label(url, [{"request_id": f"{run}-c-{i}", "label": int(y[i])} for i in later[:30]])
     _wait_metric(url, "ecoserve_estimator_checked_outcomes", "credit", 30)
     _risk_in_responses_is_the_estimators(url, db, run, X, groups)
+    _self_defeating_pipeline_is_flagged(url, serving_repo, run)
     time.sleep(6)  # scrapes of phases 2 and 3 (and coverage of outcomes older than 1 s)
 
     subs = {"$window": "2m", "$ecosystem": ".*", "$member": ".*", "$subgroup": ".*"}
@@ -186,6 +189,32 @@ def test_every_panel_query_returns_data(stack, serving_repo):
     # the alert rules are loaded and evaluated by this Prometheus
     rules = httpx.get(f"{prom.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
     assert {r["name"] for g in rules for r in g["rules"]} >= {"EcoserveSystemicFailureExcess", "EcoserveOutcomesDropped"}
+
+
+def _self_defeating_pipeline_is_flagged(url, serving_repo, run):
+    """The demo pipeline through the real Ray app: chain v1 serves, v2 (a better recognize stage)
+    runs in shadow; once labeled, the flag is up and the stage's own flips equal a count by hand."""
+    held = load_heldout(serving_repo / "digits_chain")
+    x, y = held.X.astype(np.float32), held.y.astype(np.int64)
+
+    def own(version):
+        sess = ort.InferenceSession(str(serving_repo / f"digits_chain/chain/recognize/{version}/model.onnx"),
+                                    providers=["CPUExecutionProvider"])
+        return sess.run(["label"], {"input": x})[0].reshape(-1)
+
+    ids = [f"{run}-p-{i}" for i in range(len(y))]
+    for s in range(0, len(y), 200):
+        _infer(url, "digits_chain", x[s : s + 200], ids[s : s + 200])
+    _stored(url, "digits_chain", len(y))
+    _label(url, [{"request_id": i, "label": int(v)} for i, v in zip(ids, y)])
+    ok1, ok2 = own("1") == y, own("2") == y
+    stage = {"ecosystem": "digits_chain", "member": "chain.recognize", "version": "1", "candidate": "2",
+             "subgroup": "all", "subgroup_value": "all"}
+    _wait_metric_value(url, "ecoserve_candidate_improvements_total", stage, int((~ok1 & ok2).sum()))
+    _wait_metric_value(url, "ecoserve_candidate_regressions_total", stage, int((ok1 & ~ok2).sum()))
+    _wait_metric_value(url, "ecoserve_pipeline_self_defeating_improvement",
+                       {"ecosystem": "digits_chain", "member": "chain", "version": "1", "candidate": "2",
+                        "stage": "recognize"}, 1.0)
 
 
 def _risk_in_responses_is_the_estimators(url, db, run, X, groups):

@@ -196,7 +196,7 @@ def test_a_version_2_store_is_migrated_in_place(store_url, monkeypatch):
     s3 = None
     try:
         with store.engine.connect() as conn:
-            assert conn.exec_driver_sql("SELECT version FROM ecoserve_schema").scalar() == SCHEMA_VERSION == 6
+            assert conn.exec_driver_sql("SELECT version FROM ecoserve_schema").scalar() == SCHEMA_VERSION == 7
             assert conn.exec_driver_sql("SELECT count(*) FROM ecoserve_contexts").scalar() == 4
             view = {r.request_id: r._mapping for r in conn.exec_driver_sql("SELECT * FROM ecoserve_outcomes_v")}
         idx = _indexes(store)

@@ -89,6 +89,6 @@ def test_a_version_5_store_gets_the_new_view(tmp_path: Path) -> None:
         with store.engine.connect() as conn:
             cols = [r[1] for r in conn.exec_driver_sql("PRAGMA table_info(ecoserve_outcomes_v)")]
             assert "score_vectors" in cols and "scores" in cols
-            assert conn.execute(text("SELECT version FROM ecoserve_schema")).scalar() == 6
+            assert conn.execute(text("SELECT version FROM ecoserve_schema")).scalar() == 7
     finally:
         store.close()

@@ -226,7 +226,7 @@ def test_a_version_3_store_gets_scoped_held_labels(kind: str, tmp_path: Path) ->
         store = open_store(url)
         try:
             with store.engine.connect() as conn:
-                assert conn.execute(text("SELECT version FROM ecoserve_schema")).scalar() == SCHEMA_VERSION == 6
+                assert conn.execute(text("SELECT version FROM ecoserve_schema")).scalar() == SCHEMA_VERSION == 7
             row = {"request_id": "r", "label": 1, "source": "s" * 64, "label_time": 1.0, "received_at": 1.0,
                    "scope": frozenset({"credit"})}
             with store.engine.begin() as conn:

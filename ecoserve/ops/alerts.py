@@ -189,6 +189,17 @@ def rule_groups(t: Thresholds = Thresholds()) -> list[dict[str, Any]]:
             "Its accuracy is above the serving version's overall, and below it in this subgroup (95% upper bound of "
             "the difference: {{ $value | humanizePercentage }}): promoting it would move errors onto this group.",
         ),
+        _rule(
+            "EcoservePipelineSelfDefeatingImprovement",
+            # the changed stage better on its own (delta lower > 0), the chain worse (delta upper < 0)
+            "ecoserve_pipeline_self_defeating_improvement == 1",
+            t.candidate_for, "warning",
+            "Candidate {{ $labels.member }} v{{ $labels.candidate }} of {{ $labels.ecosystem }}: a better "
+            "{{ $labels.stage }} stage makes the pipeline worse",
+            "The {{ $labels.stage }} stage of the candidate is more accurate on its own than the serving "
+            "version's, and the whole pipeline is less accurate end to end (both 95% intervals exclude 0): the "
+            "stages after it were not trained on its outputs. Do not promote it as is.",
+        ),
     ]
     return [{"name": "ecoserve", "rules": rules}]
 

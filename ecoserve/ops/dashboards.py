@@ -311,6 +311,23 @@ CANDIDATES = [
               ((f"sum by (ecosystem, member, version, candidate) (increase(ecoserve_candidate_agreements_total{{{CK}}}{W})) "
                 f"/ sum by (ecosystem, member, version, candidate) (increase(ecoserve_candidate_outcomes_total{{{CK}}}{W}))",
                 CANDIDATE_LEGEND),)),
+    PanelSpec("bargauge", "Pipelines: self-defeating improvements",
+              "For a pipeline member whose candidate changes one stage: 1 when that stage is better on its own "
+              "(95% lower bound of its accuracy difference above 0) and the whole chain is worse end to end (upper "
+              "bound below 0). Bad: 1 (the alert fires after 30 minutes).",
+              ((f"ecoserve_pipeline_self_defeating_improvement{{{CK}}}",
+                "{{member}} v{{version}} -> v{{candidate}} ({{stage}} stage)"),),
+              instant=True),
+    PanelSpec("timeseries", "Pipelines: the changed stage alone vs the whole chain",
+              "Accuracy difference (candidate minus serving version, same outcomes) of the changed stage on its "
+              "own (member MEMBER.STAGE) and of the whole pipeline. Bad: the stage's line above 0 while the "
+              "chain's is below (the stages after it were not trained on its new outputs).",
+              ((f'ecoserve_candidate_accuracy_delta{{ecosystem=~"$ecosystem",member=~"[a-z0-9_]+[.][a-z0-9_]+",{ALL}}}',
+                "{{ecosystem}} {{member}} v{{version}} -> v{{candidate}} (stage alone)"),
+               (f"ecoserve_candidate_accuracy_delta{{{CK},{ALL}}} and on (ecosystem, member, version, candidate) "
+                f"ecoserve_pipeline_self_defeating_improvement",
+                "{{ecosystem}} {{member}} v{{version}} -> v{{candidate}} (whole chain)")),
+              unit="percentunit"),
 ]
 
 DASHBOARDS: dict[str, tuple[str, list[PanelSpec]]] = {

@@ -63,9 +63,10 @@ def migrate(store: OutcomeStore) -> int:
             if version < 5:  # 4 -> 5: fitted label-free estimators
                 estimators.create(conn, checkfirst=True)
                 version = 5
-            if version < 6:  # 5 -> 6: the view gains the payload's newer fields (scores, score vectors)
+            if version < 7:  # 5 -> 6 -> 7: the view gains the payload's newer fields (scores, score vectors;
+                # candidates, pipeline stages)
                 conn.exec_driver_sql("DROP VIEW IF EXISTS ecoserve_outcomes_v")
-                version = 6
+                version = 7
             conn.execute(update(schema_table).values(version=version))
             conn.exec_driver_sql(view_sql(store.backend))
     except SQLAlchemyError as exc:

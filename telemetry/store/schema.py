@@ -17,7 +17,7 @@ from sqlalchemy import (
     text,
 )
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 metadata = MetaData()
 schema_table = Table("ecoserve_schema", metadata, Column("version", Integer, nullable=False))
