@@ -47,6 +47,7 @@ def serving_repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         shutil.copytree(model_repo / eco, repo / eco)
     for name in ("faulty", "broken", "dead"):
         _copy_ecosystem(model_repo / "digits", repo, name)
+    _copy_ecosystem(model_repo / "digits_chain", repo, "chain_good")  # its candidate: chain v3 (helps)
     return repo
 
 

@@ -202,3 +202,23 @@ def test_config_check_names_a_missing_stage_file(serving_repo: Path, tmp_path: P
     f = write_serve_file(tmp_path / "serve.yaml", 8000, args)
     with pytest.raises(ConfigError, match=r"member 'chain': no model file .*chain/decide/1/model.onnx"):
         preflight(load_serve_file(f), check_port=False)
+
+
+def test_batched_calls_split_the_stage_records_back(serving_repo: Path) -> None:
+    """Dynamic batching joins callers' rows into one run and splits the result back: a pipeline's
+    stage records travel with their rows (`split_prediction`, used by both batching layers)."""
+    from models.runtime import load_member
+    from serving.members import split_prediction, stage_info
+
+    d = serving_repo / ECO
+    manifest = load_manifest(d)
+    session = load_member(d, manifest, manifest.member("chain", "2"), "cpu")
+    x = load_heldout(d).X[:10].astype(np.float32)
+    joined = session.predict(x)
+    parts = split_prediction(joined, [3, 7])
+    for part, rows in zip(parts, (slice(0, 3), slice(3, 10))):
+        alone = session.predict(x[rows])
+        assert (part[0] == alone[0]).all() and np.allclose(part[1], alone[1])
+        info, want = stage_info(part), stage_info(alone)
+        assert info is not None and want is not None and info.shape == (len(alone[0]), 2, 3)
+        assert np.array_equal(info, want, equal_nan=True)

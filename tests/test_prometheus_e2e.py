@@ -43,6 +43,8 @@ def stack(serving_repo, tmp_path_factory):
     eco["credit"]["candidates"] = {"gboost": "2"}  # a candidate version in shadow: the candidate panels
     # a pipeline whose candidate changes one stage (more accurate alone, worse in the chain): the pipeline panels
     eco["digits_chain"] = {"policy": {"kind": "primary", "primary": "chain"}, "candidates": {"chain": "2"}}
+    # and one whose candidate helps end to end (better stage, better chain): never flagged
+    eco["chain_good"] = {"policy": {"kind": "primary", "primary": "chain"}, "candidates": {"chain": "3"}}
     with served_app(args, tmp, env={"ECOSERVE_FEEDBACK_TOKEN": TOKEN}) as running:
         prom = start_prometheus(running.url.removeprefix("http://"), tmp / "prometheus", scrape_interval_s=1.0)
         try:
@@ -193,7 +195,8 @@ def test_every_panel_query_returns_data(stack, serving_repo):
 
 def _self_defeating_pipeline_is_flagged(url, serving_repo, run):
     """The demo pipeline through the real Ray app: chain v1 serves, v2 (a better recognize stage)
-    runs in shadow; once labeled, the flag is up and the stage's own flips equal a count by hand."""
+    runs in shadow; once labeled, the flag is up and the stage's own flips equal a count by hand.
+    The same ecosystem with candidate v3 (better stage, better chain): the flag stays 0."""
     held = load_heldout(serving_repo / "digits_chain")
     x, y = held.X.astype(np.float32), held.y.astype(np.int64)
 
@@ -202,19 +205,20 @@ def _self_defeating_pipeline_is_flagged(url, serving_repo, run):
                                     providers=["CPUExecutionProvider"])
         return sess.run(["label"], {"input": x})[0].reshape(-1)
 
-    ids = [f"{run}-p-{i}" for i in range(len(y))]
-    for s in range(0, len(y), 200):
-        _infer(url, "digits_chain", x[s : s + 200], ids[s : s + 200])
-    _stored(url, "digits_chain", len(y))
-    _label(url, [{"request_id": i, "label": int(v)} for i, v in zip(ids, y)])
-    ok1, ok2 = own("1") == y, own("2") == y
-    stage = {"ecosystem": "digits_chain", "member": "chain.recognize", "version": "1", "candidate": "2",
-             "subgroup": "all", "subgroup_value": "all"}
-    _wait_metric_value(url, "ecoserve_candidate_improvements_total", stage, int((~ok1 & ok2).sum()))
-    _wait_metric_value(url, "ecoserve_candidate_regressions_total", stage, int((ok1 & ~ok2).sum()))
-    _wait_metric_value(url, "ecoserve_pipeline_self_defeating_improvement",
-                       {"ecosystem": "digits_chain", "member": "chain", "version": "1", "candidate": "2",
-                        "stage": "recognize"}, 1.0)
+    for eco, cand, flagged in (("digits_chain", "2", 1.0), ("chain_good", "3", 0.0)):
+        ids = [f"{run}-{eco}-{i}" for i in range(len(y))]
+        for s in range(0, len(y), 200):
+            _infer(url, eco, x[s : s + 200], ids[s : s + 200])
+        _stored(url, eco, len(y))
+        _label(url, [{"request_id": i, "label": int(v)} for i, v in zip(ids, y)])
+        ok1, ok2 = own("1") == y, own(cand) == y
+        stage = {"ecosystem": eco, "member": "chain.recognize", "version": "1", "candidate": cand,
+                 "subgroup": "all", "subgroup_value": "all"}
+        _wait_metric_value(url, "ecoserve_candidate_improvements_total", stage, int((~ok1 & ok2).sum()))
+        _wait_metric_value(url, "ecoserve_candidate_regressions_total", stage, int((ok1 & ~ok2).sum()))
+        _wait_metric_value(url, "ecoserve_pipeline_self_defeating_improvement",
+                           {"ecosystem": eco, "member": "chain", "version": "1", "candidate": cand,
+                            "stage": "recognize"}, flagged)
 
 
 def _risk_in_responses_is_the_estimators(url, db, run, X, groups):
