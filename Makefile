@@ -34,12 +34,13 @@ $(STAMP): pyproject.toml | $(PY)
 
 setup: $(STAMP)
 
-# Debian packages the tests and the demo use: prometheus (server + promtool), kubectl, wrk (bench).
+# Debian packages the tests and the demo use: prometheus (server + promtool), kubectl, wrk (bench),
+# chromium (the report's headless-browser test).
 # Installed when missing and apt-get can run (root or passwordless sudo); otherwise this says
 # which tests will be skipped and why.
-TOOLS_PKGS := prometheus kubectl wrk
+TOOLS_PKGS := prometheus kubectl wrk chromium
 tools:
-	@missing=""; for b in prometheus promtool kubectl wrk; do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	@missing=""; for b in prometheus promtool kubectl wrk chromium; do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
 	if command -v apt-get >/dev/null && { [ -z "$$SUDO" ] || sudo -n true 2>/dev/null; }; then \
@@ -48,7 +49,7 @@ tools:
 	    echo "WARNING: apt-get install failed"; \
 	else \
 	  echo "WARNING: cannot install$$missing (no apt-get or no root)."; \
-	  echo "  Skipped: promtool checks and the real-Prometheus test (prometheus), k8s render tests (kubectl); bench falls back to a Python load generator (wrk)."; \
+	  echo "  Skipped: promtool checks and the real-Prometheus test (prometheus), k8s render tests (kubectl), the report's browser test (chromium); bench falls back to a Python load generator (wrk)."; \
 	fi
 
 # the gRPC modules are committed; regenerate them after editing the .proto (a test checks they are current)

@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main", "build_parser"]
 
@@ -67,10 +68,10 @@ def _versions(text: str) -> tuple[str, str, str]:
     return member, parts[0], parts[1]
 
 
-def _cmd_analyze(args: argparse.Namespace) -> int:
-    from telemetry.analysis import AnalysisError, AnalysisOptions, analyze_csv, format_table
+def _analysis_options(args: argparse.Namespace) -> Any:
+    from telemetry.analysis import AnalysisOptions
 
-    opts = AnalysisOptions(
+    return AnalysisOptions(
         label_column=args.label_column,
         group_columns=tuple(args.group_column or ()),
         members=tuple(m for part in (args.members or ()) for m in part.split(",") if m),
@@ -87,6 +88,12 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         reference_data=args.reference_data,
         versions=tuple(args.versions or ()),
     )
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from telemetry.analysis import AnalysisError, analyze_csv, format_table
+
+    opts = _analysis_options(args)
     try:
         result = analyze_csv(args.file, opts)
     except AnalysisError as exc:
@@ -260,6 +267,64 @@ def _cmd_migrate_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_analysis_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--label-column", default="label", help="default: %(default)s")
+    p.add_argument("--group-column", action="append", help="subgroup column (repeatable)")
+    p.add_argument("--members", action="append", help="member columns, comma-separated (default: all others)")
+    p.add_argument("--mode", choices=["ground_truth", "bandit"], default="ground_truth")
+    p.add_argument("--served-column", help="column naming the served member (bandit logs)")
+    p.add_argument("--propensity-column", help="column with the served member's logged propensity")
+    p.add_argument("--reward-column", help="column with the reward of the served output (bandit mode)")
+    p.add_argument("--reference", help="reference member for ambiguity/discrepancy (default: first member)")
+    p.add_argument("--compressed", action="append", help="compressed member columns, comma-separated (for CIE)")
+    p.add_argument("--epsilon", type=float, default=0.05, help="Rashomon-set accuracy tolerance (default: 0.05)")
+    p.add_argument("--tolerance", type=float, help="a regression table: correct = |value - label| <= this")
+    p.add_argument("--range", type=_value_range, help="regression: LOW,HIGH covered by the agreement bins")
+    p.add_argument("--bin-width", type=float, help="regression: agreement bin width (default: the tolerance)")
+    p.add_argument("--reference-data", metavar="LABELED.csv",
+                   help="a labeled table with the same members and <member>__score columns: estimate the systemic "
+                        "failure rate and each member's accuracy on this table's rows without a label")
+    p.add_argument("--versions", action="append", type=_versions, metavar="MEMBER=OLD_COLUMN,NEW_COLUMN",
+                   help="two columns are the current and a new version of one member: OLD_COLUMN is the member in "
+                        "the ecosystem, NEW_COLUMN enters only the flip table (repeatable)")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from ecoserve.report import ReportError, parse_time, report_from_csv, table_from_store, write_report
+
+    url = os.environ.get(args.store_env, "") if args.store_env else args.store
+    if bool(url) == bool(args.csv):
+        raise CliError("give one of --store URL (or --store-env VAR) and --csv FILE"
+                       + (f" (environment variable {args.store_env} is not set)" if args.store_env and not url else ""))
+    out = Path(args.out)
+    try:
+        if args.csv:
+            index = report_from_csv(Path(args.csv), _analysis_options(args), out)
+        else:
+            since = parse_time(args.since) if args.since else None
+            until = parse_time(args.until) if args.until else None
+            repo = Path(args.repository) if args.repository else None
+            tables = table_from_store(url, args.ecosystem, since, until, repo, progress=not args.quiet)
+            index = write_report(tables, out, f"store {_redact(url)}")
+    except ReportError as exc:
+        raise CliError(str(exc).splitlines()[0]) from exc
+    print(f"report: {index.resolve()}")
+    return 0
+
+
+def _redact(url: str) -> str:
+    """A store URL without its password (the page is for sharing)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # an odd URL: show its scheme only
+        return url.split(":", 1)[0] + ":..."
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ecoserve",
@@ -282,28 +347,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="ecosystem metrics of a per-instance predictions table (CSV)")
     p.add_argument("file", help="CSV: one row per instance, a label column, one column per member")
-    p.add_argument("--label-column", default="label", help="default: %(default)s")
-    p.add_argument("--group-column", action="append", help="subgroup column (repeatable)")
-    p.add_argument("--members", action="append", help="member columns, comma-separated (default: all others)")
-    p.add_argument("--mode", choices=["ground_truth", "bandit"], default="ground_truth")
-    p.add_argument("--served-column", help="column naming the served member (bandit logs)")
-    p.add_argument("--propensity-column", help="column with the served member's logged propensity")
-    p.add_argument("--reward-column", help="column with the reward of the served output (bandit mode)")
-    p.add_argument("--reference", help="reference member for ambiguity/discrepancy (default: first member)")
-    p.add_argument("--compressed", action="append", help="compressed member columns, comma-separated (for CIE)")
-    p.add_argument("--epsilon", type=float, default=0.05, help="Rashomon-set accuracy tolerance (default: 0.05)")
-    p.add_argument("--tolerance", type=float, help="a regression table: correct = |value - label| <= this")
-    p.add_argument("--range", type=_value_range, help="regression: LOW,HIGH covered by the agreement bins")
-    p.add_argument("--bin-width", type=float, help="regression: agreement bin width (default: the tolerance)")
-    p.add_argument("--reference-data", metavar="LABELED.csv",
-                   help="a labeled table with the same members and <member>__score columns: estimate the systemic "
-                        "failure rate and each member's accuracy on this table's rows without a label")
-    p.add_argument("--versions", action="append", type=_versions, metavar="MEMBER=OLD_COLUMN,NEW_COLUMN",
-                   help="two columns are the current and a new version of one member: OLD_COLUMN is the member in "
-                        "the ecosystem, NEW_COLUMN enters only the flip table (repeatable)")
+    _add_analysis_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--compact", action="store_true", help="with --json: on one line")
     p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("report", help="write one self-contained HTML page of an ecosystem's findings, with plots "
+                       "(from the outcome store, or a prediction table)")
+    p.add_argument("--store", help="outcome store URL (sqlite:///PATH or postgresql+psycopg://...)")
+    p.add_argument("--store-env", metavar="VAR", help="read the store URL from this environment variable")
+    p.add_argument("--ecosystem", action="append", help="only this ecosystem (repeatable; default: every one)")
+    p.add_argument("--since", help="outcomes predicted at or after this time (unix seconds or ISO 8601)")
+    p.add_argument("--until", help="outcomes predicted before this time (unix seconds or ISO 8601)")
+    p.add_argument("--repository", default=DEFAULT_REPOSITORY,
+                   help="model repository: class names, compressed members, regression tolerance (default: "
+                        "%(default)s; ecosystems not in it are reported by class id)")
+    p.add_argument("--out", required=True, help="folder to write index.html (and one CSV per ecosystem) into")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--csv", metavar="FILE", help="a prediction table instead of a store (the analyze options below)")
+    _add_analysis_args(p)
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("rollout", help="promote or roll back a member's version: rewrite the config; a server "
                        "started with `ecoserve serve CONFIG` redeploys (docs/serving.md)")

@@ -226,6 +226,18 @@ def _import_log(url: str, token: str, repo: Path, work: Path) -> str:
     return asyncio.run(go())
 
 
+def _write_report(store_url: str, repo: Path) -> Path | None:
+    """`ecoserve report` of what the demo recorded, into .demo/report/ (None, said, if it fails)."""
+    from ecoserve.report import ReportError, table_from_store, write_report
+
+    try:
+        tables = table_from_store(store_url, None, None, None, repo, progress=False)
+        return write_report(tables, Path(".demo/report"), "the demo's outcome store").resolve()
+    except ReportError as exc:
+        print(f"could not write the report: {exc}")
+        return None
+
+
 def run_demo(exit_after: bool = False, config: str | None = None) -> int:
     cfg_path = Path(config) if config else DEMO_CONFIG
     file = load_serve_file(cfg_path)
@@ -273,9 +285,12 @@ def run_demo(exit_after: bool = False, config: str | None = None) -> int:
         print()
         print(summary(url, ecos))
         print()
+        report = _write_report(file.serving.telemetry.store_url, repo)
         print(f"where to look:\n  metrics:     {url}/metrics\n  models:      "
               + "  ".join(f"{url}/v2/models/{eco}" for eco in served) + f"\n  feedback:    POST {url}/v2/feedback  (Authorization: Bearer {token})\n"
               f"  outcomes:    {file.serving.telemetry.store_url}")
+        if report is not None:
+            print(f"  report:      {report}  (plots of every finding; open it in a browser)")
         if prom is not None:
             print(f"  Prometheus:  {prom.url}  (alerts: {prom.url}/alerts)\n"
                   f"  Grafana:     add a Prometheus data source {prom.url} and push the dashboards:\n"
