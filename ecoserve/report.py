@@ -423,7 +423,7 @@ def _labels_plot(table: EcosystemTable) -> str:
     names = [_age(a) for a in ages]
     bx.bar(names, [0 if math.isnan(c) else c for c in cov], color=PALETTE[2])
     for i, c in enumerate(cov):
-        bx.text(i, 0 if math.isnan(c) else c, "no outcomes" if math.isnan(c) else _pct(c), ha="center",
+        bx.text(i, 0 if math.isnan(c) else c, "none yet" if math.isnan(c) else _pct(c), ha="center",
                 va="bottom", fontsize=8)
     bx.set_ylim(0, 1.05)
     bx.set_xlabel("outcomes at least this old")
@@ -601,7 +601,8 @@ def _ecosystem_sections(table: EcosystemTable | None, name: str, r: dict[str, An
                 for m, v in ex["members"].items()]
         section("Exploration", plot(_exploration_plot(ex, members), "exploration", "exploration")
                 + f"<p>Smallest logged propensity {_num(ex.get('min_propensity'))} (the smaller, the noisier the "
-                  "estimates).</p>"
+                  "estimates). IPS is unbiased but not bounded (it can exceed 100%); SNIPS, normalized, is the "
+                  "one to read.</p>"
                 + _table_html(["member", "served share", "mean propensity", "IPS", "SNIPS", "SNIPS 95% interval"],
                               rows))
     flips = r.get("flips")
