@@ -1,6 +1,6 @@
 """Train and export the demo ecosystems into a model repository (`ecoserve build-models`).
 
-Four ecosystems, all from data that ships inside installed packages (nothing is
+Five ecosystems, all from data that ships inside installed packages (nothing is
 downloaded at run time):
 
 - `digits`: scikit-learn's bundled 8x8 digits, 10 classes; five members of
@@ -12,6 +12,8 @@ downloaded at run time):
 - `digits_chain`: the digits again, with a **pipeline member** `chain` (stage `recognize`,
   pixels -> class probabilities, then stage `decide`, probabilities -> digit) beside two plain
   members; chain versions 2 and 3 change only the recognize stage (see `_digits_chain_pipeline`).
+- `shop`: a synthetic shop generated from a seed: a **ranking** ecosystem (60 items, lists of 5);
+  three members score the catalogue for a user's context; subgroup `segment` (new, returning).
 - `diabetes`: scikit-learn's bundled diabetes data (442 patients, disease progression
   after one year): a **regression** ecosystem (correct = within 40 of the true value,
   agreement bins of 40 over [0, 400]); five members plus an INT8 copy of the MLP;
@@ -139,6 +141,49 @@ def _diabetes() -> _Dataset:
     age_group = np.where(d.data[:, 0] < 50, "under_50", "50_plus")
     X_tr, X_te, y_tr, y_te, _s_tr, s_te, _a_tr, a_te = _split(X, y, [sex, age_group], test_size=0.3, stratify=False)
     return _Dataset(X_tr, y_tr, X_te, y_te, {"sex": s_te, "age_group": a_te}, [], list(d.feature_names))
+
+
+SHOP_ITEMS = 60  # the `shop` catalogue
+SHOP_K = 5
+
+
+def _shop() -> _Dataset:
+    """A synthetic shop (seeded, generated here: nothing downloaded). Users have 8 context features
+    and a segment (`new` or `returning`); items have latent vectors and a popularity that follows a
+    Zipf law; a user engages with the item maximizing its affinity plus popularity plus noise. The
+    label is that item (what the user clicked or found)."""
+    rng = np.random.default_rng(SEED + 23)
+    d, n = 8, 4000
+    items = rng.normal(size=(SHOP_ITEMS, d))
+    popularity = 1.2 / np.arange(1, SHOP_ITEMS + 1) ** 0.9
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    segment = np.where(rng.random(n) < 0.35, "new", "returning")
+    # new users follow popularity more (they know the catalogue less)
+    weight = np.where(segment == "new", 3.0, 1.0)[:, None]
+    utility = X @ items.T + weight * np.log(popularity)[None, :] * 2 + rng.gumbel(size=(n, SHOP_ITEMS)) * 1.5
+    y = utility.argmax(axis=1).astype(np.int64)
+    # every item seen once in training, so each member scores the whole catalogue
+    X_tr, X_te, y_tr, y_te, _g_tr, g_te = _split(X, y, [segment], test_size=0.25, stratify=False)
+    extra = np.arange(SHOP_ITEMS)
+    X_tr = np.concatenate([X_tr, items[extra].astype(np.float32) * 0.5])
+    y_tr = np.concatenate([y_tr, extra])
+    return _Dataset(X_tr, y_tr, X_te, y_te, {"segment": g_te}, [f"item_{i:02d}" for i in range(SHOP_ITEMS)],
+                    [f"context_{i}" for i in range(d)])
+
+
+def _shop_members() -> list[tuple[str, str, Any]]:
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return [
+        ("logreg", "logistic_regression", make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=3000))),
+        ("mlp", "mlp", make_pipeline(StandardScaler(), MLPClassifier((64,), max_iter=300, alpha=1e-2,
+                                                                     random_state=SEED))),
+        ("forest", "random_forest", RandomForestClassifier(n_estimators=60, max_depth=10, random_state=SEED)),
+    ]
 
 
 def _diabetes_members() -> list[tuple[str, str, Any]]:
@@ -353,6 +398,7 @@ def _build_one(
     intersections: list[list[str]],
     target: Path,
     regression: dict[str, Any] | None = None,
+    ranking: dict[str, Any] | None = None,
     candidates: Callable[[], list[tuple[str, str, str, Any]]] | None = None,
     pipelines: Callable[[_Dataset, Path], tuple[list[dict[str, Any]], dict[str, float]]] | None = None,
 ) -> dict[str, float]:
@@ -409,6 +455,8 @@ def _build_one(
         manifest.update(label_output=_REGRESSION_OUTPUT, probability_output=None, regression=regression)
     else:
         manifest.update(label_output="label", probability_output="probabilities", classes=ds.classes)
+    if ranking:
+        manifest.update(task="ranking", ranking=ranking)
     manifest |= {
         "members": entries,
         "subgroups": subgroups,
@@ -466,6 +514,17 @@ ECOSYSTEMS: dict[str, dict[str, Any]] = {
         "intersections": [],
         "default": False,
     },
+    "shop": {
+        "description": f"a synthetic shop (seeded): a ranking ecosystem; members score the {SHOP_ITEMS} items of "
+        f"the catalogue for a user's context and the served member's top {SHOP_K} are shown; the label is the item "
+        "the user engaged with, or no_click",
+        "data": _shop,
+        "members": _shop_members,
+        "quantize": {},
+        "subgroups": {"segment": ["new", "returning"]},
+        "intersections": [],
+        "ranking": {"k": SHOP_K},
+    },
     "diabetes": {
         "description": "scikit-learn diabetes (disease progression after one year, 25-346): a regression "
         "ecosystem; a member is correct within 40 of the true value; mlp_int8 is an INT8 copy of mlp",
@@ -522,6 +581,7 @@ def build_models(repository: str | Path, names: list[str] | None = None, force: 
             spec["intersections"],
             tmp,
             spec.get("regression"),
+            spec.get("ranking"),
             spec.get("candidates"),
             spec.get("pipelines"),
         )

@@ -28,6 +28,7 @@ __all__ = [
     "MemberSpec",
     "StageSpec",
     "RegressionSpec",
+    "RankingSpec",
     "EcosystemManifest",
     "MANIFEST_NAME",
     "load_manifest",
@@ -256,17 +257,30 @@ class RegressionSpec(_Strict):
         return tuple(f"[{lo + i * w:g},{lo + (i + 1) * w:g})" for i in range(self.n_bins))
 
 
+class RankingSpec(_Strict):
+    """How a ranking ecosystem's members are read and judged.
+
+    Members score every item of the catalogue (the ecosystem's `classes`) for a context; a
+    member's list is its `k` highest-scoring items (ties: the lower item id first). The served
+    member's list is what the caller shows. A label is the item clicked, or `no_click` (posted, or
+    assumed after a timeout). A member is correct on a click when the clicked item is in its list."""
+
+    k: int = Field(ge=1, le=100, description="list length: the top-k items returned and recorded per member")
+    no_click: str = Field(default="no_click", min_length=1, description="the label meaning 'nothing was clicked'")
+
+
 class EcosystemManifest(_Strict):
     """The manifest of one ecosystem (one endpoint)."""
 
     name: str = Field(description="ecosystem name; the folder name")
-    task: Literal["classification", "regression"] = Field(description="task kind")
+    task: Literal["classification", "regression", "ranking"] = Field(description="task kind")
     description: str = ""
     input: TensorSpec
     label_output: str = Field(default="label", description="ONNX output holding the class (or the value)")
     probability_output: str | None = Field(default="probabilities", description="ONNX output of class scores")
     classes: tuple[str, ...] = Field(default=(), description="class labels, index = class id (classification)")
     regression: RegressionSpec | None = Field(default=None, description="tolerance and agreement bins (regression)")
+    ranking: RankingSpec | None = Field(default=None, description="list length and the no-click label (ranking)")
     members: tuple[MemberSpec, ...] = Field(min_length=1)
     subgroups: dict[str, tuple[str, ...]] = Field(
         default_factory=dict, description="declared subgroup attributes and their allowed values"
@@ -292,12 +306,26 @@ class EcosystemManifest(_Strict):
 
     @model_validator(mode="after")
     def _cross(self) -> EcosystemManifest:
+        if self.task == "ranking":
+            if self.ranking is None:
+                raise ValueError("task ranking needs 'ranking' settings (k)")
+            if self.regression is not None:
+                raise ValueError("'regression' settings are for task regression only")
+            if len(self.classes) < self.ranking.k:
+                raise ValueError(f"task ranking: the catalogue (classes) has {len(self.classes)} items, fewer than "
+                                 f"k = {self.ranking.k}")
+            if self.ranking.no_click in self.classes:
+                raise ValueError(f"task ranking: the no-click label {self.ranking.no_click!r} is also an item")
+            if self.probability_output is None:
+                raise ValueError("task ranking needs probability_output: the members' scores of every item")
+        elif self.ranking is not None:
+            raise ValueError("'ranking' settings are for task ranking only")
         if self.task == "classification":
             if len(self.classes) < 2:
                 raise ValueError(f"task classification needs at least 2 classes, got {list(self.classes)}")
             if self.regression is not None:
                 raise ValueError("'regression' settings are for task regression only")
-        else:
+        elif self.task == "regression":
             if self.regression is None:
                 raise ValueError("task regression needs 'regression' settings (tolerance, range)")
             if self.classes:
@@ -323,6 +351,12 @@ class EcosystemManifest(_Strict):
             if len(combo) < 2:
                 raise ValueError(f"intersection {list(combo)} needs at least two attributes")
         return self
+
+    @property
+    def label_classes(self) -> tuple[str, ...]:
+        """The labels a classification or ranking ecosystem takes: its classes, and for ranking
+        its items then the no-click label (class id len(classes))."""
+        return self.classes + ((self.ranking.no_click,) if self.ranking is not None else ())
 
     @property
     def member_keys(self) -> list[str]:

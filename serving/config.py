@@ -162,6 +162,9 @@ class EcosystemServeConfig(_Strict):
         "not part of the ecosystem's systemic-failure counts; flips streamed as labels arrive")
     candidate_share: float = Field(
         default=1.0, gt=0, le=1, description="share of the member's requests its candidate also runs on")
+    position_shuffle_rate: float = Field(
+        default=0.0, ge=0, le=1, description="ranking: share of rows whose shown list is shuffled uniformly "
+        "(position exploration); each shown item's slot propensity is recorded")
 
     @model_validator(mode="after")
     def _assumed_pair(self) -> EcosystemServeConfig:
@@ -474,6 +477,9 @@ def preflight(file: ServeFile, *, check_port: bool = True, check_env: bool = Tru
                     f"no version {version!r} (the manifest lists {', '.join(map(repr, known))})" if known
                     else f"{member!r} is not a member of {repo / name}"))
         current = {m.name: m for m in manifest.served_members(eco.versions)}
+        if eco.position_shuffle_rate and manifest.task != "ranking":
+            raise ConfigError(f"ecosystems.{name}.position_shuffle_rate: for ranking ecosystems only (this one is "
+                              f"{manifest.task})")
         for member, version in eco.candidates.items():
             if member not in (eco.members or list(current)):
                 raise ConfigError(f"ecosystems.{name}.candidates.{member}: the member is not run here")

@@ -152,6 +152,9 @@ class Dataplane:
             ],
             "outputs": (
                 [{"name": "value", "datatype": "FP64", "shape": [-1]}] if r.regression else [
+                    {"name": "ranking", "datatype": "INT64", "shape": [-1, r.k]},
+                    {"name": "scores", "datatype": "FP32", "shape": [-1, r.k]},
+                ] if r.k else [
                     {"name": "label", "datatype": "INT64", "shape": [-1]},
                     {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(man.classes)]},
                 ]
@@ -170,6 +173,9 @@ class Dataplane:
         if man.regression is not None:
             params["regression"] = {"tolerance": man.regression.tolerance, "range": list(man.regression.range),
                                     "bin_width": man.regression.width, "bins": man.regression.n_bins}
+        elif man.ranking is not None:
+            params["ranking"] = {"k": man.ranking.k, "items": list(man.classes), "no_click": man.ranking.no_click,
+                                 "position_shuffle_rate": r.cfg.position_shuffle_rate}
         else:
             params["classes"] = list(man.classes)
         if model.member is None:
@@ -210,9 +216,15 @@ class Dataplane:
         n = result.labels.shape[0]
         if model.runner.regression:  # a served value is never missing (else a fallback served)
             outputs = {"value": {"name": "value", "datatype": "FP64", "shape": [n], "data": result.labels}}
+        elif result.ranking is not None and result.ranking_scores is not None:  # the shown list, slot order
+            k = result.ranking.shape[1]
+            outputs = {"ranking": {"name": "ranking", "datatype": "INT64", "shape": [n, k],
+                                   "data": result.ranking.reshape(-1)},
+                       "scores": {"name": "scores", "datatype": "FP32", "shape": [n, k],
+                                  "data": result.ranking_scores.reshape(-1)}}
         else:
             outputs = {"label": {"name": "label", "datatype": "INT64", "shape": [n], "data": result.labels}}
-        if result.probabilities is not None:
+        if result.probabilities is not None and result.ranking is None:
             outputs["probabilities"] = {
                 "name": "probabilities",
                 "datatype": "FP32",
@@ -232,6 +244,10 @@ class Dataplane:
             "fallback": [o.fallback for o in oc],
             "policy": oc[0].policy,
         }
+        if result.ranking is not None and result.slot_propensities is not None:
+            items = model.runner.manifest.classes
+            params["ranked_items"] = [[items[int(i)] for i in row] for row in result.ranking.tolist()]
+            params["slot_propensities"] = [[round(float(p), 6) for p in row] for row in result.slot_propensities]
         if result.risks is not None:  # for recourse: send high-risk rows to a person (docs/serving.md)
             params["systemic_failure_risks"] = [round(float(r), 4) for r in result.risks]
         if n == 1:

@@ -46,6 +46,11 @@ class InferResult:
     outcomes: list[Outcome]
     # per row: P(every member wrong) from the latest fitted label-free estimator; None before one
     risks: np.ndarray | None = None
+    # ranking: the item ids shown, in slot order (n, k), each one's propensity of being in its slot
+    # (n, k) and the served member's score of it (n, k)
+    ranking: np.ndarray | None = None
+    slot_propensities: np.ndarray | None = None
+    ranking_scores: np.ndarray | None = None
 
 
 OutcomeSink = Callable[[list[Outcome]], None]
@@ -89,6 +94,7 @@ class EcosystemRunner:
         self._rng = np.random.default_rng(seed)
         self.n_classes = len(manifest.classes)
         self.regression = manifest.task == "regression"
+        self.k = manifest.ranking.k if manifest.ranking is not None else 0  # ranking: the list length
         self.version = hashlib.sha1(
             ",".join(f"{n}:{v}" for n, v in zip(self.names, self.versions)).encode()
         ).hexdigest()[:8]
@@ -226,6 +232,7 @@ class EcosystemRunner:
             est = self.estimator
             if est is not None and est.members == self.names:
                 risks = est.risk(preds, scores, served)
+        ranked = self._rankings(results, served, n, m) if self.k else None
         cand_rows = self._candidate_rows(cand_results, n) if cand_results else [()] * n
         stage_rows = self._stage_rows(results, cand_results, n) if any(self._stages) else [()] * n
         outcomes = [
@@ -248,6 +255,8 @@ class EcosystemRunner:
                 score_vectors=row_vectors[i],
                 candidates=cand_rows[i],
                 stages=stage_rows[i],
+                rankings=ranked[0][i] if ranked else (),
+                shown=ranked[1][i] if ranked else (),
             )
             for i in range(n)
         ]
@@ -256,7 +265,41 @@ class EcosystemRunner:
                 log.warning("member %s.%s missing on %d rows: %s", self.manifest.name, self.names[a], n, r)
         if self.sink is not None:
             self.sink(outcomes)
+        if ranked:
+            return InferResult(labels=labels, probabilities=probs, outcomes=outcomes, risks=risks, ranking=ranked[2],
+                               slot_propensities=ranked[3], ranking_scores=ranked[4])
         return InferResult(labels=labels, probabilities=probs, outcomes=outcomes, risks=risks)
+
+    def _rankings(self, results: dict[int, Prediction | BaseException], served: np.ndarray, n: int,
+                  m: int) -> tuple[list[tuple[tuple[int, ...] | None, ...]], list[tuple[Any, ...]], np.ndarray,
+                                   np.ndarray, np.ndarray]:
+        """Ranking: each member's top-k items (its k highest scores; ties to the lower item id), and
+        the served member's list as shown: with probability `position_shuffle_rate` a row's list is
+        shuffled uniformly, so an item's propensity of its slot is (1 - r) [slot = its rank] + r / k.
+        Returns per row the members' lists and (shown ids, slot propensities), and the shown ids,
+        propensities and served scores as (n, k) arrays."""
+        k, r = self.k, self.cfg.position_shuffle_rate
+        tops: list[np.ndarray | None] = [None] * m
+        for a, res in results.items():
+            if not isinstance(res, BaseException) and res[1] is not None:
+                tops[a] = np.argsort(-np.asarray(res[1], dtype=np.float64), axis=1, kind="stable")[:, :k]
+        lists = [tuple(None if t is None else tuple(t[i].tolist()) for t in tops) for i in range(n)]
+        order = np.tile(np.arange(k), (n, 1))
+        shuffled = self._rng.random(n) < r if r > 0 else np.zeros(n, dtype=bool)
+        for j in np.flatnonzero(shuffled).tolist():
+            order[j] = self._rng.permutation(k)
+        shown = np.empty((n, k), dtype=np.int64)
+        scores = np.empty((n, k), dtype=np.float32)
+        for i in range(n):
+            top = tops[int(served[i])]
+            assert top is not None  # a served member answered
+            shown[i] = top[i][order[i]]
+            res = results[int(served[i])]
+            assert not isinstance(res, BaseException) and res[1] is not None
+            scores[i] = res[1][i][shown[i]]
+        props = (1 - r) * (order == np.arange(k)) + r / k
+        rows = [(tuple(shown[i].tolist()), tuple(props[i].tolist())) for i in range(n)]
+        return lists, rows, shown, props, scores
 
     def _candidate_rows(self, got: dict[int, Prediction | BaseException],
                         n: int) -> list[tuple[tuple[int, str, str, Any, float | None], ...]]:

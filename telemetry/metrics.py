@@ -27,6 +27,7 @@ from telemetry.counts import EcosystemCounts, group_keys
 from telemetry.estimation import wilson
 from telemetry.events import Event, EventCounts
 from telemetry.flips import CandidateFlips
+from telemetry.ranking import RankingCounts
 from telemetry.recorder import DELAY_BUCKETS_S, SOURCES, EcosystemEstimates, EcosystemSnapshot, Recorder
 from telemetry.serving_stats import LATENCY_BUCKETS_S
 from telemetry.summary import summarize
@@ -93,6 +94,18 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ecoserve_candidate_improvements_on_systemic_failures_ratio_lower": ("gauge", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "Lower end of the 95% Wilson interval of ecoserve_candidate_improvements_on_systemic_failures_ratio."),
     "ecoserve_candidate_improvements_on_systemic_failures_ratio_upper": ("gauge", ("ecosystem", "member", "version", "candidate", "subgroup", "subgroup_value"), "Upper end of the 95% Wilson interval of ecoserve_candidate_improvements_on_systemic_failures_ratio."),
     "ecoserve_pipeline_self_defeating_improvement": ("gauge", ("ecosystem", "member", "version", "candidate", "stage"), "1 when a pipeline candidate's changed stage is better on its own (its accuracy delta's 95% lower bound > 0) while the chain is worse end to end (the member's delta's upper bound < 0); else 0. The stage's own flips are the candidate metrics of member \"MEMBER.STAGE\"."),
+    "ecoserve_ranking_ctr_ratio": ("gauge", ("ecosystem", "member"), "Ranking: click-through of the lists a member served: labeled outcomes with a click on a shown item / labeled outcomes it served."),
+    "ecoserve_ranking_ctr_ratio_lower": ("gauge", ("ecosystem", "member"), "Lower end of the 95% Wilson interval of ecoserve_ranking_ctr_ratio."),
+    "ecoserve_ranking_ctr_ratio_upper": ("gauge", ("ecosystem", "member"), "Upper end of the 95% Wilson interval of ecoserve_ranking_ctr_ratio."),
+    "ecoserve_ranking_served_labeled_total": ("counter", ("ecosystem", "member"), "Ranking: labeled outcomes (a click or no click) whose list the member served."),
+    "ecoserve_ranking_served_clicks_total": ("counter", ("ecosystem", "member"), "Ranking: of those, outcomes with a click on a shown item."),
+    "ecoserve_ranking_slot_labeled_total": ("counter", ("ecosystem", "slot"), "Ranking: labeled outcomes with a shown item in this slot (1 = top)."),
+    "ecoserve_ranking_slot_clicks_total": ("counter", ("ecosystem", "slot"), "Ranking: clicks on the item shown in this slot (position bias: clicks by slot on shuffled lists)."),
+    "ecoserve_ranking_coverage_ratio": ("gauge", ("ecosystem", "list"), "Ranking: share of the catalogue that appeared in the list (a member's top-k, or \"shown\"), since the recorder's store began."),
+    "ecoserve_ranking_exposure_gini": ("gauge", ("ecosystem", "list"), "Ranking: Gini coefficient of how often each catalogue item appeared in the list (0: evenly; toward 1: a few items take all)."),
+    "ecoserve_ranking_average_popularity_ratio": ("gauge", ("ecosystem", "list"), "Ranking: ARP, the mean popularity (share of all clicks) of the items in the list."),
+    "ecoserve_ranking_long_tail_ratio": ("gauge", ("ecosystem", "list"), "Ranking: APLT, the share of listed items outside the head (the most-clicked items taking 20% of clicks)."),
+    "ecoserve_ranking_overlap_ratio": ("gauge", ("ecosystem", "member", "other"), "Ranking: mean overlap@k of two members' lists, |A & B| / k, over outcomes where both gave one."),
     "ecoserve_window_seconds": ("gauge", (), "Length of the rolling window of the ecoserve_window_* gauges."),
     "ecoserve_window_labeled_outcomes": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Complete labeled outcomes in the window."),
     "ecoserve_window_systemic_failure_ratio": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Share of complete labeled outcomes every member got wrong."),
@@ -184,6 +197,8 @@ class EcoserveCollector(Collector):
                 self._estimates(fams, eco, st.spec.members, snap.estimates[eco])
             if st.flips is not None:
                 self._flips(fams, eco, st.flips)
+            if st.ranking is not None:
+                self._ranking(fams, eco, st.ranking)
         events = snap.events
         fams["ecoserve_feedback_unknown_id_total"].add_metric([], events[Event.UNKNOWN_IDS])
         fams["ecoserve_labels_expired_total"].add_metric([], events[Event.EXPIRED])
@@ -244,6 +259,30 @@ class EcoserveCollector(Collector):
         for (member, version, cand), stage, flagged, _stage, _chain in flips.self_defeating():
             fams["ecoserve_pipeline_self_defeating_improvement"].add_metric([eco, member, version, cand, stage],
                                                                             int(flagged))
+
+    @staticmethod
+    def _ranking(fams: dict[str, Any], eco: str, r: RankingCounts) -> None:
+        for a, member in enumerate(r.members):
+            n, clicks = int(r.served_labeled[a]), int(r.served_clicks[a])
+            fams["ecoserve_ranking_served_labeled_total"].add_metric([eco, member], n)
+            fams["ecoserve_ranking_served_clicks_total"].add_metric([eco, member], clicks)
+            if n:
+                lo, hi = wilson(clicks, n)
+                for suffix, v in (("", clicks / n), ("_lower", float(lo)), ("_upper", float(hi))):
+                    fams[f"ecoserve_ranking_ctr_ratio{suffix}"].add_metric([eco, member], v)
+            for b, other in enumerate(r.members):
+                if b != a and r.pairs[a, b]:
+                    fams["ecoserve_ranking_overlap_ratio"].add_metric([eco, member, other],
+                                                                      float(r.overlap[a, b] / r.pairs[a, b]))
+        for slot in range(r.k):
+            fams["ecoserve_ranking_slot_labeled_total"].add_metric([eco, str(slot + 1)], int(r.slot_labeled[slot]))
+            fams["ecoserve_ranking_slot_clicks_total"].add_metric([eco, str(slot + 1)], int(r.slot_clicks[slot]))
+        names = {"coverage": "ecoserve_ranking_coverage_ratio", "gini": "ecoserve_ranking_exposure_gini",
+                 "arp": "ecoserve_ranking_average_popularity_ratio", "aplt": "ecoserve_ranking_long_tail_ratio"}
+        for lst, values in r.catalogue().items():
+            for key, val in values.items():
+                if val is not None:
+                    fams[names[key]].add_metric([eco, lst], val)
 
     @staticmethod
     def _estimates(fams: dict[str, Any], eco: str, members: tuple[str, ...], e: EcosystemEstimates) -> None:

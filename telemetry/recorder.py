@@ -42,6 +42,7 @@ from telemetry.estimation import Estimate, EstimateSums, SystemicEstimator
 from telemetry.events import Event, EventCounts
 from telemetry.exploration import ExplorationCounts
 from telemetry.flips import CandidateFlips, FlipKey
+from telemetry.ranking import RankingCounts, ranking_correctness
 from telemetry.records import Outcome, outcome_fields
 from telemetry.serving_stats import merge_reports
 from telemetry.spec import EcosystemSpec
@@ -122,6 +123,7 @@ class EcosystemSnapshot:
     delay: dict[str, tuple[np.ndarray, float]]  # per label source: delay histogram buckets and sum (s)
     window: tuple[EcosystemCounts, ExplorationCounts]  # the rolling window's totals
     flips: CandidateFlips | None = None  # candidate versions in shadow (a copy)
+    ranking: RankingCounts | None = None  # a ranking ecosystem's catalogue counts (a copy)
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,8 @@ class _EcosystemState:
         self.served_outputs = np.zeros(len(spec.classes), dtype=np.int64)
         self.delay = {s: (np.zeros(len(DELAY_BUCKETS_S) + 1, dtype=np.int64), [0.0]) for s in SOURCES}
         self.flips = CandidateFlips(shape)  # candidate versions in shadow (telemetry.flips)
+        # ranking ecosystems: exposure, overlap, clicks (telemetry.ranking)
+        self.ranking = RankingCounts(spec.members, spec.no_click, spec.k) if spec.ranking else None
 
     def groups_of(self, groups: Sequence[dict[str, str]]) -> dict[str, list[str]] | None:
         if not self.spec.subgroups:
@@ -172,9 +176,14 @@ class _EcosystemState:
         return {attr: [g.get(attr, "") for g in groups] for attr in self.spec.subgroups}
 
 
-def _correct(spec: EcosystemSpec, raw: np.ndarray, preds: np.ndarray, served: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def _correct(spec: EcosystemSpec, raw: np.ndarray, preds: np.ndarray, served: np.ndarray, labels: np.ndarray,
+             outcomes: Sequence[StoredOutcome] | None = None) -> np.ndarray:
     """Correctness (N, M) in {1, 0, -1} of stored outcomes given their labels (class ids, values
-    or rewards); `raw` are the predictions as stored, `preds` their codes (`EcosystemSpec.codes`)."""
+    or rewards); `raw` are the predictions as stored, `preds` their codes (`EcosystemSpec.codes`);
+    a ranking ecosystem judges the outcomes' recorded lists (`telemetry.ranking`)."""
+    if spec.ranking:
+        assert outcomes is not None, "a ranking ecosystem's correctness needs the outcomes' lists"
+        return ranking_correctness(spec, [o.members for o in outcomes], [o.rankings for o in outcomes], labels)
     if spec.label_mode == "bandit":  # a member's reward is known where its output (bin) is the served one
         kept = served >= 0  # (a served member no longer in the ecosystem: nothing is known)
         return correctness(preds, served=np.maximum(served, 0), rewards=np.where(kept, labels, np.nan))
@@ -558,6 +567,8 @@ class Recorder:
             members_of: Sequence[tuple[str, ...]] = cols[3]
             candidates_of: Sequence[Any] = cols[16]
             stages_of: Sequence[Any] = cols[17]
+            rankings_of: Sequence[Any] = cols[18]
+            shown_of: Sequence[Any] = cols[19]
         else:
             stored: Sequence[StoredOutcome] = items  # type: ignore[assignment]
             raw, served, intended, greedy, props_all = st.spec.align(
@@ -568,7 +579,10 @@ class Recorder:
             groups = st.groups_of([o.groups for o in stored])
             members_of, candidates_of = [o.members for o in stored], [o.candidates for o in stored]
             stages_of = [o.stages for o in stored]
+            rankings_of, shown_of = [o.rankings for o in stored], [o.shown for o in stored]
         preds = st.spec.codes(raw)
+        if n and st.ranking is not None:
+            st.ranking.count_recorded(members_of, rankings_of, shown_of)
         if n and any(candidates_of):
             found = _candidate_rows(st.spec, members_of, candidates_of)
             if found is not None:
@@ -723,8 +737,11 @@ class Recorder:
             [o.intended for o in items], [o.greedy for o in items], [o.propensities for o in items])
         preds = spec.codes(raw)
         created = np.array([o.created_at for o in items])
-        c = _correct(spec, raw, preds, served, values)
+        c = _correct(spec, raw, preds, served, values, items)
         groups = st.groups_of([o.groups for o in items])
+        if st.ranking is not None:
+            st.ranking.count_labeled([o.members for o in items], [o.served for o in items],
+                                     [o.shown for o in items], values, spec.no_click)
         if any(o.candidates for o in items):
             self._count_flips(st, items, raw, served, values, c, groups)
         # the label part only: the outcomes' predictions were counted when they were recorded
@@ -738,7 +755,7 @@ class Recorder:
         direct = np.array([o.direct for o in items], dtype=bool)
         routed = ~direct & (served == intended) & (served >= 0)
         exploration = None
-        if routed.any():
+        if routed.any() and not spec.ranking:  # ranking: list-level estimates are not these
             idx = np.flatnonzero(routed)
             rewards = values[idx] if spec.label_mode == "bandit" else np.maximum(c[idx, served[idx]], 0).astype(float)
             props = props_all[idx]
@@ -895,7 +912,7 @@ class Recorder:
         out: dict[str, int] = {}
         for name, st in self.state.items():
             spec = st.spec
-            if spec.regression or spec.label_mode == "bandit":
+            if spec.regression or spec.ranking or spec.label_mode == "bandit":
                 continue
             est = self.estimators.get(name)
             if est is None or now - est.fitted_at >= self.estimate_refit_s:
@@ -903,7 +920,7 @@ class Recorder:
                 for page in self._pages(name, self.estimate_reference, labeled=True):
                     raw, preds, scores, served = self._arrays(spec, page)
                     labels = np.array([o.label for o in page], dtype=float)
-                    parts.append((preds, scores, served, _correct(spec, raw, preds, served, labels)))
+                    parts.append((preds, scores, served, _correct(spec, raw, preds, served, labels, page)))
                 if parts:
                     version = est.version + 1 if est is not None else 1
                     preds, scores, served, correct = (np.concatenate([part[k] for part in parts]) for k in range(4))
@@ -939,7 +956,7 @@ class Recorder:
             for page in self._pages(name, self.estimate_max, labeled=True, since=est.fitted_at - self.window_s,
                                     label_received_after=est.fitted_at):
                 raw, preds, scores, served = self._arrays(spec, page)
-                correct = _correct(spec, raw, preds, served, np.array([o.label for o in page], dtype=float))
+                correct = _correct(spec, raw, preds, served, np.array([o.label for o in page], dtype=float), page)
                 known = (correct >= 0).all(axis=1)
                 if known.any():
                     realized += int((correct[known] == 0).all(axis=1).sum())
@@ -980,7 +997,7 @@ class Recorder:
             preds = spec.codes(raw)
             if kind == "systemic":
                 labels = np.array([o.label for o in rows], dtype=np.float64)
-                hit = (_correct(spec, raw, preds, served, labels) == 0).all(axis=1)
+                hit = (_correct(spec, raw, preds, served, labels, rows) == 0).all(axis=1)
             else:
                 from telemetry.counts import cie_mask
 
@@ -1039,6 +1056,8 @@ class Recorder:
                     served_outputs=st.served_outputs.copy(), predictions=st.predictions, labels=dict(st.labels),
                     delay={src: (buckets.copy(), total[0]) for src, (buckets, total) in st.delay.items()},
                     window=st.window.total(), flips=st.flips + CandidateFlips(st.shape) if st.flips.recorded else None,
+                    ranking=st.ranking + RankingCounts(st.ranking.members, st.ranking.n_items, st.ranking.k)
+                    if st.ranking is not None else None,
                 )
                 for name, st in self.state.items()
             }

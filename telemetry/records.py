@@ -47,6 +47,10 @@ class Outcome:
     # stage name, stage version, fingerprint of the output it passed on (hex), its own class id or
     # None, its score of that class or None)
     stages: tuple[tuple[int, int, str, str, str, int | None, float | None], ...] = ()
+    # ranking: each member's top-k item ids (None: no output), and what was shown: (item ids in slot
+    # order, each shown item's propensity of being in its slot); empty for other tasks
+    rankings: tuple[tuple[int, ...] | None, ...] = ()
+    shown: tuple[Any, ...] = ()
 
     @property
     def propensity(self) -> float:
@@ -65,9 +69,9 @@ ROW_COLUMNS = ("request_id", "ecosystem", "created_at", "context", "payload", "p
 # the payload: one JSON array of ints (and the fingerprint) per outcome, decoded in one call per
 # batch; propensity vectors and group objects keep their own columns, because their JSON (floats,
 # objects) repeats from row to row and is decoded once per distinct text (`telemetry.store`)
-# scores, score_vectors, candidates and stages: optional (a payload with a later one has null for each earlier one it lacks)
+# scores, score_vectors, candidates, stages, rankings and shown: optional (a payload with a later one has null for each earlier one it lacks)
 PAYLOAD_FIELDS = ("predictions", "served", "intended", "greedy", "direct", "fingerprint", "scores", "score_vectors",
-                  "candidates", "stages")
+                  "candidates", "stages", "rankings", "shown")
 
 
 
@@ -121,7 +125,7 @@ class RowEncoder:
         jm = jv = jp = jg = mid = ""
         ctx = 0
         for rid, eco, t, members, versions, predictions, served, intended, propensities, greedy, policy, direct, \
-                grp, fingerprint, scores, vectors, cands, stages in items:
+                grp, fingerprint, scores, vectors, cands, stages, rankings, shown in items:
             if members is not last_m or versions is not last_v or policy is not last_pol:
                 if members is not last_m:
                     last_m, jm = members, names.get(members) or fill(names, members, _json_list)
@@ -138,12 +142,10 @@ class RowEncoder:
                 last_s, last_i, last_gr, last_d = served, intended, greedy, direct
                 mid = f",{int(served)},{int(intended)},{int(greedy)},{'true' if direct else 'false'},"
             jpred = preds.get(predictions) or fill(preds, predictions, _json_predictions)
-            if vectors or cands or stages:
-                parts = [_json_scores(scores) if scores else "null", _json_vectors(vectors) if vectors else "null"]
-                if cands or stages:
-                    parts.append(_json_candidates(cands) if cands else "null")
-                if stages:
-                    parts.append(_json_stages(stages))
+            if vectors or cands or stages or rankings:
+                extras = (scores, vectors, cands, stages, rankings, shown)
+                last = max(i for i, v in enumerate(extras) if v)
+                parts = [_EXTRA_JSON[i](v) if v else "null" for i, v in enumerate(extras[: last + 1])]
                 tail = "," + ",".join(parts) + "]"
             else:
                 tail = f",{_json_scores(scores)}]" if scores else "]"
@@ -204,6 +206,15 @@ def _json_stages(stages: tuple[tuple[int, int, str, str, str, int | None, float 
                        for a, role, name, v, fp, c, s in stages])
 
 
+def _json_rankings(lists: tuple[tuple[int, ...] | None, ...]) -> str:
+    return json.dumps([None if v is None else [int(i) for i in v] for v in lists])
+
+
+def _json_shown(shown: tuple[Any, ...]) -> str:
+    ids, props = shown
+    return json.dumps([[int(i) for i in ids], [float(_SCORE_FORMAT(p)) for p in props]])
+
+
 def _json_vectors(vectors: tuple[tuple[float, ...] | None, ...]) -> str:
     return "[" + ",".join("null" if v is None else _json_scores(v) for v in vectors) + "]"
 
@@ -214,3 +225,8 @@ def _json_floats(values: tuple[float, ...]) -> str:
 
 def _json_groups(items: tuple[tuple[str, str], ...]) -> str:
     return json.dumps({str(k): str(v) for k, v in items}, sort_keys=True)
+
+
+# the payload's optional elements after the fingerprint, in PAYLOAD_FIELDS order
+_EXTRA_JSON: tuple[Callable[[Any], str], ...] = (_json_scores, _json_vectors, _json_candidates, _json_stages,
+                                                 _json_rankings, _json_shown)

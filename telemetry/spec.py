@@ -32,19 +32,31 @@ class EcosystemSpec:
     assumed_label: str | float | None = None
     # regression: `classes` names the agreement bins (models.manifest.RegressionSpec); a member is
     # correct when |value - label| <= tolerance; label-free metrics compare the values' bins
-    task: Literal["classification", "regression"] = "classification"
+    # ranking: `classes` are the catalogue's items then the no-click label (its id: n_items); each
+    # outcome records every member's top-k list; a member is correct on a click in its list
+    task: Literal["classification", "regression", "ranking"] = "classification"
+    k: int = 0
     tolerance: float = 0.0
     bin_low: float = 0.0
     bin_width: float = 1.0
 
     def __post_init__(self) -> None:
         # labels that are plain class ids 0..n-1 (ground-truth classification): `label_value`'s fast path
-        plain = self.label_mode != "bandit" and self.task == "classification"
+        plain = self.label_mode != "bandit" and self.task in ("classification", "ranking")
         object.__setattr__(self, "_class_ids", len(self.classes) if plain else 0)
 
     @property
     def regression(self) -> bool:
         return self.task == "regression"
+
+    @property
+    def ranking(self) -> bool:
+        return self.task == "ranking"
+
+    @property
+    def no_click(self) -> int:
+        """A ranking ecosystem's no-click label id (after the items)."""
+        return len(self.classes) - 1
 
     def raw_predictions(self, rows: Sequence[Sequence[Any]], n: int, width: int | None = None) -> np.ndarray:
         """Stored predictions as an (n, M) array: class ids (int64, -1 missing), or regression

@@ -43,7 +43,7 @@ def serving_repo(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     import shutil
 
     repo = tmp_path_factory.mktemp("serving_repo")
-    for eco in ("digits", "credit", "diabetes", "digits_chain"):
+    for eco in ("digits", "credit", "diabetes", "digits_chain", "shop"):
         shutil.copytree(model_repo / eco, repo / eco)
     for name in ("faulty", "broken", "dead"):
         _copy_ecosystem(model_repo / "digits", repo, name)

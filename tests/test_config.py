@@ -46,7 +46,7 @@ def test_bad_values_name_the_key_path_and_value(path, value, message):
 
 def test_demo_config_is_valid():
     f = load_serve_file(DEMO_CONFIG)
-    assert set(f.serving.ecosystems) == {"digits", "credit", "diabetes", "digits_chain"}
+    assert set(f.serving.ecosystems) == {"digits", "credit", "diabetes", "digits_chain", "shop"}
     assert f.http_port == 8000
 
 

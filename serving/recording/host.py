@@ -64,7 +64,7 @@ def recorder_specs(cfg: ServingConfig) -> dict[str, EcosystemSpec]:
         specs[name] = EcosystemSpec(
             name=name,
             members=tuple(members),
-            classes=manifest.classes if reg is None else reg.bin_names(),
+            classes=manifest.label_classes if reg is None else reg.bin_names(),
             subgroups=dict(manifest.subgroups),
             intersections=manifest.intersections,
             compressed=tuple(current[m].compressed for m in members),
@@ -72,7 +72,8 @@ def recorder_specs(cfg: ServingConfig) -> dict[str, EcosystemSpec]:
             label_mode=eco.label_mode,
             assume_label_after_s=eco.assume_label_after_s,
             assumed_label=eco.assumed_label,
-            task="classification" if reg is None else "regression",
+            task=manifest.task,
+            k=manifest.ranking.k if manifest.ranking is not None else 0,
             tolerance=0.0 if reg is None else reg.tolerance,
             bin_low=0.0 if reg is None else reg.range[0],
             bin_width=1.0 if reg is None else reg.width,

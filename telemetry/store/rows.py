@@ -40,6 +40,8 @@ class StoredOutcome(NamedTuple):
     # pipeline members' stages: [member index, role (0 serving, 1 candidate), stage, version, fingerprint,
     # class, score]
     stages: list[list[Any]] | None = None
+    rankings: list[list[int] | None] | None = None  # ranking: each member's top-k item ids
+    shown: list[list[Any]] | None = None  # ranking: [item ids shown in slot order, their slot propensities]
 
 
 # a first label, as the recorder hands it to `apply_labels` (a plain tuple: one per label, thousands
@@ -70,7 +72,8 @@ def decode_rows(rows: Sequence[Sequence[Any]], members: dict[int, tuple[str, ...
         new(StoredOutcome, (r[0], r[1], r[2], p[0], p[1], p[2], p[3], dec[r[4]], bool(p[4]), dec[r[5]],
                             r[6], r[7], r[8], r[9], r[10], members[r[11]], p[6] if len(p) > 6 else None,
                             p[7] if len(p) > 7 else None, p[8] if len(p) > 8 else None,
-                            p[9] if len(p) > 9 else None))
+                            p[9] if len(p) > 9 else None, p[10] if len(p) > 10 else None,
+                            p[11] if len(p) > 11 else None))
         for r, p in zip(rows, payloads)
     ]
 

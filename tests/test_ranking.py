@@ -1,0 +1,184 @@
+"""Ranking ecosystems (`task: ranking`): every member's top-k list and the shown list (with
+position shuffling and its slot propensities) recorded per outcome; clicks and no-clicks as
+labels; systemic misses, click-through, clicks by slot, coverage, exposure Gini, ARP, APLT and
+overlap@k equal a hand count from ONNX Runtime's own scores. The real HTTP app, ONNX Runtime
+members and a real recorder (SQLite); tests/test_prometheus_e2e.py runs the same through Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import yaml
+from conftest import local_app, serving_args
+from test_candidates import value
+from test_risk_in_responses import post
+
+from models.heldout import load_heldout
+from models.manifest import ManifestError, load_manifest
+from serving.config import ConfigError, load_serve_file, preflight
+from telemetry.ranking import HEAD_SHARE, gini
+
+ECO = "shop"
+MEMBERS = ["logreg", "mlp", "forest"]
+K = 5
+
+
+def top_lists(repo: Path, x: np.ndarray) -> np.ndarray:
+    """(n, M, k): each member's k best items, from ONNX Runtime's scores (ties to the lower id)."""
+    out = []
+    for m in MEMBERS:
+        sess = ort.InferenceSession(str(repo / ECO / m / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        scores = sess.run(["probabilities"], {"input": x})[0].astype(np.float64)
+        out.append(np.argsort(-scores, axis=1, kind="stable")[:, :K])
+    return np.stack(out, axis=1)
+
+
+def build(repo: Path, db: Path, **eco: Any) -> tuple[Any, Any]:
+    args = serving_args(repo)
+    args["ecosystems"] = {ECO: {"policy": {"kind": "epsilon_greedy", "epsilon": 0.3, "seed": 1}, **eco}}
+    args["telemetry"] = {"store_url": f"sqlite:///{db}"}
+    args["limits"] = {"max_rows_per_request": 2000, "max_body_bytes": 4_000_000}
+    return local_app(args)
+
+
+def test_lists_clicks_and_catalogue_metrics_equal_a_hand_count(serving_repo: Path, tmp_path: Path) -> None:
+    held = load_heldout(serving_repo / ECO)
+    x, y = held.X.astype(np.float32), held.y.astype(np.int64)
+    n = len(y)
+    app, host = build(serving_repo, tmp_path / "o.db", position_shuffle_rate=0.25)
+    try:
+        r = post(app, f"/v2/models/{ECO}/infer", {"id": "s", "inputs": [
+            {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        out = {o["name"]: o for o in body["outputs"]}
+        assert set(out) == {"ranking", "scores"} and out["ranking"]["shape"] == [n, K]
+        shown = np.array(out["ranking"]["data"]).reshape(n, K)
+        params = body["parameters"]
+        ids, served = params["request_ids"], [MEMBERS.index(s) for s in params["served_members"]]
+        props = np.array(params["slot_propensities"])
+        lists = top_lists(serving_repo, x)
+        items = load_manifest(serving_repo / ECO).classes
+        assert params["ranked_items"][0] == [items[i] for i in shown[0]]
+        # the shown list is the served member's list, in its order or shuffled (then each slot 0.25/5 + ...)
+        in_order = (shown == lists[np.arange(n), served]).all(axis=1)
+        for i in range(n):
+            assert sorted(shown[i]) == sorted(lists[i, served[i]])
+            want = 0.75 * (shown[i] == lists[i, served[i]]) + 0.25 / K
+            assert np.allclose(props[i], want, atol=1e-6)
+        assert 0.6 < in_order.mean() < 0.9  # about 75% + the shuffles that keep the order
+        stored = host.store.get_outcomes(ids[:3])
+        for i in range(3):
+            o = stored[ids[i]]
+            assert o.rankings == [lists[i, a].tolist() for a in range(3)]
+            assert o.shown[0] == shown[i].tolist()
+        # labels: the first 60% click the item they engaged with, the next 20% click nothing
+        click_n, none_n = int(n * 0.6), int(n * 0.2)
+        labels = [{"request_id": ids[i], "label": items[int(y[i])]} for i in range(click_n)]
+        labels += [{"request_id": ids[i], "label": "no_click"} for i in range(click_n, click_n + none_n)]
+        got = post(app, "/v2/feedback", {"labels": labels})
+        assert got.status_code == 200, got.text
+        lab = np.full(n, -1)
+        lab[:click_n] = y[:click_n]
+        labeled = np.arange(n) < click_n + none_n
+        clicked_shown = np.array([lab[i] >= 0 and lab[i] in shown[i] for i in range(n)])
+        # systemic miss: the clicked item in no member's list
+        hit = np.array([[lab[i] in lists[i, a] for a in range(3)] for i in range(n)])
+        miss = (lab >= 0) & ~hit.any(axis=1)
+        assert value(host, "ecoserve_systemic_failures_total", ecosystem=ECO, source="observed", subgroup="all",
+                     subgroup_value="all") == int(miss.sum())
+        # the ecosystem counters (hit@k, systemic miss) count clicks; no-clicks count in click-through
+        assert value(host, "ecoserve_labeled_outcomes_total", ecosystem=ECO, source="observed", subgroup="all",
+                     subgroup_value="all") == click_n
+        for a, m in enumerate(MEMBERS):
+            mine = labeled & (np.array(served) == a)
+            assert value(host, "ecoserve_ranking_served_labeled_total", ecosystem=ECO, member=m) == int(mine.sum())
+            assert value(host, "ecoserve_ranking_served_clicks_total", ecosystem=ECO, member=m) == \
+                int((mine & clicked_shown).sum())
+            assert value(host, "ecoserve_ranking_ctr_ratio", ecosystem=ECO, member=m) == \
+                pytest.approx((mine & clicked_shown).sum() / mine.sum())
+            # hit@k: the member's accuracy on clicks
+            assert value(host, "ecoserve_member_correct_total", ecosystem=ECO, member=m, source="observed",
+                         subgroup="all", subgroup_value="all") == int(hit[lab >= 0, a].sum())
+        for slot in range(K):
+            want = sum(1 for i in range(n) if lab[i] >= 0 and shown[i, slot] == lab[i])
+            assert value(host, "ecoserve_ranking_slot_clicks_total", ecosystem=ECO, slot=str(slot + 1)) == want
+            assert value(host, "ecoserve_ranking_slot_labeled_total", ecosystem=ECO, slot=str(slot + 1)) == \
+                click_n + none_n
+        # catalogue metrics of each list and of what was shown
+        clicks = np.bincount(lab[lab >= 0], minlength=len(items))
+        pop = clicks / clicks.sum()
+        order = np.argsort(-clicks, kind="stable")
+        n_head = int(np.searchsorted(np.cumsum(clicks[order]) / clicks.sum(), HEAD_SHARE) + 1)
+        head = np.zeros(len(items), dtype=bool)
+        head[order[:n_head]] = True
+        for name, arr in [*((m, lists[:, a]) for a, m in enumerate(MEMBERS)), ("shown", shown)]:
+            exposure = np.bincount(arr.reshape(-1), minlength=len(items))
+            assert value(host, "ecoserve_ranking_coverage_ratio", ecosystem=ECO, list=name) == \
+                pytest.approx((exposure > 0).mean())
+            assert value(host, "ecoserve_ranking_exposure_gini", ecosystem=ECO, list=name) == \
+                pytest.approx(gini(exposure))
+            assert value(host, "ecoserve_ranking_average_popularity_ratio", ecosystem=ECO, list=name) == \
+                pytest.approx(pop[arr].mean())
+            assert value(host, "ecoserve_ranking_long_tail_ratio", ecosystem=ECO, list=name) == \
+                pytest.approx((~head[arr]).mean())
+        overlap = np.mean([len(set(lists[i, 0]) & set(lists[i, 1])) / K for i in range(n)])
+        assert value(host, "ecoserve_ranking_overlap_ratio", ecosystem=ECO, member="logreg", other="mlp") == \
+            pytest.approx(overlap)
+        before = host.metrics()
+    finally:
+        host.close()
+    # a restarted recorder rebuilds every ranking count from the store
+    _, again = build(serving_repo, tmp_path / "o.db", position_shuffle_rate=0.25)
+    try:
+        keep = [ln for ln in before.decode().splitlines() if ln.startswith("ecoserve_ranking_")]
+        now = again.metrics().decode().splitlines()
+        assert keep and all(ln in now for ln in keep)
+    finally:
+        again.close()
+
+
+def test_gini_of_exposure() -> None:
+    assert gini(np.array([5, 5, 5, 5])) == pytest.approx(0.0)
+    assert gini(np.array([0, 0, 0, 8])) == pytest.approx(0.75)
+    assert gini(np.array([0, 0])) is None
+
+
+def test_bad_ranking_labels_and_configs_are_refused(serving_repo: Path, tmp_path: Path) -> None:
+    app, host = build(serving_repo, tmp_path / "o.db")
+    try:
+        x = load_heldout(serving_repo / ECO).X[:1].astype(np.float32)
+        r = post(app, f"/v2/models/{ECO}/infer", {"id": "b", "inputs": [
+            {"name": "input", "shape": [1, 8], "datatype": "FP32", "data": x.reshape(-1).tolist()}]})
+        rid = r.json()["parameters"]["request_ids"][0]
+        got = post(app, "/v2/feedback", {"labels": [{"request_id": rid, "label": "item_99"}]})
+        assert got.status_code == 422 and "item_99" in got.text
+        got = post(app, "/v2/feedback", {"labels": [{"request_id": rid, "label": 60}]})  # the no-click id: fine
+        assert got.status_code == 200, got.text
+    finally:
+        host.close()
+    from conftest import write_serve_file
+
+    args = serving_args(serving_repo)
+    args["ecosystems"] = {"digits": {"policy": {"kind": "primary", "primary": "mlp_a"}, "position_shuffle_rate": 0.1}}
+    with pytest.raises(ConfigError, match="position_shuffle_rate: for ranking ecosystems only"):
+        preflight(load_serve_file(write_serve_file(tmp_path / "s.yaml", 8000, args)), check_port=False)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: m.pop("ranking"), "task ranking needs 'ranking' settings"),
+    (lambda m: m["ranking"].update(k=61), "fewer than k = 61"),
+    (lambda m: m["ranking"].update(no_click="item_03"), "is also an item"),
+    (lambda m: m.update(probability_output=None), "needs probability_output"),
+])
+def test_bad_ranking_manifests_are_refused(serving_repo: Path, tmp_path: Path, change: Any, message: str) -> None:
+    raw = yaml.safe_load((serving_repo / ECO / "ecosystem.yaml").read_text())
+    change(raw)
+    (tmp_path / ECO).mkdir()
+    (tmp_path / ECO / "ecosystem.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ManifestError, match=message):
+        load_manifest(tmp_path / ECO)
