@@ -276,7 +276,8 @@ class EcosystemRunner:
         """Ranking: each member's top-k items (its k highest scores; ties to the lower item id), and
         the served member's list as shown: with probability `position_shuffle_rate` a row's list is
         shuffled uniformly, so an item's propensity of its slot is (1 - r) [slot = its rank] + r / k.
-        Returns per row the members' lists and (shown ids, slot propensities), and the shown ids,
+        Returns per row the members' lists and (shown ids, slot propensities, each shown item's rank in
+        the served list, shuffled or not), and the shown ids,
         propensities and served scores as (n, k) arrays."""
         k, r = self.k, self.cfg.position_shuffle_rate
         tops: list[np.ndarray | None] = [None] * m
@@ -298,7 +299,8 @@ class EcosystemRunner:
             assert not isinstance(res, BaseException) and res[1] is not None
             scores[i] = res[1][i][shown[i]]
         props = (1 - r) * (order == np.arange(k)) + r / k
-        rows = [(tuple(shown[i].tolist()), tuple(props[i].tolist())) for i in range(n)]
+        rows = [(tuple(shown[i].tolist()), tuple(props[i].tolist()), tuple(order[i].tolist()), int(shuffled[i]))
+                for i in range(n)]
         return lists, rows, shown, props, scores
 
     def _candidate_rows(self, got: dict[int, Prediction | BaseException],

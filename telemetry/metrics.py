@@ -101,11 +101,18 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ecoserve_ranking_served_clicks_total": ("counter", ("ecosystem", "member"), "Ranking: of those, outcomes with a click on a shown item."),
     "ecoserve_ranking_slot_labeled_total": ("counter", ("ecosystem", "slot"), "Ranking: labeled outcomes with a shown item in this slot (1 = top)."),
     "ecoserve_ranking_slot_clicks_total": ("counter", ("ecosystem", "slot"), "Ranking: clicks on the item shown in this slot (position bias: clicks by slot on shuffled lists)."),
-    "ecoserve_ranking_coverage_ratio": ("gauge", ("ecosystem", "list"), "Ranking: share of the catalogue that appeared in the list (a member's top-k, or \"shown\"), since the recorder's store began."),
+    "ecoserve_ranking_coverage_ratio": ("gauge", ("ecosystem", "list"), "Ranking: share of the catalogue that appeared in the list (a member's top-k, or \"shown\"), over the rolling window (telemetry.window_s)."),
     "ecoserve_ranking_exposure_gini": ("gauge", ("ecosystem", "list"), "Ranking: Gini coefficient of how often each catalogue item appeared in the list (0: evenly; toward 1: a few items take all)."),
     "ecoserve_ranking_average_popularity_ratio": ("gauge", ("ecosystem", "list"), "Ranking: ARP, the mean popularity (share of all clicks) of the items in the list."),
     "ecoserve_ranking_long_tail_ratio": ("gauge", ("ecosystem", "list"), "Ranking: APLT, the share of listed items outside the head (the most-clicked items taking 20% of clicks)."),
     "ecoserve_ranking_overlap_ratio": ("gauge", ("ecosystem", "member", "other"), "Ranking: mean overlap@k of two members' lists, |A & B| / k, over outcomes where both gave one."),
+    "ecoserve_ranking_examination_ratio": ("gauge", ("ecosystem", "slot"), "Ranking: estimated examination probability of each slot relative to the top one (position bias), from the rows whose lists were shuffled."),
+    "ecoserve_ranking_ips_ctr_ratio": ("gauge", ("ecosystem", "member"), "Ranking: IPS estimate of the click-through the member's list would get if it served every request in its own order (position-bias corrected)."),
+    "ecoserve_ranking_ips_ctr_ratio_lower": ("gauge", ("ecosystem", "member"), "Lower end of the 95% normal interval of ecoserve_ranking_ips_ctr_ratio."),
+    "ecoserve_ranking_ips_ctr_ratio_upper": ("gauge", ("ecosystem", "member"), "Upper end of the 95% normal interval of ecoserve_ranking_ips_ctr_ratio."),
+    "ecoserve_ranking_snips_ctr_ratio": ("gauge", ("ecosystem", "member"), "Ranking: SNIPS (self-normalized) estimate of the same click-through."),
+    "ecoserve_ranking_snips_ctr_ratio_lower": ("gauge", ("ecosystem", "member"), "Lower end of the 95% delta-method interval of ecoserve_ranking_snips_ctr_ratio."),
+    "ecoserve_ranking_snips_ctr_ratio_upper": ("gauge", ("ecosystem", "member"), "Upper end of the 95% delta-method interval of ecoserve_ranking_snips_ctr_ratio."),
     "ecoserve_window_seconds": ("gauge", (), "Length of the rolling window of the ecoserve_window_* gauges."),
     "ecoserve_window_labeled_outcomes": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Complete labeled outcomes in the window."),
     "ecoserve_window_systemic_failure_ratio": ("gauge", ("ecosystem", "subgroup", "subgroup_value"), "Share of complete labeled outcomes every member got wrong."),
@@ -197,8 +204,8 @@ class EcoserveCollector(Collector):
                 self._estimates(fams, eco, st.spec.members, snap.estimates[eco])
             if st.flips is not None:
                 self._flips(fams, eco, st.flips)
-            if st.ranking is not None:
-                self._ranking(fams, eco, st.ranking)
+            if st.ranking is not None and st.ranking_window is not None:
+                self._ranking(fams, eco, st.ranking, st.ranking_window)
         events = snap.events
         fams["ecoserve_feedback_unknown_id_total"].add_metric([], events[Event.UNKNOWN_IDS])
         fams["ecoserve_labels_expired_total"].add_metric([], events[Event.EXPIRED])
@@ -261,7 +268,9 @@ class EcoserveCollector(Collector):
                                                                             int(flagged))
 
     @staticmethod
-    def _ranking(fams: dict[str, Any], eco: str, r: RankingCounts) -> None:
+    def _ranking(fams: dict[str, Any], eco: str, r: RankingCounts, window: RankingCounts) -> None:
+        """Click-through, slots and estimates since the store began; catalogue metrics and overlap
+        over the rolling window."""
         for a, member in enumerate(r.members):
             n, clicks = int(r.served_labeled[a]), int(r.served_clicks[a])
             fams["ecoserve_ranking_served_labeled_total"].add_metric([eco, member], n)
@@ -270,16 +279,26 @@ class EcoserveCollector(Collector):
                 lo, hi = wilson(clicks, n)
                 for suffix, v in (("", clicks / n), ("_lower", float(lo)), ("_upper", float(hi))):
                     fams[f"ecoserve_ranking_ctr_ratio{suffix}"].add_metric([eco, member], v)
-            for b, other in enumerate(r.members):
-                if b != a and r.pairs[a, b]:
+            for b, other in enumerate(window.members):
+                if b != a and window.pairs[a, b]:
                     fams["ecoserve_ranking_overlap_ratio"].add_metric([eco, member, other],
-                                                                      float(r.overlap[a, b] / r.pairs[a, b]))
+                                                                      float(window.overlap[a, b] / window.pairs[a, b]))
         for slot in range(r.k):
             fams["ecoserve_ranking_slot_labeled_total"].add_metric([eco, str(slot + 1)], int(r.slot_labeled[slot]))
             fams["ecoserve_ranking_slot_clicks_total"].add_metric([eco, str(slot + 1)], int(r.slot_clicks[slot]))
         names = {"coverage": "ecoserve_ranking_coverage_ratio", "gini": "ecoserve_ranking_exposure_gini",
                  "arp": "ecoserve_ranking_average_popularity_ratio", "aplt": "ecoserve_ranking_long_tail_ratio"}
-        for lst, values in r.catalogue().items():
+        theta = r.examination()
+        if theta is not None:
+            for slot in range(r.k):
+                fams["ecoserve_ranking_examination_ratio"].add_metric([eco, str(slot + 1)], float(theta[slot]))
+        for member, est in r.estimates().items():
+            for base in ("ips", "snips"):
+                if est[base] is None:
+                    continue
+                for suffix in ("", "_lower", "_upper"):
+                    fams[f"ecoserve_ranking_{base}_ctr_ratio{suffix}"].add_metric([eco, member], est[base + suffix])
+        for lst, values in window.catalogue().items():
             for key, val in values.items():
                 if val is not None:
                     fams[names[key]].add_metric([eco, lst], val)

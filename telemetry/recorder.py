@@ -123,7 +123,8 @@ class EcosystemSnapshot:
     delay: dict[str, tuple[np.ndarray, float]]  # per label source: delay histogram buckets and sum (s)
     window: tuple[EcosystemCounts, ExplorationCounts]  # the rolling window's totals
     flips: CandidateFlips | None = None  # candidate versions in shadow (a copy)
-    ranking: RankingCounts | None = None  # a ranking ecosystem's catalogue counts (a copy)
+    ranking: RankingCounts | None = None  # a ranking ecosystem's counts since the store began (a copy)
+    ranking_window: RankingCounts | None = None  # the same, over the rolling window
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,28 @@ class _EcosystemState:
         self.flips = CandidateFlips(shape)  # candidate versions in shadow (telemetry.flips)
         # ranking ecosystems: exposure, overlap, clicks (telemetry.ranking)
         self.ranking = RankingCounts(spec.members, spec.no_click, spec.k) if spec.ranking else None
+        self.ranking_window: dict[int, RankingCounts] = {}  # bucket index -> counts (the window's buckets)
+
+    def ranking_bucket(self, now: float) -> RankingCounts:
+        """The ranking counts' bucket of the rolling window at `now` (older buckets expire)."""
+        assert self.ranking is not None
+        idx = int(now // self.window.bucket_s)
+        for old in [b for b in self.ranking_window if b <= idx - self.window.n_buckets]:
+            del self.ranking_window[old]
+        bucket = self.ranking_window.get(idx)
+        if bucket is None:
+            bucket = self.ranking_window[idx] = RankingCounts(self.ranking.members, self.ranking.n_items,
+                                                              self.ranking.k)
+        return bucket
+
+    def ranking_window_total(self, now: float) -> RankingCounts | None:
+        if self.ranking is None:
+            return None
+        self.ranking_bucket(now)  # expires what is out of the window
+        total = RankingCounts(self.ranking.members, self.ranking.n_items, self.ranking.k)
+        for bucket in self.ranking_window.values():
+            total = total + bucket
+        return total
 
     def groups_of(self, groups: Sequence[dict[str, str]]) -> dict[str, list[str]] | None:
         if not self.spec.subgroups:
@@ -569,6 +592,7 @@ class Recorder:
             stages_of: Sequence[Any] = cols[17]
             rankings_of: Sequence[Any] = cols[18]
             shown_of: Sequence[Any] = cols[19]
+            times_of: Sequence[float] = cols[2]
         else:
             stored: Sequence[StoredOutcome] = items  # type: ignore[assignment]
             raw, served, intended, greedy, props_all = st.spec.align(
@@ -580,9 +604,15 @@ class Recorder:
             members_of, candidates_of = [o.members for o in stored], [o.candidates for o in stored]
             stages_of = [o.stages for o in stored]
             rankings_of, shown_of = [o.rankings for o in stored], [o.shown for o in stored]
+            times_of = [o.created_at for o in stored]
         preds = st.spec.codes(raw)
         if n and st.ranking is not None:
             st.ranking.count_recorded(members_of, rankings_of, shown_of)
+            now = self.clock()
+            fresh = [i for i, t in enumerate(times_of) if t >= now - self.window_s]
+            if fresh:
+                st.ranking_bucket(now).count_recorded([members_of[i] for i in fresh], [rankings_of[i] for i in fresh],
+                                                      [shown_of[i] for i in fresh])
         if n and any(candidates_of):
             found = _candidate_rows(st.spec, members_of, candidates_of)
             if found is not None:
@@ -740,8 +770,11 @@ class Recorder:
         c = _correct(spec, raw, preds, served, values, items)
         groups = st.groups_of([o.groups for o in items])
         if st.ranking is not None:
-            st.ranking.count_labeled([o.members for o in items], [o.served for o in items],
-                                     [o.shown for o in items], values, spec.no_click)
+            st.ranking.count_labeled(items, values, spec.no_click)
+            now = self.clock()
+            fresh = np.flatnonzero(label_times >= now - self.window_s)
+            if fresh.size:
+                st.ranking_bucket(now).count_labeled([items[i] for i in fresh.tolist()], values[fresh], spec.no_click)
         if any(o.candidates for o in items):
             self._count_flips(st, items, raw, served, values, c, groups)
         # the label part only: the outcomes' predictions were counted when they were recorded
@@ -1058,6 +1091,7 @@ class Recorder:
                     window=st.window.total(), flips=st.flips + CandidateFlips(st.shape) if st.flips.recorded else None,
                     ranking=st.ranking + RankingCounts(st.ranking.members, st.ranking.n_items, st.ranking.k)
                     if st.ranking is not None else None,
+                    ranking_window=st.ranking_window_total(self.clock()),
                 )
                 for name, st in self.state.items()
             }

@@ -48,7 +48,8 @@ class Outcome:
     # None, its score of that class or None)
     stages: tuple[tuple[int, int, str, str, str, int | None, float | None], ...] = ()
     # ranking: each member's top-k item ids (None: no output), and what was shown: (item ids in slot
-    # order, each shown item's propensity of being in its slot); empty for other tasks
+    # order, each shown item's propensity of being in its slot, each one's rank in the served
+    # member's list, 1 if the row's list was shuffled else 0); empty for other tasks
     rankings: tuple[tuple[int, ...] | None, ...] = ()
     shown: tuple[Any, ...] = ()
 
@@ -211,8 +212,9 @@ def _json_rankings(lists: tuple[tuple[int, ...] | None, ...]) -> str:
 
 
 def _json_shown(shown: tuple[Any, ...]) -> str:
-    ids, props = shown
-    return json.dumps([[int(i) for i in ids], [float(_SCORE_FORMAT(p)) for p in props]])
+    ids, props, ranks, shuffled = shown
+    return json.dumps([[int(i) for i in ids], [float(_SCORE_FORMAT(p)) for p in props], [int(r) for r in ranks],
+                       int(shuffled)])
 
 
 def _json_vectors(vectors: tuple[tuple[float, ...] | None, ...]) -> str:

@@ -129,6 +129,33 @@ def test_lists_clicks_and_catalogue_metrics_equal_a_hand_count(serving_repo: Pat
         overlap = np.mean([len(set(lists[i, 0]) & set(lists[i, 1])) / K for i in range(n)])
         assert value(host, "ecoserve_ranking_overlap_ratio", ecosystem=ECO, member="logreg", other="mlp") == \
             pytest.approx(overlap)
+        # position bias from the shuffled rows, and each member's off-policy click-through
+        rows = host.store.get_outcomes(ids)
+        shuffled = np.array([rows[rid].shown[3] == 1 for rid in ids])
+        ranks = np.array([rows[rid].shown[2] for rid in ids])
+        assert shuffled.sum() > 50
+        sl = labeled & shuffled
+        ctr = np.array([sum(1 for i in np.flatnonzero(sl) if lab[i] >= 0 and shown[i, j] == lab[i]) / sl.sum()
+                        for j in range(K)])
+        theta = np.maximum(ctr / ctr[0], 1e-3)
+        for j in range(K):
+            assert value(host, "ecoserve_ranking_examination_ratio", ecosystem=ECO, slot=str(j + 1)) == \
+                pytest.approx(theta[j])
+        w = 1.0 / np.array(params["propensities"])
+        reward = np.zeros(n)
+        for i in range(n):
+            if clicked_shown[i]:
+                j = int(np.flatnonzero(shown[i] == lab[i])[0])
+                reward[i] = theta[ranks[i, j]] / theta[j]
+        for a, m in enumerate(MEMBERS):
+            mine = labeled & (np.array(served) == a)
+            snips = (w[mine] * reward[mine]).sum() / w[mine].sum()
+            assert value(host, "ecoserve_ranking_snips_ctr_ratio", ecosystem=ECO, member=m) == pytest.approx(snips)
+            assert value(host, "ecoserve_ranking_ips_ctr_ratio", ecosystem=ECO, member=m) == \
+                pytest.approx((w[mine] * reward[mine]).sum() / labeled.sum())
+            lo = value(host, "ecoserve_ranking_snips_ctr_ratio_lower", ecosystem=ECO, member=m)
+            hi = value(host, "ecoserve_ranking_snips_ctr_ratio_upper", ecosystem=ECO, member=m)
+            assert lo is not None and hi is not None and lo < snips < hi
         before = host.metrics()
     finally:
         host.close()

@@ -41,7 +41,8 @@ class StoredOutcome(NamedTuple):
     # class, score]
     stages: list[list[Any]] | None = None
     rankings: list[list[int] | None] | None = None  # ranking: each member's top-k item ids
-    shown: list[list[Any]] | None = None  # ranking: [item ids shown in slot order, their slot propensities]
+    # ranking: [item ids shown in slot order, their slot propensities, their ranks in the served list, shuffled]
+    shown: list[Any] | None = None
 
 
 # a first label, as the recorder hands it to `apply_labels` (a plain tuple: one per label, thousands
