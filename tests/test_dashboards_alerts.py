@@ -48,7 +48,7 @@ def test_dashboards_pass_the_sdk_schema_and_are_templated():
     overview = build_dashboards()["ecoserve-overview"]
     titles = {p["title"] for p in overview["panels"]}
     assert "Systemic failure rate vs independence baseline" in titles and "Pairwise kappa" in titles
-    assert len(DASHBOARDS) == 6
+    assert len(DASHBOARDS) == 7
 
 
 def test_every_panel_query_parses_as_promql():
@@ -152,7 +152,7 @@ def test_push_sends_grafanas_dashboard_api_shape(grafana):
     proc = _push(url, "--folder-uid", "eco-folder", "--prometheus-url", "http://prometheus:9090")
     assert proc.returncode == 0, proc.stderr
     posts = [s for s in _Recorder.seen if s[0] == "POST" and s[1] == "/api/dashboards/db"]
-    assert len(posts) == 6
+    assert len(posts) == 7
     for _, _, auth, body in posts:
         assert auth == "Bearer glsa_test"
         assert set(body) >= {"dashboard", "overwrite", "folderUid"}

@@ -45,6 +45,8 @@ def stack(serving_repo, tmp_path_factory):
     eco["digits_chain"] = {"policy": {"kind": "primary", "primary": "chain"}, "candidates": {"chain": "2"}}
     # and one whose candidate helps end to end (better stage, better chain): never flagged
     eco["chain_good"] = {"policy": {"kind": "primary", "primary": "chain"}, "candidates": {"chain": "3"}}
+    # a ranking ecosystem with position shuffling: the ranking panels
+    eco["shop"] = {"policy": {"kind": "epsilon_greedy", "epsilon": 0.3, "seed": 2}, "position_shuffle_rate": 0.3}
     with served_app(args, tmp, env={"ECOSERVE_FEEDBACK_TOKEN": TOKEN}) as running:
         prom = start_prometheus(running.url.removeprefix("http://"), tmp / "prometheus", scrape_interval_s=1.0)
         try:
@@ -153,6 +155,7 @@ def test_every_panel_query_returns_data(stack, serving_repo):
     _wait_metric(url, "ecoserve_estimator_checked_outcomes", "credit", 30)
     _risk_in_responses_is_the_estimators(url, db, run, X, groups)
     _self_defeating_pipeline_is_flagged(url, serving_repo, run)
+    _ranking_counts_equal_a_hand_count(url, serving_repo, run)
     time.sleep(6)  # scrapes of phases 2 and 3 (and coverage of outcomes older than 1 s)
 
     subs = {"$window": "2m", "$ecosystem": ".*", "$member": ".*", "$subgroup": ".*"}
@@ -191,6 +194,34 @@ def test_every_panel_query_returns_data(stack, serving_repo):
     # the alert rules are loaded and evaluated by this Prometheus
     rules = httpx.get(f"{prom.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
     assert {r["name"] for g in rules for r in g["rules"]} >= {"EcoserveSystemicFailureExcess", "EcoserveOutcomesDropped"}
+
+
+def _ranking_counts_equal_a_hand_count(url, serving_repo, run):
+    """The demo's ranking ecosystem through the real Ray app: clicks on the shown lists, counted
+    per served member and per slot, equal a count by hand from the responses and the labels."""
+    held = load_heldout(serving_repo / "shop")
+    x, y = held.X[:400].astype(np.float32), held.y[:400].astype(np.int64)
+    shown, served, ids = [], [], []
+    for s in range(0, len(y), 200):
+        body = _infer(url, "shop", x[s : s + 200], [f"{run}-shop-{i}" for i in range(s, s + 200)])
+        out = next(o for o in body["outputs"] if o["name"] == "ranking")
+        shown += np.array(out["data"]).reshape(-1, 5).tolist()
+        served += body["parameters"]["served_members"]
+        ids += body["parameters"]["request_ids"]
+    _stored(url, "shop", len(y))
+    items = [f"item_{i:02d}" for i in range(60)]
+    # 300 clicks on the item each user engaged with, 100 no clicks
+    _label(url, [{"request_id": ids[i], "label": items[y[i]] if i < 300 else "no_click"} for i in range(len(y))])
+    for member in ("logreg", "mlp", "forest"):
+        mine = [i for i in range(len(y)) if served[i] == member]
+        clicks = sum(1 for i in mine if i < 300 and y[i] in shown[i])
+        key = {"ecosystem": "shop", "member": member}
+        _wait_metric_value(url, "ecoserve_ranking_served_labeled_total", key, float(len(mine)))
+        _wait_metric_value(url, "ecoserve_ranking_served_clicks_total", key, float(clicks))
+    for slot in range(5):
+        want = sum(1 for i in range(300) if shown[i][slot] == y[i])
+        _wait_metric_value(url, "ecoserve_ranking_slot_clicks_total", {"ecosystem": "shop", "slot": str(slot + 1)},
+                           float(want))
 
 
 def _self_defeating_pipeline_is_flagged(url, serving_repo, run):

@@ -330,6 +330,50 @@ CANDIDATES = [
               unit="percentunit"),
 ]
 
+RK = 'ecosystem=~"$ecosystem"'
+RANKING = [
+    PanelSpec("timeseries", "Click-through of each member's lists, served, with its 95% interval",
+              "Labeled outcomes with a click on a shown item, over the labeled outcomes whose list the member "
+              "served, since the store began. Bad: a member far below the others, or falling.",
+              _band("ecoserve_ranking_ctr_ratio", f"{RK},member=~\"$member\"", "{{ecosystem}} {{member}}"),
+              extra={"interval": True}),
+    PanelSpec("timeseries", "Off-policy click-through of every member (SNIPS), with its 95% interval",
+              "What each member's list would get if it served every request in its own order, estimated from "
+              "the randomized routing's logged propensities and corrected for position bias. Bad: the served "
+              "member's estimate below another's (the policy serves the worse list), or intervals too wide to "
+              "tell (too little exploration).",
+              _band("ecoserve_ranking_snips_ctr_ratio", f"{RK},member=~\"$member\"", "{{ecosystem}} {{member}}"),
+              extra={"interval": True}),
+    PanelSpec("bargauge", "Position bias: examination by slot",
+              "Clicks per slot on the rows whose list was shuffled, relative to the top slot: how much less a "
+              "lower slot is looked at. Needs position_shuffle_rate > 0. Bad: no bars (no shuffled rows, so "
+              "off-policy estimates are not corrected for position).",
+              ((f"ecoserve_ranking_examination_ratio{{{RK}}}", "{{ecosystem}} slot {{slot}}"),), instant=True),
+    PanelSpec("timeseries", "Catalogue coverage of each list",
+              "Share of the catalogue that appeared in a member's lists, and in what was shown, over the window. "
+              "Bad: falling round after round (a feedback loop narrowing what anyone sees).",
+              ((f"ecoserve_ranking_coverage_ratio{{{RK}}}", "{{ecosystem}} {{list}}"),)),
+    PanelSpec("timeseries", "Exposure concentration (Gini) of each list",
+              "Gini coefficient of how often each item appears, over the window: 0 = every item equally, "
+              "toward 1 = a few items take all the exposure. Bad: rising.",
+              ((f"ecoserve_ranking_exposure_gini{{{RK}}}", "{{ecosystem}} {{list}}"),), unit="none"),
+    PanelSpec("timeseries", "Popularity bias: ARP and long-tail share",
+              "ARP: mean popularity (share of all clicks) of listed items; APLT: share of listed items outside "
+              "the head (the most-clicked items taking 20% of clicks). Bad: ARP rising while APLT falls (lists "
+              "converge on the popular items).",
+              ((f"ecoserve_ranking_average_popularity_ratio{{{RK}}}", "{{ecosystem}} {{list}} ARP"),
+               (f"ecoserve_ranking_long_tail_ratio{{{RK}}}", "{{ecosystem}} {{list}} APLT"))),
+    PanelSpec("bargauge", "Overlap@k between members' lists",
+              "Mean share of one member's top-k also in another's, over the window. Bad: near 1 for every pair "
+              "(the members recommend the same items: a miss by one is a miss by all).",
+              ((f"ecoserve_ranking_overlap_ratio{{{RK}}}", "{{ecosystem}} {{member}} & {{other}}"),), instant=True),
+    PanelSpec("timeseries", "Systemic miss rate",
+              "Share of clicks on an item that was in no member's list (the ecosystem's systemic failure, for "
+              "ranking). Bad: high or rising (what people want is something no member offers).",
+              ((_ratio(f'ecoserve_systemic_failures_total{{{RK},source="observed",{ALL}}}',
+                       f'ecoserve_labeled_outcomes_total{{{RK},source="observed",{ALL}}}'), "{{ecosystem}}"),)),
+]
+
 DASHBOARDS: dict[str, tuple[str, list[PanelSpec]]] = {
     "ecoserve-overview": ("ecoserve / Ecosystem overview", OVERVIEW),
     "ecoserve-subgroups": ("ecoserve / Subgroups", SUBGROUPS),
@@ -337,6 +381,7 @@ DASHBOARDS: dict[str, tuple[str, list[PanelSpec]]] = {
     "ecoserve-exploration": ("ecoserve / Exploration", EXPLORATION),
     "ecoserve-serving": ("ecoserve / Serving", SERVING),
     "ecoserve-candidates": ("ecoserve / Candidate versions", CANDIDATES),
+    "ecoserve-ranking": ("ecoserve / Ranking and feedback loops", RANKING),
 }
 
 
