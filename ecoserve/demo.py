@@ -161,6 +161,17 @@ def summary(url: str, ecosystems: list[str]) -> str:
             lines.append(f"  candidate {lab['member']} v{lab['candidate']} (in shadow of v{lab['version']}), {n:.0f} "
                          f"labeled: fixes {imp:.0f}, breaks {reg:.0f}; fixes for people every other member fails: "
                          f"{on_sys:.0f}")
+        ctr = [(lab["member"], v) for lab, v in m.get("ecoserve_ranking_ctr_ratio", []) if lab.get("ecosystem") == eco]
+        if ctr:
+            snips = {lab["member"]: v for lab, v in m.get("ecoserve_ranking_snips_ctr_ratio", [])
+                     if lab.get("ecosystem") == eco}
+            lines.append("  click-through served / estimated for every request (SNIPS): "
+                         + ", ".join(f"{mem} {v:.1%} / {_fmt(snips.get(mem))}" for mem, v in ctr))
+            cov = _get(m, "ecoserve_ranking_coverage_ratio", ecosystem=eco, list="shown")
+            gini = _get(m, "ecoserve_ranking_exposure_gini", ecosystem=eco, list="shown")
+            aplt = _get(m, "ecoserve_ranking_long_tail_ratio", ecosystem=eco, list="shown")
+            lines.append(f"  shown lists: catalogue coverage {_fmt(cov)}, exposure Gini {_fmt(gini, pct=False)}, "
+                         f"long-tail share {_fmt(aplt)}")
         for lab, flag in m.get("ecoserve_pipeline_self_defeating_improvement", []):
             if lab.get("ecosystem") != eco:
                 continue
