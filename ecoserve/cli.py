@@ -315,6 +315,30 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ecoserve.simulate import SimulationConfig, format_rounds, plot_rounds, simulate, to_json
+
+    if args.rounds < 1 or args.users < 10:
+        raise CliError("--rounds must be at least 1 and --users at least 10")
+    if not (0 < args.epsilon <= 1 and 0 <= args.shuffle <= 1):
+        raise CliError("--epsilon must be in (0, 1] and --shuffle in [0, 1]")
+    out = Path(args.out)
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.exploration]
+    runs = {}
+    for exploration in modes:
+        label = f"exploration {'on' if exploration else 'off'}"
+        print(f"{label}: {args.rounds} rounds of {args.users} users", flush=True)
+        cfg = SimulationConfig(rounds=args.rounds, users=args.users, exploration=exploration, epsilon=args.epsilon,
+                               shuffle=args.shuffle, seed=args.seed)
+        runs[label] = simulate(cfg, out / label.replace(" ", "-"), progress=False)
+        print(format_rounds(runs[label]), flush=True)
+    (out / "rounds.json").write_text(to_json(runs))
+    print(f"plot: {plot_rounds(runs, out / 'rounds.png').resolve()}\nper round, as JSON: {(out / 'rounds.json').resolve()}")
+    return 0
+
+
 def _redact(url: str) -> str:
     """A store URL without its password (the page is for sharing)."""
     from sqlalchemy.engine import make_url
@@ -367,6 +391,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="FILE", help="a prediction table instead of a store (the analyze options below)")
     _add_analysis_args(p)
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("simulate", help="close the loop of a ranking ecosystem with synthetic users (known "
+                       "preferences, a position-based click model) and members retrained on their own clicks; print "
+                       "and plot coverage, popularity, click-through and true vs estimated value per round")
+    p.add_argument("--rounds", type=int, default=8, help="rounds (default: %(default)s)")
+    p.add_argument("--users", type=int, default=1000, help="users per round (default: %(default)s)")
+    p.add_argument("--exploration", choices=["off", "on", "both"], default="both",
+                   help="off: the greedy member serves everything; on: an explorer member, epsilon-greedy routing "
+                        "and position shuffling (default: %(default)s)")
+    p.add_argument("--epsilon", type=float, default=0.2, help="exploration on: epsilon (default: %(default)s)")
+    p.add_argument("--shuffle", type=float, default=0.2, help="exploration on: position_shuffle_rate (default: "
+                   "%(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=".simulate", help="work folder: the rounds' models, stores, plot and JSON "
+                   "(default: %(default)s)")
+    p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("rollout", help="promote or roll back a member's version: rewrite the config; a server "
                        "started with `ecoserve serve CONFIG` redeploys (docs/serving.md)")

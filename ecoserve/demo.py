@@ -281,7 +281,7 @@ def run_demo(exit_after: bool = False, config: str | None = None) -> int:
         served = [e for e in ecos if e != "credit_log"]
         sent = {}
         for eco in served:
-            rows = 8 if eco.startswith("digits") else 1
+            rows = 8 if eco.startswith("digits") or eco == "shop" else 1
             sent[eco] = _replay(url, repo, eco, rows)
             print(f"replayed {len(sent[eco])} held-out rows of {eco} through {url}/v2/models/{eco}/infer")
         for eco in served:

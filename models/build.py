@@ -43,7 +43,8 @@ import yaml
 
 from models.manifest import MANIFEST_NAME, load_manifest
 
-__all__ = ["build_models", "BuildResult", "SEED", "ECOSYSTEMS"]
+__all__ = ["build_models", "BuildResult", "SEED", "ECOSYSTEMS", "ShopWorld", "shop_world", "catalogue_prior",
+           "segment_weight", "SHOP_ITEMS", "SHOP_K"]
 
 SEED = 0
 _LIBS = ("scikit-learn", "skl2onnx", "onnx", "onnxruntime-gpu", "numpy")
@@ -147,28 +148,55 @@ SHOP_ITEMS = 60  # the `shop` catalogue
 SHOP_K = 5
 
 
+@dataclass(frozen=True)
+class ShopWorld:
+    """The `shop` ecosystem's world (seeded): item latent vectors and a Zipf popularity. A user
+    with context x (8 features) and segment weight w values item i at
+    x . items[i] + 2 w log(popularity[i]) (new users, w = 3, follow popularity more than
+    returning ones, w = 1)."""
+
+    items: np.ndarray  # (I, d)
+    popularity: np.ndarray  # (I,)
+
+    def utility(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        return np.asarray(x @ self.items.T + weight[:, None] * np.log(self.popularity)[None, :] * 2)
+
+    def users(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """n users: contexts (n, d) float32 and segments ("new" or "returning")."""
+        x = rng.normal(size=(n, self.items.shape[1])).astype(np.float32)
+        return x, np.where(rng.random(n) < 0.35, "new", "returning")
+
+
+def shop_world(seed: int = SEED + 23) -> tuple[ShopWorld, np.random.Generator]:
+    rng = np.random.default_rng(seed)
+    items = rng.normal(size=(SHOP_ITEMS, 8))
+    return ShopWorld(items, 1.2 / np.arange(1, SHOP_ITEMS + 1) ** 0.9), rng
+
+
+def segment_weight(segment: np.ndarray) -> np.ndarray:
+    return np.where(segment == "new", 3.0, 1.0)
+
+
 def _shop() -> _Dataset:
-    """A synthetic shop (seeded, generated here: nothing downloaded). Users have 8 context features
-    and a segment (`new` or `returning`); items have latent vectors and a popularity that follows a
-    Zipf law; a user engages with the item maximizing its affinity plus popularity plus noise. The
-    label is that item (what the user clicked or found)."""
-    rng = np.random.default_rng(SEED + 23)
-    d, n = 8, 4000
-    items = rng.normal(size=(SHOP_ITEMS, d))
-    popularity = 1.2 / np.arange(1, SHOP_ITEMS + 1) ** 0.9
-    X = rng.normal(size=(n, d)).astype(np.float32)
-    segment = np.where(rng.random(n) < 0.35, "new", "returning")
-    # new users follow popularity more (they know the catalogue less)
-    weight = np.where(segment == "new", 3.0, 1.0)[:, None]
-    utility = X @ items.T + weight * np.log(popularity)[None, :] * 2 + rng.gumbel(size=(n, SHOP_ITEMS)) * 1.5
+    """A synthetic shop (seeded, generated here: nothing downloaded; `ShopWorld`). A user engages
+    with the item maximizing its utility plus Gumbel noise; the label is that item (what the user
+    clicked or found)."""
+    world, rng = shop_world()
+    X, segment = world.users(rng, 4000)
+    utility = world.utility(X, segment_weight(segment)) + rng.gumbel(size=(len(X), SHOP_ITEMS)) * 1.5
     y = utility.argmax(axis=1).astype(np.int64)
-    # every item seen once in training, so each member scores the whole catalogue
     X_tr, X_te, y_tr, y_te, _g_tr, g_te = _split(X, y, [segment], test_size=0.25, stratify=False)
-    extra = np.arange(SHOP_ITEMS)
-    X_tr = np.concatenate([X_tr, items[extra].astype(np.float32) * 0.5])
-    y_tr = np.concatenate([y_tr, extra])
+    X_tr, y_tr = catalogue_prior(world, X_tr, y_tr)
     return _Dataset(X_tr, y_tr, X_te, y_te, {"segment": g_te}, [f"item_{i:02d}" for i in range(SHOP_ITEMS)],
-                    [f"context_{i}" for i in range(d)])
+                    [f"context_{i}" for i in range(8)])
+
+
+def catalogue_prior(world: ShopWorld, X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows plus one row per item (its own latent vector, halved), so every member scores
+    the whole catalogue (a classifier only knows the classes it saw)."""
+    extra = np.arange(SHOP_ITEMS)
+    return (np.concatenate([X, world.items[extra].astype(np.float32) * 0.5]).astype(np.float32),
+            np.concatenate([y, extra]).astype(np.int64))
 
 
 def _shop_members() -> list[tuple[str, str, Any]]:

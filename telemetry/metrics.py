@@ -103,8 +103,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "ecoserve_ranking_slot_clicks_total": ("counter", ("ecosystem", "slot"), "Ranking: clicks on the item shown in this slot (position bias: clicks by slot on shuffled lists)."),
     "ecoserve_ranking_coverage_ratio": ("gauge", ("ecosystem", "list"), "Ranking: share of the catalogue that appeared in the list (a member's top-k, or \"shown\"), over the rolling window (telemetry.window_s)."),
     "ecoserve_ranking_exposure_gini": ("gauge", ("ecosystem", "list"), "Ranking: Gini coefficient of how often each catalogue item appeared in the list (0: evenly; toward 1: a few items take all)."),
-    "ecoserve_ranking_average_popularity_ratio": ("gauge", ("ecosystem", "list"), "Ranking: ARP, the mean popularity (share of all clicks) of the items in the list."),
-    "ecoserve_ranking_long_tail_ratio": ("gauge", ("ecosystem", "list"), "Ranking: APLT, the share of listed items outside the head (the most-clicked items taking 20% of clicks)."),
+    "ecoserve_ranking_average_popularity_ratio": ("gauge", ("ecosystem", "list"), "Ranking: ARP, the mean popularity (share of all clicks since the store began) of the items in the list, over the rolling window."),
+    "ecoserve_ranking_long_tail_ratio": ("gauge", ("ecosystem", "list"), "Ranking: APLT, the share of listed items outside the head (the most-clicked items taking 20% of clicks since the store began), over the rolling window."),
     "ecoserve_ranking_overlap_ratio": ("gauge", ("ecosystem", "member", "other"), "Ranking: mean overlap@k of two members' lists, |A & B| / k, over outcomes where both gave one."),
     "ecoserve_ranking_examination_ratio": ("gauge", ("ecosystem", "slot"), "Ranking: estimated examination probability of each slot relative to the top one (position bias), from the rows whose lists were shuffled."),
     "ecoserve_ranking_ips_ctr_ratio": ("gauge", ("ecosystem", "member"), "Ranking: IPS estimate of the click-through the member's list would get if it served every request in its own order (position-bias corrected)."),
@@ -298,7 +298,7 @@ class EcoserveCollector(Collector):
                     continue
                 for suffix in ("", "_lower", "_upper"):
                     fams[f"ecoserve_ranking_{base}_ctr_ratio{suffix}"].add_metric([eco, member], est[base + suffix])
-        for lst, values in window.catalogue().items():
+        for lst, values in window.catalogue(r.clicks_item).items():
             for key, val in values.items():
                 if val is not None:
                     fams[names[key]].add_metric([eco, lst], val)

@@ -18,7 +18,8 @@ From those, per list (a member's, or "shown"): **coverage** (share of the catalo
 **Gini of exposure** (0: every item shown equally often; toward 1: a few items take all),
 **ARP** (average recommendation popularity: the mean popularity, as a share of all clicks, of the
 listed items), **APLT** (average percentage of long-tail items: the share of listed items outside
-the head, the most-clicked items that together take `HEAD_SHARE` of the clicks).
+the head, the most-clicked items that together take `HEAD_SHARE` of the clicks). Popularity, as in
+the literature's "popularity in the training data", counts every click since the store began.
 
 Off-policy estimates, for every member, of the click-through its list would get if it served
 every request in its own order, from outcomes routed by the policy (not direct calls, no fallback):
@@ -64,6 +65,16 @@ def ranking_correctness(spec: Any, members_of: Sequence[tuple[str, ...]], rankin
             if a is not None and items is not None:
                 out[i, a] = 1 if item in items else 0
     return out
+
+
+def wilson_float(p: float, n: float, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval of a proportion p observed on a (possibly fractional) n."""
+    if n <= 0:
+        return 0.0, 1.0
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def gini(x: np.ndarray) -> float | None:
@@ -178,14 +189,16 @@ class RankingCounts:
     def list_names(self) -> list[str]:
         return [*self.members, SHOWN]
 
-    def head(self) -> np.ndarray:
-        """Items in the head: the most-clicked ones that together take HEAD_SHARE of the clicks."""
-        total = self.clicks_item.sum()
+    def head(self, clicks: np.ndarray | None = None) -> np.ndarray:
+        """Items in the head: the most-clicked ones (by `clicks`, default these counts' own) that
+        together take HEAD_SHARE of the clicks."""
+        clicks = self.clicks_item if clicks is None else clicks
+        total = clicks.sum()
         head = np.zeros(self.n_items, dtype=bool)
         if total <= 0:
             return head
-        order = np.argsort(-self.clicks_item, kind="stable")
-        cum = np.cumsum(self.clicks_item[order]) / total
+        order = np.argsort(-clicks, kind="stable")
+        cum = np.cumsum(clicks[order]) / total
         n_head = int(np.searchsorted(cum, HEAD_SHARE) + 1)
         head[order[:n_head]] = True
         return head
@@ -222,15 +235,22 @@ class RankingCounts:
                 v = r1 / sw
                 var = max(0.0, w2r2 - 2 * v * w2r + v * v * float(self.sum_w2[a])) / sw**2
                 h = Z95 * math.sqrt(var)
-                est |= {"snips": v, "snips_lower": max(0.0, v - h), "snips_upper": v + h}
+                # few clicks make the delta method's interval too narrow (none: zero width); the
+                # Wilson interval at the effective sample size (sum w)^2 / sum w^2 bounds it from outside
+                n_eff = sw * sw / float(self.sum_w2[a])
+                lo_w, hi_w = wilson_float(min(max(v, 0.0), 1.0), n_eff)
+                est |= {"snips": v, "snips_lower": max(0.0, min(v - h, lo_w)), "snips_upper": max(v + h, hi_w)}
             out[name] = est
         return out
 
-    def catalogue(self) -> dict[str, dict[str, float | None]]:
-        """Per list: coverage, Gini of exposure, ARP and APLT (the last two need clicks)."""
-        total = self.clicks_item.sum()
-        popularity = self.clicks_item / total if total else None
-        head = self.head()
+    def catalogue(self, clicks: np.ndarray | None = None) -> dict[str, dict[str, float | None]]:
+        """Per list: coverage, Gini of exposure, ARP and APLT (the last two need clicks). An item's
+        popularity is its share of `clicks` (default these counts' own; the recorder passes every
+        click since the store began: what the members could have learned from)."""
+        clicks = self.clicks_item if clicks is None else clicks
+        total = clicks.sum()
+        popularity = clicks / total if total else None
+        head = self.head(clicks)
         out = {}
         for row, name in enumerate(self.list_names()):
             listed = self.listed[row]
