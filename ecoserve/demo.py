@@ -280,19 +280,26 @@ def run_demo(exit_after: bool = False, config: str | None = None) -> int:
         ecos = list(file.serving.ecosystems)
         served = [e for e in ecos if e != "credit_log"]
         sent = {}
+        replayed_at = {}
         for eco in served:
             rows = 8 if eco.startswith("digits") or eco == "shop" else 1
             sent[eco] = _replay(url, repo, eco, rows)
+            replayed_at[eco] = time.time()
             print(f"replayed {len(sent[eco])} held-out rows of {eco} through {url}/v2/models/{eco}/infer")
         for eco in served:
             _post_labels(url, token, sent[eco], waves=3, rng=rng)
             print(f"posted labels for {eco} in 3 waves ({NEVER_LABELED:.0%} never arrive)")
         if "credit_log" in ecos:
             print(_import_log(url, token, repo, Path(".demo")))
-        wait = max((e.assume_label_after_s or 0) for e in file.serving.ecosystems.values())
-        if wait:
-            print(f"waiting {wait + 6:.0f} s so unlabeled credit outcomes are assumed ({wait:.0f} s timeout)...")
-            time.sleep(wait + 6)
+        # until the newest outcome of each ecosystem with a timeout is past it (plus a sweep or two)
+        until = max((replayed_at.get(name, time.time()) + e.assume_label_after_s + 6
+                     for name, e in file.serving.ecosystems.items() if e.assume_label_after_s), default=0.0)
+        if until > time.time():
+            timed = [f"{name} ({e.assume_label_after_s:.0f} s)" for name, e in file.serving.ecosystems.items()
+                     if e.assume_label_after_s]
+            print(f"waiting {until - time.time():.0f} s so unlabeled outcomes get their assumed labels: "
+                  + ", ".join(timed) + "...")
+            time.sleep(until - time.time())
         print()
         print(summary(url, ecos))
         print()

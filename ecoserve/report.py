@@ -79,6 +79,7 @@ class EcosystemTable:
     label_delay_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # first label's delay, labeled rows
     estimated: dict[str, Any] | None = None  # the fitted label-free estimator on the unlabeled outcomes
     read_at: float = 0.0
+    ranking: Any = None  # a ranking ecosystem: its counts (telemetry.ranking.RankingCounts), items, misses
 
 
 class _Progress:
@@ -156,8 +157,52 @@ def table_from_store(url: str, ecosystems: Sequence[str] | None, since: float | 
         store.close()
 
 
+def _ranking_table(name: str, outcomes: list[Any], manifest: Any) -> EcosystemTable:
+    """A ranking ecosystem: its lists and clicks (current labels) counted by `telemetry.ranking`,
+    and a table of one row per outcome (the served list, each member's list, the label)."""
+    from telemetry.ranking import RankingCounts, ranking_correctness
+    from telemetry.spec import EcosystemSpec
+
+    items = list(manifest.classes)
+    members = list(outcomes[-1].members)
+    k = manifest.ranking.k
+    counts = RankingCounts(tuple(members), len(items), k)
+    counts.count_recorded([o.members for o in outcomes], [o.rankings for o in outcomes], [o.shown for o in outcomes])
+    labels = np.array([np.nan if o.label is None else o.label for o in outcomes], dtype=np.float64)
+    counts.count_labeled(outcomes, labels, len(items))
+    spec = EcosystemSpec(name=name, members=tuple(members), classes=manifest.label_classes, task="ranking", k=k)
+    correct = ranking_correctness(spec, [o.members for o in outcomes], [o.rankings for o in outcomes], labels)
+    known = (correct >= 0).all(axis=1)
+    miss = known & (correct == 0).all(axis=1)
+
+    def names(ids: Any) -> str:
+        return " ".join(items[int(i)] for i in ids) if ids is not None else ""
+
+    rows = []
+    for o, lab in zip(outcomes, labels.tolist()):
+        label = "" if lab != lab else (items[int(lab)] if int(lab) < len(items) else manifest.ranking.no_click)
+        own = dict(zip(o.members, o.rankings or []))
+        rows.append({"request_id": o.request_id, "label": label,
+                     "served": o.members[o.served] if 0 <= o.served < len(o.members) else "",
+                     "shown": names(o.shown[0]) if o.shown else "", **{m: names(own.get(m)) for m in members}})
+    audit = [[rows[i]["request_id"], rows[i]["label"], *(rows[i][m] for m in members)]
+             for i in np.flatnonzero(miss)[::-1][:AUDIT_ROWS]]
+    table = EcosystemTable(name, members, rows, ["request_id", "label", "served", "shown", *members],
+                           AnalysisOptions(), [], np.array([o.created_at for o in outcomes]),
+                           np.maximum(np.array([o.counted_time - o.created_at for o in outcomes
+                                                if o.counted_time is not None]), 0.0), read_at=time.time())
+    table.ranking = {"counts": counts, "clicks": int(known.sum()), "misses": int(miss.sum()), "audit": audit,
+                     "labeled": int((~np.isnan(labels)).sum()), "k": k}
+    return table
+
+
 def _table(name: str, outcomes: list[Any], manifest: Any, estimator: str | None) -> EcosystemTable:
     outcomes.sort(key=lambda o: o.created_at)
+    if manifest is not None and manifest.task == "ranking":
+        return _ranking_table(name, outcomes, manifest)
+    if manifest is None and any(o.rankings for o in outcomes[-100:]):
+        raise ReportError(f"ranking ecosystem {name!r} needs its manifest (the catalogue and k): give "
+                          "--repository, or leave it out with --ecosystem")
     members = list(dict.fromkeys(m for o in outcomes for m in o.members))
     latest = list(outcomes[-1].members)
     members = latest + [m for m in members if m not in latest]
@@ -627,6 +672,95 @@ def _ecosystem_sections(table: EcosystemTable | None, name: str, r: dict[str, An
     return "\n".join(parts), numbers
 
 
+def _ranking_plots(counts: Any) -> tuple[str, str]:
+    est = counts.estimates()
+    members = list(counts.members)
+    fig, ax = _figure()
+    y = np.arange(len(members))[::-1]
+    from telemetry.ranking import wilson_float
+
+    for yi, a, m in zip(y, range(len(members)), members):
+        n, c = int(counts.served_labeled[a]), int(counts.served_clicks[a])
+        if n:
+            lo, hi = wilson_float(c / n, n)
+            ax.errorbar(c / n, yi + 0.12, xerr=[[c / n - lo], [hi - c / n]], fmt="o", color=PALETTE[0], capsize=3,
+                        label="served: observed" if a == 0 else None)
+        e = est[m]
+        if e["snips"] is not None:
+            v, lo2, hi2 = e["snips"], e["snips_lower"] or 0.0, e["snips_upper"] or 0.0
+            ax.errorbar(v, yi - 0.12, xerr=[[v - lo2], [hi2 - v]], fmt="s", color=PALETTE[1], capsize=3,
+                        label="if it served every request (SNIPS)" if a == 0 else None)
+    ax.set_yticks(y, members)
+    ax.set_xlabel("click-through (%), 95% interval")
+    ax.xaxis.set_major_formatter(_percent_formatter())
+    ax.set_title("Click-through of each member's lists")
+    ax.set_ylim(-0.6, len(members) - 0.2)
+    ax.legend(frameon=False, fontsize=8, loc="upper center", ncol=2, bbox_to_anchor=(0.5, 1.0))
+    first = _png(fig)
+    fig, ax = _figure()
+    slots = np.arange(1, counts.k + 1)
+    ctr = counts.slot_clicks / np.maximum(counts.slot_labeled, 1)
+    ax.bar(slots - 0.2, ctr, 0.4, color=PALETTE[0], label="clicks per labeled list, all rows")
+    ax.set_ylim(0, max(float(ctr.max()), 0.01) * 1.45)  # headroom for the legend
+    handles, names = ax.get_legend_handles_labels()
+    theta = counts.examination()
+    if theta is not None:
+        ax2 = ax.twinx()
+        ax2.bar(slots + 0.2, theta, 0.4, color=PALETTE[1], hatch="//", edgecolor="white",
+                label="examination vs the top slot (shuffled rows)")
+        ax2.set_ylabel("examination relative to slot 1 (ratio)")
+        ax2.set_ylim(0, max(float(theta.max()), 1.0) * 1.45)
+        more = ax2.get_legend_handles_labels()
+        handles, names = handles + more[0], names + more[1]
+    ax.set_xticks(slots)
+    ax.set_xlabel("slot (1 = top)")
+    ax.set_ylabel("click-through of the slot (%)")
+    ax.yaxis.set_major_formatter(_percent_formatter())
+    ax.set_title("Position bias: clicks by slot")
+    ax.legend(handles, names, frameon=False, fontsize=8, loc="upper right")
+    return first, _png(fig)
+
+
+def _ranking_sections(table: EcosystemTable, csv_name: str, plots: list[str]) -> tuple[str, dict[str, Any]]:
+    from telemetry.ranking import wilson_float
+
+    name, rk = table.name, table.ranking
+    counts = rk["counts"]
+    clicks, misses = rk["clicks"], rk["misses"]
+    rate = misses / clicks if clicks else None
+    lo, hi = wilson_float(rate, clicks) if rate is not None else (None, None)
+    numbers = {"outcomes": len(table.rows), "labeled": rk["labeled"], "clicks": clicks,
+               "systemic_miss_rate": rate, "systemic_miss_lower": lo, "systemic_miss_upper": hi}
+    head = (f"Of <b data-metric=\"outcomes\">{len(table.rows):,}</b> lists shown, <b data-metric=\"labeled\">"
+            f"{rk['labeled']:,}</b> got a label: <b data-metric=\"clicks\">{clicks:,}</b> clicks. "
+            + (f"<b data-metric=\"systemic_miss_rate\">{_pct(rate)}</b> of the clicks were on an item in no "
+               f"member's top {rk['k']} (a systemic miss; 95% interval {_pct(lo)} to {_pct(hi)})." if rate is not None
+               else "No click yet."))
+    parts = [f'<h2 id="eco-{html.escape(name)}">{html.escape(name)}</h2>', f'<p class="headline">{head}</p>',
+             f"<p class=\"cmd\">A ranking ecosystem: the lists and labels are in <code>{html.escape(csv_name)}"
+             "</code> (one row per outcome: the shown list and each member's list, item ids in order).</p>"]
+    one, two = _ranking_plots(counts)
+    plots += ["ctr", "slots"]
+    parts.append("<section><h3>Click-through</h3>" + _plot(one, "click-through", f"{name}/ctr") + (
+        "<p>Observed: clicks on a shown item / labeled lists the member served. SNIPS: what its list would get "
+        "if it served every request in its own order, from the randomized routing's propensities, corrected for "
+        "position bias.</p></section>"))
+    parts.append("<section><h3>Position bias</h3>" + _plot(two, "clicks by slot", f"{name}/slots") + "</section>")
+    cat = counts.catalogue()
+    rows = [[lst, _pct(v["coverage"]), _num(v["gini"]), _pct(v["arp"]), _pct(v["aplt"])] for lst, v in cat.items()]
+    over = [[a, b, _pct(float(counts.overlap[i, j] / counts.pairs[i, j]))]
+            for i, a in enumerate(counts.members) for j, b in enumerate(counts.members) if i < j and counts.pairs[i, j]]
+    parts.append("<section><h3>The catalogue</h3><p>Coverage: share of items that appeared; Gini of exposure; "
+                 "ARP: mean popularity (share of clicks) of listed items; APLT: share of listed items outside the "
+                 "head.</p>" + _table_html(["list", "coverage", "exposure Gini", "ARP", "APLT"], rows)
+                 + _table_html(["member", "other", "overlap@k"], over) + "</section>")
+    if rk["audit"]:
+        parts.append(f"<section><h3>Systemic misses (audit list)</h3><p>Clicks on an item in no member's list, "
+                     f"newest first (at most {AUDIT_ROWS}):</p>"
+                     + _table_html(["request id", "clicked", *table.members], rk["audit"]) + "</section>")
+    return "\n".join(parts), numbers
+
+
 def _audit(table: EcosystemTable, r: dict[str, Any]) -> dict[str, Any]:
     """The audit lists' rows (newest first): systemic failures by the current label, and the
     compression-identified exemplars (compressed members' modal answer vs the others')."""
@@ -696,6 +830,12 @@ def write_report(tables: Sequence[EcosystemTable], out: Path, source: str,
             w = csv.DictWriter(f, fieldnames=t.columns, restval="")
             w.writeheader()
             w.writerows(t.rows)
+        if t.ranking is not None:
+            keys_r: list[str] = []
+            body, numbers[t.name] = _ranking_sections(t, path.name, keys_r)
+            plots[t.name] = keys_r
+            bodies.append(body)
+            continue
         try:
             result = analyze_csv(path, t.analyze)
         except AnalysisError as exc:

@@ -43,6 +43,7 @@ def demo_store(serving_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         "credit": {"policy": {"kind": "thompson", "seed": 0, "min_propensity": 0.05}, "candidates": {"gboost": "2"}},
         "diabetes": {"policy": {"kind": "epsilon_greedy", "epsilon": 0.2, "seed": 0}},
         "digits_chain": {"policy": {"kind": "primary", "primary": "chain"}, "candidates": {"chain": "2"}},
+        "shop": {"policy": {"kind": "epsilon_greedy", "epsilon": 0.3, "seed": 0}, "position_shuffle_rate": 0.2},
     }
     url = f"sqlite:///{tmp / 'outcomes.db'}"
     args["telemetry"] = {"store_url": url}
@@ -65,6 +66,11 @@ def demo_store(serving_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> 
                       for i, v in zip(ids[:k], held.y[:k])]
             assert post(app, "/v2/feedback", {"labels": labels}).status_code == 200
             sent[eco] = len(ids)
+        from test_candidates import value
+
+        # the ranking ecosystem's systemic misses, as the recorder counts them
+        sent["shop_misses"] = int(value(host, "ecoserve_systemic_failures_total", ecosystem="shop", source="observed",
+                                        subgroup="all", subgroup_value="all") or 0)
     finally:
         host.close()
     return url, sent
@@ -89,8 +95,13 @@ def test_headline_numbers_equal_analyze_on_the_same_table(report: tuple[Path, di
                                                           demo_store: tuple[str, dict[str, int]]) -> None:
     out, data = report
     _, sent = demo_store
-    assert set(data["ecosystems"]) == set(sent)
+    assert set(data["ecosystems"]) == set(sent) - {"shop_misses"}
     page = (out / "index.html").read_text()
+    # the ranking ecosystem: its clicks and systemic misses, as the recorder counted them
+    shop = data["ecosystems"].pop("shop")
+    assert shop["outcomes"] == sent["shop"] and shop["clicks"] == shop["labeled"] == int(sent["shop"] * LABEL_SHARE)
+    assert shop["systemic_miss_rate"] == sent["shop_misses"] / shop["clicks"]
+    assert data["plots"]["shop"] == ["ctr", "slots"]
     for eco, numbers in data["ecosystems"].items():
         args = numbers["analyze_args"]
         rc, stdout, err = _cli("analyze", str(out / args[0]), *args[1:])
@@ -172,6 +183,8 @@ def test_a_prediction_table_gets_a_page_too(serving_repo: Path, tmp_path: Path) 
     (["--store-env", "ECOSERVE_NO_SUCH_VAR"], "ECOSERVE_NO_SUCH_VAR is not set"),
     (["--csv", "/nonexistent.csv"], "no such file"),
     (["--store", "{store}", "--ecosystem", "nope"], "no outcomes of ecosystem 'nope' (it has: credit, diabetes"),
+    (["--store", "{store}", "--ecosystem", "shop", "--repository", "/nonexistent"],
+     "ranking ecosystem 'shop' needs its manifest"),
     (["--store", "{store}", "--since", "yesterday"], "not a time: 'yesterday'"),
     (["--store", "{store}", "--since", "2100-01-01"], "no outcome of 'credit' was predicted in the time range"),
     (["--store", "sqlite:///{empty}"], "holds no outcomes"),
