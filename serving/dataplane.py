@@ -19,7 +19,14 @@ from serving.ensemble import EcosystemRunner, InferResult, OutcomeSink
 from serving.errors import BadRequest, NotFound, PayloadTooLarge
 from serving.members import MemberCall
 from serving.policies import make_policy
-from serving.protocol import InferRequest, datatype_of, row_groups, row_request_ids, tensor_from_input
+from serving.protocol import (
+    InferRequest,
+    datatype_of,
+    row_candidates,
+    row_groups,
+    row_request_ids,
+    tensor_from_input,
+)
 from serving.remote_member import HttpMember
 from telemetry.estimation import SystemicEstimator
 from telemetry.serving_stats import ServingStats
@@ -207,7 +214,11 @@ class Dataplane:
         n = x.shape[0]
         request_id, ids = row_request_ids(req, header_id, n)
         groups = row_groups(req, list(man.subgroups), n)
-        result = await r.infer(x, ids, groups, model.member)
+        candidates = row_candidates(req, man.classes, man.ranking.k, n) if man.ranking is not None else None
+        if candidates is None and req.parameters and req.parameters.get("candidates") is not None:
+            raise BadRequest(f"parameters.candidates: {man.name!r} is a {man.task} ecosystem; candidates are for "
+                             "ranking")
+        result = await r.infer(x, ids, groups, model.member, candidates)
         return result, request_id
 
     def response(self, model: ResolvedModel, req: InferRequest, result: InferResult, request_id: str) -> dict[str, Any]:

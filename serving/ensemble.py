@@ -159,7 +159,9 @@ class EcosystemRunner:
         request_ids: list[str],
         groups: list[dict[str, str]],
         direct_member: int | None = None,
+        candidates: np.ndarray | None = None,
     ) -> InferResult:
+        """`candidates` (ranking): per row, which catalogue items may be listed ((n, items) bool)."""
         n, m = x.shape[0], len(self.members)
         if direct_member is not None:
             onehot = tuple(1.0 if a == direct_member else 0.0 for a in range(m))
@@ -197,6 +199,11 @@ class EcosystemRunner:
                     reasons = "; ".join(f"{self.names[a]}: {self._reason(results, a)}" for a in range(m))
                     raise Unavailable(f"no member of {self.manifest.name!r} could answer ({reasons})")
                 served[i] = alt
+        ranked = self._rankings(results, served, n, m, candidates) if self.k else None
+        if ranked:  # a ranking member's prediction is the first item of its list (of the candidates)
+            for a, top in enumerate(ranked[5]):
+                if top is not None:
+                    preds[:, a] = top[:, 0]
         labels = preds[np.arange(n), served]
         probs = None
         first = results[int(served[0])]
@@ -232,7 +239,6 @@ class EcosystemRunner:
             est = self.estimator
             if est is not None and est.members == self.names:
                 risks = est.risk(preds, scores, served)
-        ranked = self._rankings(results, served, n, m) if self.k else None
         cand_rows = self._candidate_rows(cand_results, n) if cand_results else [()] * n
         stage_rows = self._stage_rows(results, cand_results, n) if any(self._stages) else [()] * n
         outcomes = [
@@ -270,20 +276,25 @@ class EcosystemRunner:
                                slot_propensities=ranked[3], ranking_scores=ranked[4])
         return InferResult(labels=labels, probabilities=probs, outcomes=outcomes, risks=risks)
 
-    def _rankings(self, results: dict[int, Prediction | BaseException], served: np.ndarray, n: int,
-                  m: int) -> tuple[list[tuple[tuple[int, ...] | None, ...]], list[tuple[Any, ...]], np.ndarray,
-                                   np.ndarray, np.ndarray]:
+    def _rankings(self, results: dict[int, Prediction | BaseException], served: np.ndarray, n: int, m: int,
+                  candidates: np.ndarray | None = None,
+                  ) -> tuple[list[tuple[tuple[int, ...] | None, ...]], list[tuple[Any, ...]], np.ndarray, np.ndarray,
+                             np.ndarray, list[np.ndarray | None]]:
         """Ranking: each member's top-k items (its k highest scores; ties to the lower item id), and
         the served member's list as shown: with probability `position_shuffle_rate` a row's list is
         shuffled uniformly, so an item's propensity of its slot is (1 - r) [slot = its rank] + r / k.
-        Returns per row the members' lists and (shown ids, slot propensities, each shown item's rank in
-        the served list, shuffled or not), and the shown ids,
+        Only the row's `candidates` may be listed, where given. Returns per row the members' lists and
+        (shown ids, slot propensities, each shown item's rank in the served list, shuffled or not), the
+        members' lists as arrays, and the shown ids,
         propensities and served scores as (n, k) arrays."""
         k, r = self.k, self.cfg.position_shuffle_rate
         tops: list[np.ndarray | None] = [None] * m
         for a, res in results.items():
             if not isinstance(res, BaseException) and res[1] is not None:
-                tops[a] = np.argsort(-np.asarray(res[1], dtype=np.float64), axis=1, kind="stable")[:, :k]
+                scores_a = np.asarray(res[1], dtype=np.float64)
+                if candidates is not None:  # only the request's candidate items may be listed
+                    scores_a = np.where(candidates, scores_a, -np.inf)
+                tops[a] = np.argsort(-scores_a, axis=1, kind="stable")[:, :k]
         lists = [tuple(None if t is None else tuple(t[i].tolist()) for t in tops) for i in range(n)]
         order = np.tile(np.arange(k), (n, 1))
         shuffled = self._rng.random(n) < r if r > 0 else np.zeros(n, dtype=bool)
@@ -301,7 +312,7 @@ class EcosystemRunner:
         props = (1 - r) * (order == np.arange(k)) + r / k
         rows = [(tuple(shown[i].tolist()), tuple(props[i].tolist()), tuple(order[i].tolist()), int(shuffled[i]))
                 for i in range(n)]
-        return lists, rows, shown, props, scores
+        return lists, rows, shown, props, scores, tops
 
     def _candidate_rows(self, got: dict[int, Prediction | BaseException],
                         n: int) -> list[tuple[tuple[int, str, str, Any, float | None], ...]]:

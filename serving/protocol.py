@@ -19,6 +19,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ from serving.errors import BadRequest
 from telemetry.text import MAX_ID_LENGTH, MAX_TEXT_LENGTH, id_problem, text_problem
 
 __all__ = [
+    "row_candidates",
     "InferInput",
     "RequestedOutput",
     "InferRequest",
@@ -253,3 +255,40 @@ def row_groups(req: InferRequest, attributes: list[str], n: int) -> list[dict[st
         raise BadRequest(f"parameters.subgroups must be a list of {n} objects (one per row)")
     return [{**common, **{a: _group_value(r[a], f"parameters.subgroups[{i}].{a}") for a in attributes
                           if r.get(a) is not None}} for i, r in enumerate(per_row)]
+
+
+def row_candidates(req: InferRequest, items: Sequence[str], k: int, n: int) -> np.ndarray | None:
+    """Ranking: the items each row's lists may hold, from `parameters.candidates`: one list of item
+    ids (names, or indices in the catalogue) for every row, or a list of n lists (one per row);
+    absent: the whole catalogue. Each row needs at least k distinct known items."""
+    params = req.parameters or {}
+    raw = params.get("candidates")
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not raw:
+        raise BadRequest("parameters.candidates must be a non-empty list of item ids, or one list per row")
+    per_row = all(isinstance(r, list) for r in raw)
+    if per_row and len(raw) != n:
+        raise BadRequest(f"parameters.candidates: {len(raw)} lists for {n} rows (give one list, or one per row)")
+    index = {name: i for i, name in enumerate(items)}
+    mask = np.zeros((n, len(items)), dtype=bool)
+    for i, row in enumerate(raw if per_row else [raw]):
+        where = f"parameters.candidates[{i}]" if per_row else "parameters.candidates"
+        if not isinstance(row, list):
+            raise BadRequest(f"{where} must be a list of item ids")
+        ids = []
+        for v in row:
+            if isinstance(v, bool) or not isinstance(v, (str, int)):
+                raise BadRequest(f"{where}: item ids are names or catalogue indices, got {type(v).__name__}")
+            j = index.get(v) if isinstance(v, str) else (v if 0 <= v < len(items) else None)
+            if j is None:
+                shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+                raise BadRequest(f"{where}: {shown} is not an item of the catalogue ({len(items)} items)")
+            ids.append(j)
+        if len(set(ids)) < k:
+            raise BadRequest(f"{where}: {len(set(ids))} distinct items, fewer than the list length k = {k}")
+        if per_row:
+            mask[i, ids] = True
+        else:
+            mask[:, ids] = True
+    return mask

@@ -209,3 +209,62 @@ def test_bad_ranking_manifests_are_refused(serving_repo: Path, tmp_path: Path, c
     (tmp_path / ECO / "ecosystem.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ManifestError, match=message):
         load_manifest(tmp_path / ECO)
+
+
+def test_request_candidates_limit_every_members_list(serving_repo: Path, tmp_path: Path) -> None:
+    held = load_heldout(serving_repo / ECO)
+    x = held.X[:6].astype(np.float32)
+    items = load_manifest(serving_repo / ECO).classes
+    pool = [items[i] for i in (3, 7, 11, 20, 33, 41, 50, 59)]
+    app, host = build(serving_repo, tmp_path / "o.db")
+
+    def infer(candidates: Any) -> Any:
+        return post(app, f"/v2/models/{ECO}/infer", {"id": "c", "parameters": {"candidates": candidates}, "inputs": [
+            {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]})
+
+    try:
+        r = infer(pool)
+        assert r.status_code == 200, r.text
+        ids = r.json()["parameters"]["request_ids"]
+        allowed = np.zeros(len(items), dtype=bool)
+        allowed[[items.index(p) for p in pool]] = True
+        for a, m in enumerate(MEMBERS):
+            sess = ort.InferenceSession(str(serving_repo / ECO / m / "1" / "model.onnx"),
+                                        providers=["CPUExecutionProvider"])
+            scores = np.where(allowed, sess.run(["probabilities"], {"input": x})[0].astype(np.float64), -np.inf)
+            want = np.argsort(-scores, axis=1, kind="stable")[:, :K]
+            stored = host.store.get_outcomes(ids)
+            assert [stored[i].rankings[a] for i in ids] == want.tolist()
+            assert [stored[i].predictions[a] for i in ids] == want[:, 0].tolist()  # its first listed item
+        shown = np.array(r.json()["outputs"][0]["data"]).reshape(-1, K)
+        assert allowed[shown].all()
+        # one list per row; indices work as well as names
+        per_row = [[i, i + 1, i + 2, i + 3, i + 4] for i in range(6)]
+        r = infer(per_row)
+        assert r.status_code == 200, r.text
+        shown = np.array(r.json()["outputs"][0]["data"]).reshape(-1, K)
+        assert all(sorted(shown[i]) == per_row[i] for i in range(6))
+        for bad, message in (
+            (["item_03", "nope"], "'nope' is not an item"),
+            ([3, 7, 11, 99, 20], "99 is not an item"),
+            (pool[:4], "4 distinct items, fewer than the list length k = 5"),
+            ([pool] * 5, "5 lists for 6 rows"),
+            ([True, 1, 2, 3, 4], "got bool"),
+            ("item_03", "must be a non-empty list"),
+            ([], "must be a non-empty list"),
+        ):
+            r = infer(bad)
+            assert r.status_code == 400 and message in r.text, (bad, r.text)
+    finally:
+        host.close()
+    # candidates on a classification ecosystem: refused
+    app2, host2 = local_app({**serving_args(serving_repo), "ecosystems": {
+        "digits": {"policy": {"kind": "primary", "primary": "mlp_a"}}},
+        "telemetry": {"store_url": f"sqlite:///{tmp_path / 'd.db'}"}})
+    try:
+        xd = load_heldout(serving_repo / "digits").X[:1].astype(np.float32)
+        r = post(app2, "/v2/models/digits/infer", {"id": "d", "parameters": {"candidates": ["1"]}, "inputs": [
+            {"name": "input", "shape": [1, 64], "datatype": "FP32", "data": xd.reshape(-1).tolist()}]})
+        assert r.status_code == 400 and "candidates are for ranking" in r.text
+    finally:
+        host2.close()
