@@ -114,6 +114,9 @@ def parse_outcomes(body: Any, manifests: dict[str, EcosystemManifest], max_items
         if manifest is None:
             raise _fail(i, "ecosystem", f"{rec.ecosystem[:64]!r} is not served here ({', '.join(manifests)})")
         check_scope(scope, rec.ecosystem, f"item {i}")
+        if manifest.task == "ranking":
+            raise _fail(i, "ecosystem", f"{rec.ecosystem!r} is a ranking ecosystem: its outcomes (every member's "
+                        "list) are recorded by its inference endpoint, not posted")
         if rec.request_id in seen:
             raise _fail(i, "request_id", f"{rec.request_id!r} appears twice in this request")
         seen.add(rec.request_id)

@@ -186,6 +186,10 @@ def test_bad_ranking_labels_and_configs_are_refused(serving_repo: Path, tmp_path
         assert got.status_code == 422 and "item_99" in got.text
         got = post(app, "/v2/feedback", {"labels": [{"request_id": rid, "label": 60}]})  # the no-click id: fine
         assert got.status_code == 200, got.text
+        # a ranking ecosystem's outcomes come from its inference endpoint (every member's list), not from outside
+        got = post(app, "/v2/outcomes", {"outcomes": [{"request_id": "o1", "ecosystem": ECO,
+                                                       "outputs": {"logreg": "item_01"}}]})
+        assert got.status_code == 422 and "is a ranking ecosystem" in got.text, got.text
     finally:
         host.close()
     from conftest import write_serve_file
