@@ -427,14 +427,21 @@ def _multiplicity_plot(counts: np.ndarray) -> str:
     k = np.arange(1, len(counts))
     share = counts[1:] / max(1, counts[1:].sum())
     ax.bar(k, share, color=PALETTE[3])
-    for ki, s in zip(k, share):
-        ax.text(ki, s, _pct(float(s)), ha="center", va="bottom", fontsize=8)
+    _labelled_shares(ax, list(k), [float(v) for v in share], "distinct answers the members gave on the instance "
+                     "(count)", "share of instances (%)", "Per-instance disagreement (1 = unanimous)")
     ax.set_xticks(k)
-    ax.set_xlabel("distinct answers the members gave on the instance (count)")
-    ax.set_ylabel("share of instances (%)")
-    ax.yaxis.set_major_formatter(_percent_formatter())
-    ax.set_title("Per-instance disagreement (1 = unanimous)")
     return _png(fig)
+
+
+def _labelled_shares(ax: Any, x: list[Any], shares: list[float], xlabel: str, ylabel: str, title: str) -> None:
+    """Each bar's share printed on it ("none yet" for NaN), a percent axis, the labels and title."""
+    for xi, v in zip(x, shares):
+        ax.text(xi, 0 if math.isnan(v) else v, "none yet" if math.isnan(v) else _pct(v), ha="center", va="bottom",
+                fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.yaxis.set_major_formatter(_percent_formatter())
+    ax.set_title(title)
 
 
 def _labels_plot(table: EcosystemTable) -> str:
@@ -467,14 +474,9 @@ def _labels_plot(table: EcosystemTable) -> str:
     cov = [float(labeled[age >= a].mean()) if (age >= a).any() else np.nan for a in ages]
     names = [_age(a) for a in ages]
     bx.bar(names, [0 if math.isnan(c) else c for c in cov], color=PALETTE[2])
-    for i, c in enumerate(cov):
-        bx.text(i, 0 if math.isnan(c) else c, "none yet" if math.isnan(c) else _pct(c), ha="center",
-                va="bottom", fontsize=8)
+    _labelled_shares(bx, list(range(len(cov))), cov, "outcomes at least this old", "labeled (%)",
+                     "Label coverage by prediction age")
     bx.set_ylim(0, 1.05)
-    bx.set_xlabel("outcomes at least this old")
-    bx.set_ylabel("labeled (%)")
-    bx.yaxis.set_major_formatter(_percent_formatter())
-    bx.set_title("Label coverage by prediction age")
     return _png(fig)
 
 
