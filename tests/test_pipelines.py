@@ -156,10 +156,9 @@ def test_no_candidate_still_records_the_stages(serving_repo: Path, tmp_path: Pat
         host.close()
 
 
-def _manifest(tmp_path: Path, change: Any) -> Path:
+def _manifest(repo: Path, tmp_path: Path, change: Any) -> Path:
     """A copy of the digits_chain manifest with `change` applied to its chain v1 entry."""
-    src = Path(__file__).resolve().parents[1] / "model_repository" / ECO / "ecosystem.yaml"
-    raw = yaml.safe_load(src.read_text())
+    raw = yaml.safe_load((repo / ECO / "ecosystem.yaml").read_text())
     chain = next(m for m in raw["members"] if m["name"] == "chain" and m["version"] == "1")
     change(chain)
     d = tmp_path / ECO
@@ -180,7 +179,7 @@ def _manifest(tmp_path: Path, change: Any) -> Path:
 ])
 def test_bad_pipeline_manifests_are_refused(tmp_path: Path, model_repo: Path, change: Any, message: str) -> None:
     with pytest.raises(ManifestError, match=message):
-        load_manifest(_manifest(tmp_path, change))
+        load_manifest(_manifest(model_repo, tmp_path, change))
 
 
 def test_config_check_names_a_missing_stage_file(serving_repo: Path, tmp_path: Path) -> None:
