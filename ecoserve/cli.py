@@ -325,6 +325,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if not (0 < args.epsilon <= 1 and 0 <= args.shuffle <= 1):
         raise CliError("--epsilon must be in (0, 1] and --shuffle in [0, 1]")
     out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CliError(f"cannot use {out} as the work folder: {exc.strerror or exc}") from exc
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.exploration]
     runs = {}
     for exploration in modes:

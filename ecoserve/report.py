@@ -126,8 +126,17 @@ def _ecosystems(store: Any) -> list[str]:
 def table_from_store(url: str, ecosystems: Sequence[str] | None, since: float | None, until: float | None,
                      repository: Path | None, progress: bool = True) -> list[EcosystemTable]:
     """Every outcome of the ecosystems predicted in [since, until) as prediction tables."""
+    from sqlalchemy.engine import make_url
+
     from telemetry.store import StoreError, open_store
 
+    try:
+        parsed = make_url(url)
+    except Exception as exc:  # sqlalchemy's ArgumentError: not a URL at all
+        raise ReportError(f"not a store URL: {url!r}") from exc
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:" \
+            and not Path(parsed.database).is_file():
+        raise ReportError(f"no such store file: {parsed.database} (the report reads a store; it does not create one)")
     try:
         store = open_store(url)
     except StoreError as exc:
@@ -824,7 +833,13 @@ nav a{margin-right:1em}
 def write_report(tables: Sequence[EcosystemTable], out: Path, source: str,
                  csv_result: tuple[str, dict[str, Any], list[str]] | None = None) -> Path:
     """Analyse each table (writing its CSV into `out`) and write `out/index.html`."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".ecoserve-report-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ReportError(f"cannot write the report into {out}: {exc.strerror or exc}") from exc
     bodies, numbers, plots = [], {}, {}
     for t in tables:
         path = out / f"{t.name}.csv"

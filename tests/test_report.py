@@ -188,12 +188,19 @@ def test_a_prediction_table_gets_a_page_too(serving_repo: Path, tmp_path: Path) 
     (["--store", "{store}", "--since", "yesterday"], "not a time: 'yesterday'"),
     (["--store", "{store}", "--since", "2100-01-01"], "no outcome of 'credit' was predicted in the time range"),
     (["--store", "sqlite:///{empty}"], "holds no outcomes"),
+    (["--store", "sqlite:////nonexistent-ecoserve/x.db"], "no such store file: /nonexistent-ecoserve/x.db"),
+    (["--store", "{store}", "--out", "/proc/version/report"], "cannot write the report into /proc/version/report"),
     (["--store", "nosuchdb://x"], "store"),
 ])
 def test_bad_input_is_one_line(args: list[str], message: str, demo_store: tuple[str, dict[str, int]],
                                tmp_path: Path) -> None:
     url = demo_store[0]
     args = [a.replace("{store}", url).replace("{empty}", str(tmp_path / "empty.db")) for a in args]
-    rc, _, err = _cli("report", *args, "--out", str(tmp_path / "out"), "--quiet")
+    if "{empty}" in " ".join(args) or "empty.db" in " ".join(args):  # an empty store: created, then read
+        from telemetry.store import open_store
+
+        open_store(f"sqlite:///{tmp_path / 'empty.db'}").close()
+    out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
+    rc, _, err = _cli("report", *args, *out, "--quiet")
     assert rc == 2
     assert message in err and err.count("\n") == 1, err

@@ -56,3 +56,6 @@ def test_the_command_prints_plots_and_writes_json(tmp_path: Path, capsys: pytest
     assert "exploration on: 2 rounds of 200 users" in out and "true CTR / SNIPS" in out
     assert (tmp_path / "rounds.png").stat().st_size > 20_000 and (tmp_path / "rounds.json").is_file()
     assert main(["simulate", "--rounds", "0", "--out", str(tmp_path)]) == 2
+    assert main(["simulate", "--epsilon", "0", "--out", str(tmp_path)]) == 2
+    assert main(["simulate", "--out", "/proc/version/sim"]) == 2
+    assert "cannot use /proc/version/sim as the work folder" in capsys.readouterr().err
