@@ -34,6 +34,7 @@ import json
 import math
 import shutil
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,11 @@ def _train(name: str, X: np.ndarray, y: np.ndarray, seed: int) -> Any:
         model = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=2000))
     else:
         model = RandomForestClassifier(n_estimators=40, max_depth=10, random_state=seed)
-    return model.fit(X, y)
+    with warnings.catch_warnings():
+        # the first rounds' logs hold few clicks per item: scikit-learn's "looks like regression" and
+        # convergence warnings say so, every round, and change nothing
+        warnings.simplefilter("ignore", UserWarning)
+        return model.fit(X, y)
 
 
 def _write_repository(repo: Path, models: dict[str, Any], version: str, explorer: bool, n_features: int,
