@@ -293,7 +293,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from ecoserve.report import ReportError, parse_time, report_from_csv, table_from_store, write_report
+    from ecoserve.report import (
+        ReportError,
+        check_output,
+        parse_time,
+        report_from_csv,
+        table_from_store,
+        write_report,
+    )
 
     url = os.environ.get(args.store_env, "") if args.store_env else args.store
     if bool(url) == bool(args.csv):
@@ -301,6 +308,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
                        + (f" (environment variable {args.store_env} is not set)" if args.store_env and not url else ""))
     out = Path(args.out)
     try:
+        check_output(out)  # before a long read
         if args.csv:
             index = report_from_csv(Path(args.csv), _analysis_options(args), out)
         else:

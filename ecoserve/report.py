@@ -35,7 +35,8 @@ import numpy as np
 
 from telemetry.analysis import AnalysisError, AnalysisOptions, analyze_csv
 
-__all__ = ["ReportError", "EcosystemTable", "table_from_store", "write_report", "parse_time", "PLOT_SIZE"]
+__all__ = ["ReportError", "EcosystemTable", "table_from_store", "write_report", "check_output", "parse_time",
+           "PLOT_SIZE"]
 
 # Okabe & Ito (2008): distinguishable with every common colour-vision deficiency
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
@@ -830,9 +831,8 @@ nav a{margin-right:1em}
 """
 
 
-def write_report(tables: Sequence[EcosystemTable], out: Path, source: str,
-                 csv_result: tuple[str, dict[str, Any], list[str]] | None = None) -> Path:
-    """Analyse each table (writing its CSV into `out`) and write `out/index.html`."""
+def check_output(out: Path) -> None:
+    """The output folder exists or can be made, and takes a file (checked before a long read)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".ecoserve-report-write-check"
@@ -840,6 +840,12 @@ def write_report(tables: Sequence[EcosystemTable], out: Path, source: str,
         probe.unlink()
     except OSError as exc:
         raise ReportError(f"cannot write the report into {out}: {exc.strerror or exc}") from exc
+
+
+def write_report(tables: Sequence[EcosystemTable], out: Path, source: str,
+                 csv_result: tuple[str, dict[str, Any], list[str]] | None = None) -> Path:
+    """Analyse each table (writing its CSV into `out`) and write `out/index.html`."""
+    check_output(out)
     bodies, numbers, plots = [], {}, {}
     for t in tables:
         path = out / f"{t.name}.csv"
