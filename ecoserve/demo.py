@@ -120,12 +120,20 @@ def summary(url: str, ecosystems: list[str]) -> str:
         outcomes = _get(m, "ecoserve_outcomes_total", ecosystem=eco)
         obs = _get(m, "ecoserve_labeled_outcomes_total", source="observed", **allg)
         ass = _get(m, "ecoserve_labeled_outcomes_total", source="assumed", **allg)
-        lines.append(f"[{eco}] outcomes {outcomes:.0f}, labels observed {obs:.0f}, assumed {ass:.0f}")
+        lists = [v for lab, v in m.get("ecoserve_ranking_served_labeled_total", []) if lab.get("ecosystem") == eco]
+        if lists:  # ranking: the ecosystem counters count clicks; a no-click labels the list only
+            shown = sum(v for lab, v in m.get("ecoserve_ranking_served_clicks_total", []) if lab.get("ecosystem") == eco)
+            clicks = (obs or 0) + (ass or 0)
+            lines.append(f"[{eco}] lists shown {outcomes:.0f}, labeled {sum(lists):.0f}: clicks {clicks:.0f} ({shown:.0f} "
+                         f"on a shown item), no click {sum(lists) - clicks:.0f}")
+        else:
+            lines.append(f"[{eco}] outcomes {outcomes:.0f}, labels observed {obs:.0f}, assumed {ass:.0f}")
         sfr = _get(m, "ecoserve_window_systemic_failure_ratio", **allg)
         base = _get(m, "ecoserve_window_systemic_failure_baseline_ratio", **allg)
         csr = _get(m, "ecoserve_window_consistent_success_ratio", **allg)
         una = _get(m, "ecoserve_window_unanimity_ratio", **allg)
-        lines.append(f"  systemic failure {_fmt(sfr)} vs {_fmt(base)} if members failed independently;"
+        lines.append(f"  {'systemic miss' if lists else 'systemic failure'} {_fmt(sfr)} vs {_fmt(base)} if members "
+                     "failed independently;"
                      f" consistent success {_fmt(csr)}; unanimity (label-free) {_fmt(una)}")
         kappas = [v for lab, v in m.get("ecoserve_window_kappa", []) if lab.get("ecosystem") == eco]
         amb = _get(m, "ecoserve_window_ambiguity_ratio", ecosystem=eco)

@@ -221,3 +221,14 @@ def test_batched_calls_split_the_stage_records_back(serving_repo: Path) -> None:
         info, want = stage_info(part), stage_info(alone)
         assert info is not None and want is not None and info.shape == (len(alone[0]), 2, 3)
         assert np.array_equal(info, want, equal_nan=True)
+
+
+def test_a_stage_label_needs_a_classification_ecosystem(tmp_path: Path, model_repo: Path) -> None:
+    raw = yaml.safe_load((model_repo / "diabetes" / "ecosystem.yaml").read_text())
+    raw["members"].append({"name": "chain", "version": "1", "kind": "pipeline", "stages": [
+        {"name": "a", "version": "1", "path": "a/1/model.onnx", "output": "variable", "label_output": "variable"},
+        {"name": "b", "version": "1", "path": "b/1/model.onnx"}]})
+    (tmp_path / "diabetes").mkdir()
+    (tmp_path / "diabetes" / "ecosystem.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ManifestError, match="a stage's label_output is for classification ecosystems"):
+        load_manifest(tmp_path / "diabetes")
