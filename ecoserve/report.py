@@ -176,10 +176,8 @@ def _ranking_table(name: str, outcomes: list[Any], manifest: Any) -> EcosystemTa
     items = list(manifest.classes)
     members = list(outcomes[-1].members)
     k = manifest.ranking.k
-    counts = RankingCounts(tuple(members), len(items), k)
-    counts.count_recorded([o.members for o in outcomes], [o.rankings for o in outcomes], [o.shown for o in outcomes])
     labels = np.array([np.nan if o.label is None else o.label for o in outcomes], dtype=np.float64)
-    counts.count_labeled(outcomes, labels, len(items))
+    counts = RankingCounts.of_stored(tuple(members), len(items), k, outcomes, labels)
     spec = EcosystemSpec(name=name, members=tuple(members), classes=manifest.label_classes, task="ranking", k=k)
     correct = ranking_correctness(spec, [o.members for o in outcomes], [o.rankings for o in outcomes], labels)
     known = (correct >= 0).all(axis=1)

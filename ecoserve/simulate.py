@@ -239,10 +239,8 @@ def simulate(cfg: SimulationConfig, work: Path, progress: bool = True) -> list[R
             # the round's counts, by ecoserve's own code from what the store recorded; popularity:
             # every click so far (what the members learned from)
             outcomes = [stored[rid] for rid in ids]
-            counts = RankingCounts(tuple(members), SHOP_ITEMS, k)
-            counts.count_recorded([o.members for o in outcomes], [o.rankings for o in outcomes],
-                                  [o.shown for o in outcomes])
-            counts.count_labeled(outcomes, np.array([o.label for o in outcomes], dtype=np.float64), SHOP_ITEMS)
+            counts = RankingCounts.of_stored(tuple(members), SHOP_ITEMS, k, outcomes,
+                                             np.array([o.label for o in outcomes], dtype=np.float64))
             clicks_so_far = clicks_so_far + counts.clicks_item
             shown_stats = counts.catalogue(clicks_so_far)["shown"]
             estimates = counts.estimates()

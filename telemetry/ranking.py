@@ -111,6 +111,16 @@ class RankingCounts:
         self.click_w = np.zeros((m, k, k))
         self.click_w2 = np.zeros((m, k, k))
 
+    @classmethod
+    def of_stored(cls, members: tuple[str, ...], n_items: int, k: int, outcomes: Sequence[Any],
+                  labels: np.ndarray) -> RankingCounts:
+        """The counts of stored outcomes given their labels (NaN: none; `n_items`: no click)."""
+        counts = cls(members, n_items, k)
+        counts.count_recorded([o.members for o in outcomes], [o.rankings for o in outcomes],
+                              [o.shown for o in outcomes])
+        counts.count_labeled(outcomes, labels, n_items)
+        return counts
+
     def __add__(self, other: RankingCounts) -> RankingCounts:
         out = RankingCounts(self.members, self.n_items, self.k)
         for name in ("listed", "lists", "overlap", "pairs", "clicks_item", "served_labeled", "served_clicks",

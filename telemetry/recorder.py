@@ -215,6 +215,17 @@ def _correct(spec: EcosystemSpec, raw: np.ndarray, preds: np.ndarray, served: np
     return correctness(preds, labels.astype(np.int64))
 
 
+def _correct_in_place(spec: EcosystemSpec, raw: np.ndarray, served: np.ndarray, labels: np.ndarray,
+                      rows: np.ndarray, members: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+    """Correctness of `outputs` (a candidate's, a stage's), each judged by the ecosystem's own rule
+    (`_correct`) in its member's place on its outcome (`rows`, `members`: indices into `raw`)."""
+    swapped = raw[rows].copy()
+    k = np.arange(len(rows))
+    swapped[k, members] = outputs
+    judged: np.ndarray = _correct(spec, swapped, spec.codes(swapped), served[rows], labels[rows])[k, members]
+    return judged
+
+
 def _candidate_rows(
     spec: EcosystemSpec, members_of: Sequence[tuple[str, ...]], candidates_of: Sequence[Any],
 ) -> tuple[np.ndarray, np.ndarray, list[FlipKey], np.ndarray] | None:
@@ -816,10 +827,7 @@ class Recorder:
         if found is None:
             return
         rows_c, a_c, keys, cand_raw = found
-        swapped = raw[rows_c].copy()
-        k = np.arange(len(rows_c))
-        swapped[k, a_c] = cand_raw
-        cand_correct = _correct(st.spec, swapped, st.spec.codes(swapped), served[rows_c], values[rows_c])[k, a_c]
+        cand_correct = _correct_in_place(st.spec, raw, served, values, rows_c, a_c, cand_raw)
         sub = {attr: [col[i] for i in rows_c] for attr, col in groups.items()} if groups else None
         st.flips.count_labeled(keys, a_c, c[rows_c], cand_correct, sub)
         stages_of = [o.stages for o in items]
@@ -830,16 +838,11 @@ class Recorder:
         # a stage's own correctness: its class against the label, in its member's place; the flips
         # compare the candidate's stage with the serving version's on the same outcomes
         rows_s, a_s, skeys, _links, cand_cls, cur_cls = staged
-        k = np.arange(len(rows_s))
-        judged = []
-        for cls in (cur_cls, cand_cls):
-            swapped = raw[rows_s].copy()
-            swapped[k, a_s] = np.where(cls >= 0, cls, -1)
-            judged.append(_correct(st.spec, swapped, st.spec.codes(swapped), served[rows_s], values[rows_s])[k, a_s])
         correct = c[rows_s].copy()
-        correct[k, a_s] = judged[0]
+        correct[np.arange(len(rows_s)), a_s] = _correct_in_place(st.spec, raw, served, values, rows_s, a_s, cur_cls)
         sub = {attr: [col[i] for i in rows_s] for attr, col in groups.items()} if groups else None
-        st.flips.count_labeled(skeys, a_s, correct, judged[1], sub)
+        st.flips.count_labeled(skeys, a_s, correct, _correct_in_place(st.spec, raw, served, values, rows_s, a_s,
+                                                                      cand_cls), sub)
 
     def reclaim(self, ledger: str, accepted: dict[str, int]) -> dict[str, int]:
         """Count the records a crashed gateway accepted and never handed over (its ledger's
